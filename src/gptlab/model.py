@@ -1,0 +1,203 @@
+"""GPT-2, from torch primitives, readable top to bottom like the paper.
+
+Radford et al. (2019) keep GPT-1's decoder-only transformer and move LayerNorm to the input of each
+sub-block (pre-LN), add a final LayerNorm, and scale the residual projections at initialisation by
+1/sqrt(N) where N is the number of residual layers. Everything below is that, and nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import GPTConfig
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, vocab_size)
+    loss: torch.Tensor | None = None  # mean cross-entropy over the targets that are not ignored
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention where position t sees only positions <= t."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.head_dim
+        self.dropout = config.dropout
+        # one fused projection for queries, keys and values, as in GPT-2's c_attn
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        # False: the fused kernel; True: the textbook formula, which can hand back its weights
+        self.explicit = False
+        self.last_weights: torch.Tensor | None = None  # (B, nh, T, T), kept only when asked
+
+    def forward(self, x: torch.Tensor, keep_weights: bool = False) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        if self.explicit or keep_weights:
+            y = self._explicit_attention(q, k, v, keep_weights)
+        else:
+            p = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+    def _explicit_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep_weights: bool
+    ) -> torch.Tensor:
+        """softmax(Q K^T / sqrt(d_head) + M) V with M = -inf above the diagonal."""
+        T = q.size(-2)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, nh, T, T)
+        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+        weights = F.softmax(scores, dim=-1)  # (B, nh, T, T), each row sums to 1
+        self.last_weights = weights.detach() if keep_weights else None
+        return self.attn_dropout(weights) @ v  # (B, nh, T, hs)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network, four times wider than the residual stream."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 was trained with the tanh approximation
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C)
+
+
+class Block(nn.Module):
+    """One pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, keep_weights: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), keep_weights)  # (B, T, C)
+        x = x + self.mlp(self.ln_2(x))  # (B, T, C)
+        return x
+
+
+class GPT(nn.Module):
+    """The GPT-2 language model: embeddings, a stack of blocks, a final LayerNorm, a tied LM head."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
+                wpe=nn.Embedding(config.block_size, config.n_embd),  # learned positions
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied: one matrix reads and writes tokens
+        self.apply(self._init_weights)
+        # GPT-2 scales the weights of layers that write into the residual stream by 1/sqrt(N),
+        # N = 2 * n_layer residual additions, so the stream's variance does not grow with depth.
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count, the tied matrix counted once; optionally without the embeddings."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+        return n
+
+    def set_explicit_attention(self, explicit: bool = True) -> None:
+        """Switch every layer between the fused SDPA kernel and the textbook formula."""
+        for block in self.transformer.h:
+            block.attn.explicit = explicit
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, keep_attention: bool = False
+    ) -> ModelOutput:
+        """Logits for every position; with `targets`, the mean cross-entropy (-100 ignored)."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} exceeds the context of {self.config.block_size}")
+        pos = torch.arange(T, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, keep_attention)  # (B, T, C)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100
+            )
+        return ModelOutput(logits=logits, loss=loss)
+
+    @torch.no_grad()
+    def attention_weights(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        """Per-layer attention weights, each (B, nh, T, T), computed with the explicit formula."""
+        self.forward(idx, keep_attention=True)
+        weights = [block.attn.last_weights for block in self.transformer.h]
+        for block in self.transformer.h:
+            block.attn.last_weights = None
+        return weights
+
+    def crop_block_size(self, block_size: int) -> None:
+        """Shrink the context, e.g. to fine-tune a 1024-token GPT-2 with short windows on a CPU."""
+        if block_size > self.config.block_size:
+            raise ValueError(f"cannot grow the context from {self.config.block_size} to {block_size}")
+        self.config.block_size = block_size
+        wpe = self.transformer.wpe
+        wpe.weight = nn.Parameter(wpe.weight[:block_size].detach().clone())
+        wpe.num_embeddings = block_size
+
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """(B, T) prompt ids -> (B, T + max_new_tokens); temperature 0 is greedy."""
+        from .generation import generate
+
+        return generate(
+            self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            generator=generator,
+        )
