@@ -22,11 +22,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .adder import AdderDataset
 from .checkpoint import atomic_write_bytes, atomic_write_json, load_model, save_model
 from .config import TrainConfig
 from .data import TokenDataset, default_corpus_files, prepare
 from .errors import GptlabError
 from .model import GPT
+from .optim import configure_optimizer, learning_rate
 
 STATE_FILE = "training_state.pt"
 TRAIN_CONFIG_FILE = "train_config.json"
@@ -65,38 +67,6 @@ def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractCon
     if dtype == "float16" and device.type != "cuda":
         raise GptlabError("--dtype float16 needs a CUDA device; on a CPU use bfloat16")
     return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
-
-
-def learning_rate(step: int, config: TrainConfig) -> float:
-    """Linear warmup to `lr`, then cosine decay to `min_lr` at `lr_decay_iters`, then flat."""
-    decay_iters = config.lr_decay_iters or config.max_iters
-    if step < config.warmup_iters:
-        return config.lr * (step + 1) / (config.warmup_iters + 1)
-    if step >= decay_iters:
-        return config.min_lr
-    progress = (step - config.warmup_iters) / max(1, decay_iters - config.warmup_iters)
-    return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
-
-
-def configure_optimizer(model: GPT, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only.
-
-    Biases and LayerNorm gains are not decayed (shrinking them towards zero has no regularising
-    meaning). The tied token embedding is a matrix and *is* decayed, as in nanoGPT and GPT-2 practice;
-    the positional embedding likewise.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(
-        groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=fused or None,
-        foreach=None if fused else True,
-    )
 
 
 def resolve_data(config: TrainConfig) -> Path:
@@ -224,9 +194,12 @@ def train(
         saved = json.loads((run_dir / TRAIN_CONFIG_FILE).read_text())
         explicit = {k: v for k, v in config.to_dict().items() if k in ("max_iters", "max_time", "device")}
         config = TrainConfig(**{**saved, **explicit, "out": str(run_dir)})
-    data_dir = resolve_data(config)
-    config.data = str(data_dir)
-    dataset = TokenDataset(data_dir)
+    if config.task == "adder":
+        dataset = AdderDataset()
+    else:
+        data_dir = resolve_data(config)
+        config.data = str(data_dir)
+        dataset = TokenDataset(data_dir)
     for split in ("train", "val"):
         dataset.check_length(split, config.block_size)
     tokenizer = dataset.tokenizer

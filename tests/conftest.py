@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny corpus, its prepared data, and a tiny trained run, built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptlab.config import GPTConfig, build_train_config
+from gptlab.data import prepare
+from gptlab.model import GPT
+from gptlab.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+TINY_TEXT = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
+    "All:\nSpeak, speak.\n\n"
+    "First Citizen:\nYou are all resolved rather to die than to famish?\n\n"
+    "All:\nResolved. resolved.\n\n"
+) * 40
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+    path.write_text(TINY_TEXT)
+    return path
+
+
+@pytest.fixture(scope="session")
+def char_data(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "char"
+    prepare([str(tiny_corpus)], "char", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def gpt2_data(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "gpt2"
+    prepare([str(tiny_corpus)], "gpt2", out)
+    return out
+
+
+TINY_RUN = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, max_iters=30,
+                eval_interval=10, eval_iters=2, log_interval=5, warmup_iters=5, sample_tokens=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(char_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A character-level run trained for 30 steps: enough to exist, not to be good."""
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    config = build_train_config(overrides=dict(TINY_RUN, data=str(char_data), out=str(out)))
+    train(config, show_progress=False)
+    return out
+
+
+def tiny_model(vocab_size: int = 50, block_size: int = 16, seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    config = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32, **overrides)
+    return GPT(config).eval()
+
+
+def needs_shakespeare() -> pytest.MarkDecorator:
+    return pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"shared corpus not found at {SHAKESPEARE}")
