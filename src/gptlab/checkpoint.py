@@ -4,6 +4,11 @@ A gptlab run directory *is* a Hugging Face checkpoint: `config.json` with `GPT2C
 `model.safetensors` with `GPT2LMHeadModel` key names. The only difference between the two layouts is
 that GPT-2's `Conv1D` stores its weights (in, out) where `nn.Linear` stores (out, in), so those four
 matrices per block are transposed on the way in and out.
+
+Reading is deliberately as lenient as `transformers` (missing config fields take GPT2Config's
+defaults; GPT2Model or GPT2LMHeadModel keys, with or without the `transformer.` prefix; safetensors,
+sharded safetensors or `pytorch_model.bin`) and strict about everything that would change the
+numbers: another architecture or option, a shape that disagrees with `config.json`, an untied head.
 """
 
 from __future__ import annotations
@@ -21,13 +26,26 @@ from safetensors.torch import load_file, save_file
 from .config import GPTConfig
 from .errors import GptlabError
 from .model import GPT
+from .tokenizers import GPT2_VOCAB_SIZE, TOKENIZER_FILE, GPT2Tokenizer, Tokenizer, load_tokenizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 TORCH_WEIGHTS_FILE = "pytorch_model.bin"
 # Parameters that GPT-2 implements as Conv1D, i.e. stored transposed relative to nn.Linear.
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# The top-level names of a GPT2Model, which GPT2LMHeadModel nests under "transformer.".
+BASE_MODEL_PREFIXES = ("wte.", "wpe.", "h.", "ln_f.")
+# Causal-mask buffers that transformers < 4.31 saved with the weights; they hold no parameters.
+MASK_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 NAMED_CHECKPOINTS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+# What transformers' GPT2Config assumes for a field its config.json leaves out.
+GPT2_CONFIG_DEFAULTS: dict[str, Any] = dict(
+    vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, resid_pdrop=0.1,
+    layer_norm_epsilon=1e-5, activation_function="gelu_new",
+)
+# GPT-2's GELU is the tanh approximation; these names all compute it (an exact-erf GELU differs by ~1e-4).
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -49,8 +67,13 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
-def hf_config(config: GPTConfig) -> dict[str, Any]:
+# --- config.json ------------------------------------------------------------------------------
+
+
+def hf_config(config: GPTConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """GPTConfig -> the fields of transformers' GPT2Config."""
+    # GPT-2's end-of-text id only means something when the vocabulary is GPT-2's (or a padded copy)
+    eot = GPT2_VOCAB_SIZE - 1 if config.vocab_size >= GPT2_VOCAB_SIZE else None
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -70,11 +93,12 @@ def hf_config(config: GPTConfig) -> dict[str, Any]:
         "scale_attn_weights": True,
         "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False,
+        "add_cross_attention": False,
         "tie_word_embeddings": True,
-        "bos_token_id": 50256,
-        "eos_token_id": 50256,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
         "use_cache": True,
-        "torch_dtype": "float32",
+        "torch_dtype": str(dtype).removeprefix("torch."),
     }
 
 
@@ -87,35 +111,69 @@ def config_from_hf(raw: dict[str, Any], source: Path) -> GPTConfig:
     """Read a GPT-2 `config.json`, refusing other architectures and options gptlab does not model."""
     model_type = raw.get("model_type")
     if model_type == "gptlab":  # a gptlab model that Hugging Face cannot represent
-        return GPTConfig(**raw["gptlab"])
+        fields = raw.get("gptlab")
+        if not isinstance(fields, dict):
+            raise GptlabError(f"{source}: model_type 'gptlab' but no 'gptlab' object with the model's fields")
+        return _checked_config(source, **fields)
     if model_type != "gpt2":
         archs = raw.get("architectures") or [model_type]
         raise GptlabError(
-            f"{source}: expected a GPT-2 config (model_type 'gpt2'), found {model_type!r} ({', '.join(map(str, archs))})"
+            f"{source}: expected a GPT-2 config (model_type 'gpt2'), found {model_type!r} "
+            f"({', '.join(map(str, archs))}); gptlab implements GPT-2 only"
         )
-    activation = raw.get("activation_function", "gelu_new")
-    if activation not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise GptlabError(f"{source}: activation_function {activation!r} is not GPT-2's tanh GELU")
-    if raw.get("n_inner") not in (None, 4 * raw.get("n_embd", 768)):
+    raw = {**GPT2_CONFIG_DEFAULTS, **raw}
+    if raw["activation_function"] not in TANH_GELUS:
+        raise GptlabError(
+            f"{source}: activation_function {raw['activation_function']!r} is not GPT-2's tanh GELU "
+            f"(expected one of {', '.join(TANH_GELUS)})"
+        )
+    if raw.get("n_inner") not in (None, 4 * raw["n_embd"]):
         raise GptlabError(f"{source}: n_inner={raw['n_inner']} differs from GPT-2's 4 * n_embd")
-    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+    # reorder_and_upcast_attn only changes rounding under mixed precision, so it is accepted
+    for flag in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
         if raw.get(flag):
-            raise GptlabError(f"{source}: {flag}=true is not supported by gptlab")
+            raise GptlabError(f"{source}: {flag}=true is not part of GPT-2 and not supported by gptlab")
     if raw.get("scale_attn_weights", True) is False:
-        raise GptlabError(f"{source}: scale_attn_weights=false is not supported by gptlab")
+        raise GptlabError(f"{source}: scale_attn_weights=false is not part of GPT-2 and not supported by gptlab")
+    return _checked_config(
+        source,
+        vocab_size=raw["vocab_size"],
+        block_size=raw["n_positions"],
+        n_layer=raw["n_layer"],
+        n_head=raw["n_head"],
+        n_embd=raw["n_embd"],
+        dropout=raw["resid_pdrop"],
+        bias=True,
+        layer_norm_epsilon=raw["layer_norm_epsilon"],
+    )
+
+
+def _checked_config(source: Path, **fields: Any) -> GPTConfig:
+    """GPTConfig(**fields), with any complaint about a field prefixed by the file it came from."""
     try:
-        return GPTConfig(
-            vocab_size=raw["vocab_size"],
-            block_size=raw.get("n_positions", raw.get("n_ctx")),
-            n_layer=raw["n_layer"],
-            n_head=raw["n_head"],
-            n_embd=raw["n_embd"],
-            dropout=float(raw.get("resid_pdrop", 0.0)),
-            bias=True,
-            layer_norm_epsilon=float(raw.get("layer_norm_epsilon", 1e-5)),
+        return GPTConfig(**fields)
+    except GptlabError as exc:
+        raise GptlabError(f"{source}: {exc}") from None
+    except TypeError as exc:  # an unknown field name
+        raise GptlabError(f"{source}: not a gptlab model config ({exc})") from None
+
+
+def read_model_config(directory: Path) -> GPTConfig:
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise GptlabError(
+            f"{directory}: no {CONFIG_FILE}; expected a gptlab run or a Hugging Face GPT-2 directory"
         )
-    except KeyError as missing:
-        raise GptlabError(f"{source}: missing field {missing} of a GPT-2 config") from None
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise GptlabError(f"{path}: not valid JSON ({_first_line(exc)}); expected a GPT-2 config") from None
+    if not isinstance(raw, dict):
+        raise GptlabError(f"{path}: expected a JSON object with a GPT-2 config")
+    return config_from_hf(raw, path)
+
+
+# --- weights ----------------------------------------------------------------------------------
 
 
 def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
@@ -132,124 +190,253 @@ def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 
 
 def from_hf_state_dict(state: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
-    """A GPT2LMHeadModel or GPT2Model state dict -> gptlab's names and layouts."""
+    """A GPT2LMHeadModel or GPT2Model state dict -> gptlab's names and layouts, lm_head dropped."""
     converted: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
-        name = key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
-        if name.endswith((".attn.bias", ".attn.masked_bias")):
-            continue  # causal-mask buffers saved by old transformers versions
-        if name.endswith(CONV1D_SUFFIXES):
+        name = f"transformer.{key}" if key.startswith(BASE_MODEL_PREFIXES) else key
+        if name.endswith(MASK_BUFFER_SUFFIXES):
+            continue
+        if name.endswith(CONV1D_SUFFIXES) and tensor.dim() == 2:
             tensor = tensor.t()
         converted[name] = tensor
     lm_head = converted.pop("lm_head.weight", None)
     wte = converted.get("transformer.wte.weight")
     if lm_head is not None and wte is not None and not torch.equal(lm_head, wte):
-        raise GptlabError(f"{source}: lm_head.weight differs from transformer.wte.weight; gptlab ties them")
+        raise GptlabError(
+            f"{source}: lm_head.weight differs from transformer.wte.weight; "
+            f"expected GPT-2's tied output head (gptlab ties them)"
+        )
     return converted
 
 
 def load_weights_file(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
-    """The state dict of `model.safetensors`, or of `pytorch_model.bin` when that is all there is."""
-    safetensors_path = directory / WEIGHTS_FILE
-    if safetensors_path.is_file():
-        try:
-            return load_file(str(safetensors_path)), safetensors_path
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise GptlabError(
-                f"{safetensors_path}: not a readable safetensors file (truncated or corrupt?): {exc}"
-            ) from None
+    """The state dict of `model.safetensors`, its shards, or `pytorch_model.bin`, in that preference."""
+    single = directory / WEIGHTS_FILE
+    if single.is_file():
+        return _read_safetensors(single), single
+    index = directory / WEIGHTS_INDEX_FILE
+    if index.is_file():
+        return _read_sharded(index), index
     torch_path = directory / TORCH_WEIGHTS_FILE
     if torch_path.is_file():
-        try:
-            return torch.load(torch_path, map_location="cpu", weights_only=True), torch_path
-        except Exception as exc:  # torch raises many types for a damaged pickle/zip
-            raise GptlabError(f"{torch_path}: not a readable PyTorch state dict: {exc}") from None
-    raise GptlabError(f"{directory}: no {WEIGHTS_FILE} (or {TORCH_WEIGHTS_FILE}) with the model weights")
+        return _read_torch(torch_path), torch_path
+    raise GptlabError(
+        f"{directory}: no {WEIGHTS_FILE} (nor {WEIGHTS_INDEX_FILE} or {TORCH_WEIGHTS_FILE}) with the model "
+        f"weights next to its {CONFIG_FILE}"
+    )
 
 
-def read_model_config(directory: Path) -> GPTConfig:
-    path = directory / CONFIG_FILE
-    if not path.is_file():
-        raise GptlabError(f"{directory}: no {CONFIG_FILE}; expected a gptlab run or a Hugging Face GPT-2 directory")
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise GptlabError(f"{path}: not valid JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise GptlabError(f"{path}: expected a JSON object")
-    return config_from_hf(raw, path)
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise GptlabError(
+            f"{path}: not a readable safetensors file (truncated or corrupt?); expected the model weights "
+            f"({_first_line(exc)})"
+        ) from None
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPT:
-    """A GPT from a gptlab run or a Hugging Face GPT-2 directory (or a named GPT-2 via the hub)."""
-    directory = resolve_model_dir(path)
-    config = read_model_config(directory)
-    state, weights_path = load_weights_file(directory)
-    state = from_hf_state_dict(state, weights_path)
-    model = GPT(config)
-    own = model.state_dict()
-    own.pop("lm_head.weight")
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise GptlabError(f"{weights_path}: weights do not match {CONFIG_FILE} ({detail})")
+def _read_sharded(index: Path) -> dict[str, torch.Tensor]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise GptlabError(f"{index}: expected a safetensors index with a 'weight_map' ({exc!r})") from None
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        path = index.parent / shard
+        if not path.is_file():
+            raise GptlabError(f"{index}: names the shard {shard}, which is missing from {index.parent}")
+        state.update(_read_safetensors(path))
+    return state
+
+
+def _read_torch(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged pickle or zip
+        raise GptlabError(
+            f"{path}: not a readable PyTorch state dict of tensors; expected the model weights ({_first_line(exc)})"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise GptlabError(f"{path}: expected a state dict of tensors, found {type(state).__name__}")
+    return state
+
+
+def _first_line(exc: Exception) -> str:
+    """Library exceptions can run to many lines; a user error stays one."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _assemble(config: GPTConfig, state: dict[str, torch.Tensor], weights_path: Path) -> GPT:
+    """A GPT of `config` holding exactly `state`, after checking that every name and shape fits.
+
+    The module is built on the meta device: random initialisation of weights that are overwritten
+    anyway would cost 13 s for gpt2-medium on a 2-core CPU, and a second copy of the weights in memory.
+    """
+    with torch.device("meta"):
+        model = GPT(config)
+    expected = {name: t.shape for name, t in model.state_dict().items() if name != "lm_head.weight"}
+    where = f"{weights_path}: expected the weights of the GPT-2 that {CONFIG_FILE} describes"
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise GptlabError(f"{where}, but {len(missing)} are missing (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        raise GptlabError(
+            f"{where}, but it also holds {len(unexpected)} other tensor(s) (e.g. {', '.join(unexpected[:3])})"
+        )
     for name, tensor in state.items():
-        if tensor.shape != own[name].shape:
+        if tensor.shape != expected[name]:
             raise GptlabError(
-                f"{weights_path}: {name} has shape {tuple(tensor.shape)}, "
-                f"but {CONFIG_FILE} implies {tuple(own[name].shape)}"
+                f"{weights_path}: {name} has shape {tuple(tensor.shape)}, but {CONFIG_FILE} implies "
+                f"{tuple(expected[name])}"
             )
-    model.load_state_dict(state, strict=False)  # lm_head is tied to wte, loaded through it
-    return model.to(device)
+    # gptlab keeps its parameters in float32 (autocast handles lower precision), whatever the file holds
+    state = {name: t.to(torch.float32).contiguous() for name, t in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    model.lm_head.weight = model.transformer.wte.weight  # re-tie to the loaded embedding
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:  # a parameter or buffer GPT gained that this loader does not know how to fill
+        raise RuntimeError(f"load_model left {left} uninitialised")
+    return model
+
+
+# --- directories and names --------------------------------------------------------------------
 
 
 def resolve_model_dir(path: str | Path) -> Path:
-    """A local directory as is; a named GPT-2 size through huggingface_hub's cache when online."""
+    """A local directory as is; a named GPT-2 size through huggingface_hub's cache when online.
+
+    A local directory wins over a name, so `./gpt2` holding a downloaded copy is used as it is.
+    """
     directory = Path(path)
     if directory.is_dir():
         return directory
     if str(path) in NAMED_CHECKPOINTS:
         return _download_named(str(path))
-    raise GptlabError(f"{path}: no such directory (expected a gptlab run or a Hugging Face GPT-2 directory)")
+    if directory.is_file():
+        raise GptlabError(f"{path}: is a file; pass the directory that holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+    raise GptlabError(
+        f"{path}: no such directory; expected a gptlab run, a Hugging Face GPT-2 directory or one of "
+        f"{', '.join(NAMED_CHECKPOINTS)}"
+    )
 
 
 def _download_named(name: str) -> Path:
+    alternative = (
+        f"download it where the network allows (`hf download openai-community/{name} {CONFIG_FILE} {WEIGHTS_FILE} "
+        f"vocab.json merges.txt --local-dir {name}`) and pass that local directory instead"
+    )
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import constants, snapshot_download
     except ImportError:
         raise GptlabError(
-            f"loading {name!r} by name needs huggingface_hub (pip install huggingface_hub); "
-            f"or pass a local directory holding its config.json and model.safetensors"
+            f"loading {name!r} by name needs huggingface_hub (pip install huggingface_hub); or {alternative}"
         ) from None
     try:
-        local = snapshot_download(repo_id=f"openai-community/{name}",
-                                  allow_patterns=["config.json", "model.safetensors", "vocab.json", "merges.txt"])
-    except Exception as exc:  # offline, proxy, auth: all end the same way for the user
-        raise GptlabError(
-            f"could not download {name!r} from the Hugging Face Hub ({type(exc).__name__}); "
-            f"pass a local directory holding its config.json and model.safetensors instead"
-        ) from None
+        local = snapshot_download(
+            repo_id=f"openai-community/{name}",
+            allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, "vocab.json", "merges.txt"],
+        )
+    except Exception as exc:  # offline, proxy, DNS, auth: all end the same way for the user
+        reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{type(exc).__name__}, no network?"
+        raise GptlabError(f"cannot download {name!r} from the Hugging Face Hub ({reason}); {alternative}") from None
     return Path(local)
 
 
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", *, dropout: float | None = None
+) -> GPT:
+    """A GPT, in eval mode, from a gptlab run, a Hugging Face GPT-2 directory or a named GPT-2 size.
+
+    `dropout` replaces the checkpoint's rate (GPT-2's config says 0.1) for fine-tuning.
+    """
+    directory = resolve_model_dir(path)
+    config = read_model_config(directory)
+    if dropout is not None:
+        config = _checked_config(directory / CONFIG_FILE, **{**config.to_dict(), "dropout": dropout})
+    state, weights_path = load_weights_file(directory)
+    model = _assemble(config, from_hf_state_dict(state, weights_path), weights_path)
+    return model.to(device).eval()
+
+
+def find_tokenizer(directory: Path, config: GPTConfig) -> Tokenizer | None:
+    """The tokenizer saved beside a model; GPT-2's BPE for a bare checkpoint of GPT-2's vocabulary size."""
+    if (directory / TOKENIZER_FILE).is_file() or (directory / "vocab.json").is_file():
+        tokenizer = load_tokenizer(directory)
+    elif config.vocab_size == GPT2_VOCAB_SIZE:
+        tokenizer = GPT2Tokenizer()
+    else:
+        return None
+    if tokenizer.vocab_size > config.vocab_size:
+        raise GptlabError(
+            f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
+            f"vocabulary of {config.vocab_size}"
+        )
+    return tokenizer
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
+    """The model and its tokenizer: what sampling, evaluation and serving need from one argument."""
+    directory = resolve_model_dir(path)
+    model = load_model(directory, device)
+    tokenizer = find_tokenizer(directory, model.config)
+    if tokenizer is None:
+        raise GptlabError(
+            f"{directory}: no tokenizer ({TOKENIZER_FILE}, or GPT-2's vocab.json + merges.txt) beside "
+            f"a model whose {model.config.vocab_size}-token vocabulary is not GPT-2's"
+        )
+    return model, tokenizer
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+
 def save_model(model: GPT, directory: str | Path, *, require_hf: bool = False) -> None:
-    """Write `config.json` and `model.safetensors`; a config HF cannot represent is marked as gptlab's."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write `config.json` and `model.safetensors`.
+
+    A config Hugging Face cannot represent is written as model_type "gptlab", which gptlab reads back
+    and `transformers` refuses, rather than a GPT-2 config that would load the weights wrongly; with
+    `require_hf` (an export) it is refused before anything is written.
+    """
     problems = unsupported_by_hf(model.config)
     if problems and require_hf:
         raise GptlabError(
-            f"cannot export to the Hugging Face GPT-2 format: {'; '.join(problems)}"
+            f"cannot export to the Hugging Face GPT-2 format: {'; '.join(problems)}; "
+            f"gptlab's own format (a run directory, gptlab.save_model) still holds such a model"
         )
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = to_hf_state_dict(model)
     if problems:
-        # transformers will refuse an unknown model_type instead of loading the weights wrongly
         config = {"architectures": ["GptlabGPT"], "model_type": "gptlab", "gptlab": model.config.to_dict()}
     else:
-        config = hf_config(model.config)
+        config = hf_config(model.config, model.transformer.wte.weight.dtype)
     weights_tmp = directory / f".{WEIGHTS_FILE}.tmp"
-    save_file(to_hf_state_dict(model), str(weights_tmp), metadata={"format": "pt"})
+    save_file(state, str(weights_tmp), metadata={"format": "pt"})
     with open(weights_tmp, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(weights_tmp, directory / WEIGHTS_FILE)
     atomic_write_json(directory / CONFIG_FILE, config)
+
+
+def export_model(source: str | Path, out: str | Path, *, overwrite: bool = False) -> list[str]:
+    """Copy a model (and its tokenizer, when it has one) into a clean Hugging Face GPT-2 directory.
+
+    Unlike a run directory, the result holds nothing but what `from_pretrained` reads, ready to share.
+    Returns the names of the files `out` then holds.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise GptlabError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise GptlabError(f"{out} already holds files; pass --overwrite to write into it anyway")
+    directory = resolve_model_dir(source)
+    model = load_model(directory)
+    tokenizer = find_tokenizer(directory, model.config)
+    save_model(model, out, require_hf=True)
+    if tokenizer is not None:
+        tokenizer.save(out)
+    return sorted(p.name for p in out.iterdir() if not p.name.startswith("."))

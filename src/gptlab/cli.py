@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Callable
 
-from .config import TRAIN_PRESETS, TrainConfig
+from .config import TRAIN_PRESETS, ServerLimits, TrainConfig
 from .errors import GptlabError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -62,6 +63,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from .config import build_train_config
+    from .distributed import is_main_process, launch, launched_by_torchrun
+    from .report import headline
     from .train import train
 
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
@@ -73,14 +76,39 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.resume and args.overwrite:
         raise GptlabError("--resume and --overwrite contradict each other; choose one")
     config = build_train_config(preset, args.config, overrides)
+    if config.nproc > 1 and not launched_by_torchrun():
+        return launch(config.nproc, _train_argv(args))  # the same command in nproc processes, DDP
     result = train(config, overwrite=args.overwrite, resume=args.resume, show_progress=not args.no_progress)
+    if not is_main_process():
+        return 0
+    if result.stopped_by:
+        print(f"gptlab train: {result.stopped_by} at step {result.step}: checkpoint written; continue with "
+              f"gptlab train --resume --out {result.run_dir}", file=sys.stderr)
+        return 128 + signal.Signals[result.stopped_by].value
     print(f"run {result.run_dir}: {result.step} steps in {result.seconds:.0f}s, "
           f"train loss {result.train_loss:.4f}, val loss {result.val_loss:.4f}")
+    print(headline(result.run_dir))
     if config.sample_tokens > 0:
         print("--- sample ---")
         _print_stream(result.run_dir, prompt="", max_new_tokens=config.sample_tokens, temperature=0.8,
                       top_k=None, top_p=None, seed=config.seed, device=config.device)
     return 0
+
+
+def _train_argv(args: argparse.Namespace) -> list[str]:
+    """The `gptlab train` arguments that reproduce `args`, for the processes torchrun starts."""
+    argv = ["train"]
+    if args.config:
+        argv += ["--config", args.config]
+    argv += [f"--{flag.replace('_', '-')}" for flag in ("overwrite", "resume", "no_progress") if getattr(args, flag)]
+    for f in fields(TrainConfig):
+        value = getattr(args, f.name)
+        flag = f.name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(f"--{flag}" if value else f"--no-{flag}")
+        elif value is not None:
+            argv += [f"--{flag}", str(value)]
+    return argv
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
@@ -92,52 +120,56 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="sample only within the nucleus of this mass")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide the logits of tokens already seen by this (CTRL); 1 is none")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when the text contains TEXT (left out of the output); repeat for several")
     p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible samples")
     p.add_argument("--num-samples", type=int, default=1, help="how many samples to draw")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="weights and KV cache precision (bfloat16 is slow on CPUs without bf16 units)")
     p.set_defaults(handler=_run_sample)
 
 
 def _run_sample(args: argparse.Namespace) -> int:
     if args.num_samples < 1:
         raise GptlabError("--num-samples must be at least 1")
-    for i in range(args.num_samples):
-        if i:
-            print("\n---")
-        seed = None if args.seed is None else args.seed + i
-        _print_stream(Path(args.model), args.prompt, args.max_new_tokens, args.temperature,
-                      args.top_k, args.top_p, seed, args.device)
+    _print_stream(Path(args.model), args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                  args.top_p, args.seed, args.device, repetition_penalty=args.repetition_penalty,
+                  stop=tuple(args.stop), dtype=args.dtype, num_samples=args.num_samples)
     return 0
 
 
 def _print_stream(model_dir: Path, prompt: str, max_new_tokens: int, temperature: float,
-                  top_k: int | None, top_p: float | None, seed: int | None, device: str) -> None:
+                  top_k: int | None, top_p: float | None, seed: int | None, device: str, *,
+                  repetition_penalty: float = 1.0, stop: tuple[str, ...] = (), dtype: str = "float32",
+                  num_samples: int = 1) -> None:
+    """Write the prompt, then each sample's text as it is generated; sample i uses seed + i."""
     import torch
 
-    from .checkpoint import load_model
-    from .generation import stream_text, validate_sampling
-    from .tokenizers import load_tokenizer
+    from .checkpoint import load_pretrained
+    from .generation import SamplingParams, TextStream
     from .train import resolve_device
 
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty, seed=seed, stop=stop)
     try:
-        validate_sampling(max_new_tokens, temperature, top_k, top_p)
+        params.validate()
     except ValueError as exc:
         raise GptlabError(str(exc)) from None
-    dev = resolve_device(device)
-    tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir, dev).eval()
+    model, tokenizer = load_pretrained(model_dir, resolve_device(device))
+    model = model.to(dtype=getattr(torch, dtype))
     ids = tokenizer.encode(prompt) if prompt else _start_ids(tokenizer)
-    if len(ids) > model.config.block_size:
-        ids = ids[-model.config.block_size:]
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=dev).manual_seed(seed)
-    sys.stdout.write(prompt)
-    for piece in stream_text(model, tokenizer, ids, max_new_tokens, temperature=temperature,
-                             top_k=top_k, top_p=top_p, generator=generator):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    for i in range(num_samples):
+        if i:
+            sys.stdout.write("\n---\n")
+            params.seed = None if seed is None else seed + i
+        sys.stdout.write(prompt)
+        for piece in TextStream(model, tokenizer, ids, params):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
 
 
 def _start_ids(tokenizer) -> list[int]:
@@ -150,13 +182,203 @@ def _start_ids(tokenizer) -> list[int]:
         return [0]
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    limits = ServerLimits()
+    p = sub.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API, with a playground at /",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Serve a run or a Hugging Face GPT-2 directory: POST /v1/completions (streaming too), "
+                    "GET /v1/models, GET /health, POST /tokenize, API docs at /docs, a playground at /.",
+    )
+    p.add_argument("model", metavar="MODEL", help="a run directory or a Hugging Face GPT-2 directory")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind; anything but loopback lets other machines use the model (no auth)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--model-name", default=None, help="the model id clients send; None: the MODEL directory's name")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--max-tokens-limit", type=int, default=limits.max_tokens,
+                   help="the largest max_tokens a request may ask for")
+    p.add_argument("--max-body-bytes", type=int, default=limits.max_body_bytes,
+                   help="larger request bodies are refused with 413")
+    p.add_argument("--max-choices", type=int, default=limits.max_choices,
+                   help="the most choices (prompts x n) one request may ask for")
+    p.add_argument("--max-batch", type=int, default=limits.max_batch,
+                   help="rows per batched generation across waiting requests; 1 turns batching off")
+    p.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from .server import is_loopback, serve
+    from .train import resolve_device
+
+    for name in ("port", "max_tokens_limit", "max_body_bytes", "max_choices", "max_batch"):
+        if getattr(args, name) < 1:
+            raise GptlabError(f"--{name.replace('_', '-')} must be at least 1")
+    if not is_loopback(args.host):
+        print(f"gptlab serve: warning: binding to {args.host}: anyone who can reach this address can use "
+              f"the model, without authentication", file=sys.stderr)
+    limits = ServerLimits(max_tokens=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
+                          max_choices=args.max_choices, max_batch=args.max_batch)
+    serve(args.model, host=args.host, port=args.port, device=resolve_device(args.device),
+          model_id=args.model_name, limits=limits)
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="write a model as a clean Hugging Face GPT-2 directory",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Copy a model into OUT as config.json + model.safetensors plus its tokenizer's files and "
+                    "nothing else (no optimizer state, no metrics), for transformers or the Hub. Refuses a model "
+                    "Hugging Face GPT-2 cannot represent (e.g. one trained with --no-bias).",
+    )
+    p.add_argument("model", metavar="MODEL", help="a run directory, a Hugging Face GPT-2 directory or a GPT-2 size")
+    p.add_argument("out", metavar="OUT", help="the directory to write")
+    p.add_argument("--overwrite", action="store_true", help="write into OUT even if it already holds files")
+    p.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .checkpoint import export_model
+
+    files = export_model(args.model, args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out}: {', '.join(files)}")
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval", help="loss, perplexity and bits per token/char/byte of a model on a whole split or text",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Score every token of a data split (or a text file) once, reading texts longer than the "
+                    "context through a sliding window. With --baselines, Kneser-Ney n-grams fitted on the "
+                    "data's train split are scored on the same tokens.",
+    )
+    p.add_argument("model", metavar="MODEL", help="a run directory or a Hugging Face GPT-2 directory")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", metavar="DATA_DIR", help="a prepared data directory (gptlab prepare)")
+    source.add_argument("--text", metavar="FILE", help="a UTF-8 text file, tokenized with the model's tokenizer")
+    p.add_argument("--split", choices=["val", "train"], default="val", help="the split of --data to score")
+    p.add_argument("--stride", type=int, default=None,
+                   help="new tokens scored per window; every token then sees at least context-stride+1 "
+                        "tokens of context (None: half the context)")
+    p.add_argument("--context", type=int, default=None, help="window length (None: the model's context)")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (None: automatic)")
+    p.add_argument("--baselines", action="store_true", help="also score unigram, bigram and the best n-gram")
+    p.add_argument("--max-order", type=int, default=6, help="the highest n-gram order tried by --baselines")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .evaluate import evaluate_model, markdown_table
+    from .train import resolve_device
+
+    for name in ("stride", "context", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise GptlabError(f"--{name.replace('_', '-')} must be at least 1")
+    result = evaluate_model(
+        args.model, data=args.data, split=args.split, text=args.text, stride=args.stride, context=args.context,
+        batch_size=args.batch_size, device=resolve_device(args.device),
+        baseline_order=args.max_order if args.baselines else 0,
+    )
+    if args.json:
+        print(json.dumps({"model_path": str(args.model), **result.to_dict()}, indent=2))
+        return 0
+    print(f"{args.model} on {result.source}: {result.model.tokens:,} tokens scored, "
+          f"context {result.context}, stride {result.stride}\n")
+    print(markdown_table(result.rows(str(args.model))))
+    return 0
+
+
+def _add_ngram(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ngram", help="fit an interpolated Kneser-Ney n-gram model, score it and sample from it",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Fit on the train split of DATA_DIR, score on --split exactly as gptlab eval scores a model "
+                    "(every token after the first, its bits per character from the same decoded text).",
+    )
+    p.add_argument("--data", metavar="DATA_DIR", required=True, help="a prepared data directory (gptlab prepare)")
+    p.add_argument("--order", type=int, default=5, help="n: the model reads the n-1 previous tokens")
+    p.add_argument("--split", choices=["val", "train"], default="val", help="the split to score")
+    p.add_argument("--sample-tokens", type=int, default=200, help="tokens to sample (0: none)")
+    p.add_argument("--prompt", default="", help="text the sample continues")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sample")
+    p.add_argument("--json", action="store_true", help="print the score as JSON (and no sample)")
+    p.set_defaults(handler=_run_ngram)
+
+
+def _run_ngram(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    import numpy as np
+
+    from .data import TokenDataset
+    from .evaluate import markdown_table, score_ngram
+    from .ngram import KneserNey, NGramCounts
+
+    if args.sample_tokens < 0:
+        raise GptlabError("--sample-tokens must not be negative")
+    dataset = TokenDataset(args.data)
+    start = time.perf_counter()
+    lm = KneserNey(NGramCounts(dataset.split("train"), dataset.tokenizer.vocab_size, args.order), args.order)
+    fitted = time.perf_counter() - start
+    result = score_ngram(lm, dataset.tokenizer, dataset.split(args.split))
+    if args.json:
+        print(json.dumps({"data": args.data, "split": args.split, "order": args.order, **result.to_dict()}, indent=2))
+        return 0
+    print(f"{args.order}-gram (interpolated Kneser-Ney) fitted on {len(dataset.split('train')):,} train tokens "
+          f"in {fitted:.2f}s, scored on the {args.split} split\n")
+    print(markdown_table([(f"{args.order}-gram", result)]))
+    if args.sample_tokens:
+        prompt = dataset.tokenizer.encode(args.prompt) if args.prompt else []
+        tokens = lm.sample(prompt, args.sample_tokens, np.random.default_rng(args.seed))
+        print(f"\n--- sample ---\n{args.prompt}{dataset.tokenizer.decode(tokens)}")
+    return 0
+
+
+def _add_attention(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "attention", help="draw a heatmap of the attention weights over a prompt",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Rows are the positions that attend (queries), columns the positions attended to (keys); "
+                    "each row sums to 1 and nothing lies above the diagonal (causal).",
+    )
+    p.add_argument("model", metavar="MODEL", help="a run directory or a Hugging Face GPT-2 directory")
+    p.add_argument("--prompt", required=True, help="the text whose attention is drawn")
+    p.add_argument("--layer", type=int, default=0, help="the layer (0 is the first)")
+    p.add_argument("--head", type=int, default=None, help="one head; None: a grid of all heads of the layer")
+    p.add_argument("--out", required=True, metavar="FILE.png", help="the image to write (format from the suffix)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.set_defaults(handler=_run_attention)
+
+
+def _run_attention(args: argparse.Namespace) -> int:
+    from .attention_maps import attention_map, plot_attention
+    from .checkpoint import load_model
+    from .tokenizers import load_tokenizer
+    from .train import resolve_device
+
+    model = load_model(args.model, resolve_device(args.device))
+    amap = attention_map(model, load_tokenizer(Path(args.model)), args.prompt, layer=args.layer, head=args.head)
+    out = plot_attention(amap, args.out)
+    heads = f"head {args.head}" if args.head is not None else f"all {len(amap.heads)} heads"
+    print(f"wrote {out}: layer {args.layer}, {heads}, {len(amap.labels)} tokens")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gptlab",
         description="A from-scratch GPT-2: prepare a corpus, train, sample, evaluate, serve.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_prepare, _add_train, _add_sample):
+    for add in (_add_prepare, _add_train, _add_sample, _add_serve, _add_export, _add_eval, _add_ngram,
+                _add_attention):
         add(sub)
     return parser
 

@@ -78,12 +78,18 @@ def model_preset(name: str, **overrides: Any) -> GPTConfig:
     return GPTConfig(**base)
 
 
+OPTIMIZERS = ("adamw", "adam", "radam", "sgd")
+SCHEDULES = ("cosine", "noam", "linear", "constant")
+TASKS = ("text", "adder")
+
+
 @dataclass
 class TrainConfig:
     """Everything one training run needs. Every field is also a `gptlab train --field-name` option."""
 
     # data and output
     data: str = ""  # a prepared data directory (gptlab prepare); empty means the built-in corpus
+    task: str = "text"  # text: a prepared corpus; adder: two-digit addition, generated in memory
     out: str = ""  # the run directory; empty means runs/<preset>-N, the first free N
     init_from: str = ""  # a run or Hugging Face GPT-2 directory to fine-tune from
     # model
@@ -106,6 +112,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0
+    optimizer: str = "adamw"  # adamw, adam, radam, sgd
+    schedule: str = "cosine"  # cosine, noam, linear, constant; each warms up to lr
     # evaluation and logging
     eval_interval: int = 250
     eval_iters: int = 20
@@ -115,6 +123,9 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     dtype: str = "float32"  # float32, bfloat16, float16
+    compile: bool = False  # torch.compile the model (falls back to eager, with a message, where it cannot work)
+    nproc: int = 1  # processes on this machine: gptlab train --nproc N runs itself under torchrun (DDP)
+    on_nonfinite: str = "stop"  # a NaN/inf loss: stop (keeping the last good checkpoint) or skip the step
     preset: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,8 +151,22 @@ class TrainConfig:
             raise GptlabError("--eval-interval, --warmup-iters and --max-time must not be negative")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise GptlabError(f"learning rates must satisfy 0 <= min_lr <= lr and lr > 0 (lr={self.lr}, min_lr={self.min_lr})")
+        if not self.init_from:
+            self.model_config(vocab_size=1)  # the model's shape, checked before any data is read
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise GptlabError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.nproc < 1:
+            raise GptlabError(f"--nproc must be at least 1, got {self.nproc}")
+        if self.grad_accum % self.nproc:
+            raise GptlabError(
+                f"--grad-accum {self.grad_accum} must be a multiple of --nproc {self.nproc}: it counts the "
+                f"micro-batches of a whole step, shared equally among the processes"
+            )
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise GptlabError(f"--on-nonfinite must be stop or skip, got {self.on_nonfinite!r}")
+        for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("task", TASKS)):
+            if getattr(self, name) not in choices:
+                raise GptlabError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
 
 
 # Named training presets: overrides of TrainConfig's defaults.
@@ -199,3 +224,17 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise GptlabError(f"config file {path} must hold a JSON object of option: value")
     return values
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one request to `gptlab serve` may ask for; each field is a `gptlab serve` option.
+
+    Kept here, not in server.py, so the command line can show the defaults without importing the
+    web stack.
+    """
+
+    max_tokens: int = 256  # the largest max_tokens a request may ask for
+    max_body_bytes: int = 1 << 20  # larger request bodies are refused with 413 before they are parsed
+    max_choices: int = 16  # prompts x n in one request
+    max_batch: int = 16  # rows of one batched generation; 1 turns cross-request batching off

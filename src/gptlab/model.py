@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -21,6 +22,80 @@ from .config import GPTConfig
 class ModelOutput:
     logits: torch.Tensor  # (B, T, vocab_size)
     loss: torch.Tensor | None = None  # mean cross-entropy over the targets that are not ignored
+
+
+class KVCache:
+    """Every layer's keys and values, allocated once for a whole generation, filled slot by slot.
+
+    Generation then costs one position per new token instead of the whole context. Rows of a batch
+    may be left-padded so that prompts of different lengths decode together: row b's first `pad[b]`
+    slots hold no token, no query attends to them, and positions count from the row's first real
+    token, so each row computes what it would compute alone.
+    """
+
+    def __init__(
+        self, config: GPTConfig, batch_size: int, capacity: int, *,
+        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if not 1 <= capacity <= config.block_size:
+            raise ValueError(f"cache capacity must be in [1, {config.block_size}], got {capacity}")
+        shape = (config.n_layer, batch_size, config.n_head, capacity, config.head_dim)
+        self.keys = torch.empty(shape, device=device, dtype=dtype)  # (L, B, nh, S, hs)
+        self.values = torch.empty(shape, device=device, dtype=dtype)  # (L, B, nh, S, hs)
+        self.length = 0  # slots filled so far, the same for every row
+        self.pad: torch.Tensor | None = None  # (B,) padding slots per row; None when no row is padded
+        self.mask: torch.Tensor | None = None  # the attention mask of the forward pass in progress
+        self._slots = torch.arange(capacity, device=device)  # (S,)
+        self._key_valid: torch.Tensor | None = None  # (B, 1, 1, S): False on padding slots
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.size(3)
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.size(1)
+
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    def reset(self, pad: torch.Tensor | None = None) -> None:
+        """Empty the cache for new rows, row b starting with `pad[b]` padding slots."""
+        self.length = 0
+        self.pad = pad if pad is not None and bool(pad.any()) else None
+        if self.pad is None:
+            self._key_valid = None
+        else:
+            self._key_valid = (self._slots >= self.pad[:, None])[:, None, None, :]  # (B, 1, 1, S)
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Drop every row not in `rows` (e.g. sequences that finished), keeping the others' contents."""
+        length = self.length
+        self.keys = self.keys.index_select(1, rows)
+        self.values = self.values.index_select(1, rows)
+        self.reset(None if self.pad is None else self.pad.index_select(0, rows))
+        self.length = length
+
+    def positions(self, T: int) -> torch.Tensor:
+        """Position ids of the next T slots: (T,) when no row is padded, else (B, T)."""
+        slots = self._slots[self.length : self.length + T]  # (T,)
+        if self.pad is None:
+            return slots
+        return (slots - self.pad[:, None]).clamp_(min=0)  # (B, T); padding slots get position 0
+
+    def attention_mask(self, T: int) -> torch.Tensor | None:
+        """Which cached keys each of the next T queries may see; None when the causal rule suffices."""
+        start, end = self.length, self.length + T
+        if self.pad is None and (start == 0 or T == 1):
+            return None  # SDPA's is_causal covers it, or one query that sees everything before it
+        if self.pad is not None and T == 1:
+            return self._key_valid[..., :end]  # (B, 1, 1, end): a view, nothing allocated per step
+        query, key = self._slots[start:end, None], self._slots[:end]
+        causal = key <= query  # (T, end)
+        if self.pad is None:
+            return causal
+        # a padding query may see itself only, so that its softmax row is never empty (NaN)
+        return (self._key_valid[..., :end] & causal) | (key == query)  # (B, 1, T, end)
 
 
 class CausalSelfAttention(nn.Module):
@@ -40,13 +115,17 @@ class CausalSelfAttention(nn.Module):
         self.explicit = False
         self.last_weights: torch.Tensor | None = None  # (B, nh, T, T), kept only when asked
 
-    def forward(self, x: torch.Tensor, keep_weights: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, keep_weights: bool = False, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        if self.explicit or keep_weights:
+        if cache is not None:
+            y = self._cached_attention(q, k, v, cache, layer)
+        elif self.explicit or keep_weights:
             y = self._explicit_attention(q, k, v, keep_weights)
         else:
             p = self.dropout if self.training else 0.0
@@ -65,6 +144,20 @@ class CausalSelfAttention(nn.Module):
         weights = F.softmax(scores, dim=-1)  # (B, nh, T, T), each row sums to 1
         self.last_weights = weights.detach() if keep_weights else None
         return self.attn_dropout(weights) @ v  # (B, nh, T, hs)
+
+    @staticmethod
+    def _cached_attention(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int
+    ) -> torch.Tensor:
+        """Write this call's keys and values into the cache, then attend over everything cached."""
+        start, end = cache.length, cache.length + q.size(-2)
+        keys, values = cache.keys[layer], cache.values[layer]  # (B, nh, S, hs) views into the buffers
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        mask = cache.mask
+        return F.scaled_dot_product_attention(
+            q, keys[:, :, :end], values[:, :, :end], attn_mask=mask, is_causal=mask is None and end - start > 1
+        )  # (B, nh, T, hs)
 
 
 class MLP(nn.Module):
@@ -91,8 +184,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, keep_weights: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), keep_weights)  # (B, T, C)
+    def forward(
+        self, x: torch.Tensor, keep_weights: bool = False, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), keep_weights, cache, layer)  # (B, T, C)
         x = x + self.mlp(self.ln_2(x))  # (B, T, C)
         return x
 
@@ -167,6 +262,26 @@ class GPT(nn.Module):
             )
         return ModelOutput(logits=logits, loss=loss)
 
+    def forward_cached(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """(B, T) tokens that follow the cache's contents -> (B, vocab_size) logits of the last one.
+
+        Their keys and values are appended to `cache`. Only the last position goes through the LM
+        head: generation never needs the others, and at GPT-2's vocabulary the head is the largest
+        matrix of the network. The head is computed as W @ h^T, (V, C) @ (C, B): on CPU BLAS this tall,
+        skinny product runs about twice as fast as h @ W^T once B > 1.
+        """
+        T = idx.size(1)
+        if cache.length + T > cache.capacity:
+            raise ValueError(f"{T} more tokens overflow the cache ({cache.length}/{cache.capacity} slots used)")
+        x = self.transformer.wte(idx) + self.transformer.wpe(cache.positions(T))  # (B, T, C)
+        cache.mask = cache.attention_mask(T)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, cache=cache, layer=layer)  # (B, T, C)
+        cache.mask = None
+        cache.length += T
+        h = self.transformer.ln_f(x[:, -1, :])  # (B, C)
+        return torch.mm(self.lm_head.weight, h.t()).t()  # (B, vocab_size)
+
     @torch.no_grad()
     def attention_weights(self, idx: torch.Tensor) -> list[torch.Tensor]:
         """Per-layer attention weights, each (B, nh, T, T), computed with the explicit formula."""
@@ -184,6 +299,19 @@ class GPT(nn.Module):
         wpe = self.transformer.wpe
         wpe.weight = nn.Parameter(wpe.weight[:block_size].detach().clone())
         wpe.num_embeddings = block_size
+
+    @classmethod
+    def from_pretrained(cls, path_or_name: str | Path, device: str | torch.device = "cpu") -> GPT:
+        """A GPT in eval mode from a gptlab run, a Hugging Face GPT-2 directory, or "gpt2"..."gpt2-xl"."""
+        from .checkpoint import load_model  # checkpoint imports this module
+
+        return load_model(path_or_name, device)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write a Hugging Face GPT-2 checkpoint; refuses options Hugging Face cannot represent."""
+        from .checkpoint import save_model
+
+        save_model(self, directory, require_hf=True)
 
     def generate(
         self,

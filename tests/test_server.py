@@ -1,0 +1,565 @@
+"""`gptlab serve` against a real uvicorn server on a free loopback port: httpx for every endpoint and
+every refusal, the official `openai` client, concurrency, disconnects, injected failures, and load."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+import gptlab.server as server_module
+from gptlab.checkpoint import load_model, save_model
+from gptlab.cli import main
+from gptlab.config import GPTConfig, ServerLimits
+from gptlab.generation import Completion, SamplingParams, TextStream, complete
+from gptlab.model import GPT
+from gptlab.server import create_app, running_server
+from gptlab.tokenizers import GPT2Tokenizer, Tokenizer, load_tokenizer
+
+# tiny_run's context is 32 tokens; max_tokens may go far beyond it (the window slides), which the
+# disconnect test needs: a generation long enough that only a cancellation can end it early.
+LIMITS = ServerLimits(max_tokens=5000, max_body_bytes=16_384, max_choices=8, max_batch=16)
+TIMEOUT = httpx.Timeout(120.0)
+
+
+@dataclass
+class Served:
+    url: str
+    model_id: str
+    tokenizer: Tokenizer
+    reference: GPT  # a second copy of the served weights, to compute expected texts without the server
+    worker: server_module.GenerationWorker  # the server runs in this process: tests may look inside
+
+    def post(self, path: str = "/v1/completions", **body) -> httpx.Response:
+        if path == "/v1/completions":
+            body.setdefault("model", self.model_id)
+        return httpx.post(self.url + path, json=body, timeout=TIMEOUT)
+
+    def expected(self, prompt: str, **params) -> Completion:
+        return complete(self.reference, self.tokenizer, [self.tokenizer.encode(prompt)], SamplingParams(**params))[0]
+
+    def stats(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=TIMEOUT).json()["stats"]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run: Path) -> Iterator[Served]:
+    app = create_app(load_model(tiny_run), load_tokenizer(tiny_run), "tiny", LIMITS,
+                     allowed_hosts=["127.0.0.1", "localhost"])
+    with running_server(app) as url:
+        yield Served(url, "tiny", load_tokenizer(tiny_run), load_model(tiny_run).eval(), app.state.service.worker)
+
+
+@pytest.fixture(scope="module")
+def gpt2_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """A random GPT with GPT-2's vocabulary, saved and loaded back like a Hugging Face directory."""
+    directory = tmp_path_factory.mktemp("gpt2-tiny")
+    torch.manual_seed(0)
+    save_model(GPT(GPTConfig(vocab_size=50257, block_size=64, n_layer=2, n_head=2, n_embd=32)), directory)
+    GPT2Tokenizer().save(directory)
+    app = create_app(load_model(directory), load_tokenizer(directory), "gpt2-tiny")
+    with running_server(app) as url:
+        yield Served(url, "gpt2-tiny", load_tokenizer(directory), load_model(directory).eval(),
+                     app.state.service.worker)
+
+
+def wait_for(condition: Callable[[], bool], what: str, seconds: float = 60.0) -> None:
+    """Poll a condition the server reaches asynchronously; the deadline only bounds a broken run."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def sse_data(response: httpx.Response) -> list[str]:
+    """The `data:` payloads of an event stream, checking that nothing else is in it."""
+    payloads = []
+    for line in response.iter_lines():
+        if line:
+            assert line.startswith("data: "), line
+            payloads.append(line[len("data: "):])
+    return payloads
+
+
+class RecordingComplete:
+    """Stands in for `complete` inside the server: records each batch, and can hold the first call
+    until released or fail for one prompt. Test-only: installed with monkeypatch."""
+
+    def __init__(self, gate: threading.Event | None = None, fail_on: list[int] | None = None) -> None:
+        self.calls: list[list[list[int]]] = []
+        self.gate = gate
+        self.fail_on = fail_on
+
+    def __call__(self, model, tokenizer, prompts, params: SamplingParams) -> list[Completion]:
+        self.calls.append([list(p) for p in prompts])
+        if self.gate is not None and len(self.calls) == 1:
+            assert self.gate.wait(timeout=120), "the test never released the gate"
+        if self.fail_on is not None and self.fail_on in self.calls[-1]:
+            raise RuntimeError("injected failure")
+        return complete(model, tokenizer, prompts, params)
+
+
+# -- completions ----------------------------------------------------------------------------------
+
+def test_completion_is_the_models_text_with_usage(server: Served) -> None:
+    response = server.post(prompt="First Citizen:\n", max_tokens=20, temperature=0)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = server.expected("First Citizen:\n", max_new_tokens=20, temperature=0)
+    assert body["object"] == "text_completion" and body["model"] == "tiny" and body["id"].startswith("cmpl-")
+    assert body["choices"] == [{"text": expected.text, "index": 0, "logprobs": None, "finish_reason": "length"}]
+    assert body["usage"] == {"prompt_tokens": 15, "completion_tokens": 20, "total_tokens": 35}
+
+
+def test_several_prompts_and_seeded_choices(server: Served) -> None:
+    request = dict(prompt=["All:\n", "Speak"], n=2, max_tokens=12, temperature=1.0, top_k=20, top_p=0.9,
+                   repetition_penalty=1.2, seed=7)
+    first, again = server.post(**request).json(), server.post(**request).json()
+    texts = [c["text"] for c in first["choices"]]
+    assert [c["index"] for c in first["choices"]] == [0, 1, 2, 3]
+    assert texts == [c["text"] for c in again["choices"]]
+    for i, prompt in enumerate(["All:\n", "Speak"]):
+        for j in range(2):  # choice j of a prompt samples with seed + j
+            expected = server.expected(prompt, max_new_tokens=12, temperature=1.0, top_k=20, top_p=0.9,
+                                       repetition_penalty=1.2, seed=7 + j)
+            assert texts[2 * i + j] == expected.text
+    assert texts[0] != texts[1]
+    assert first["usage"]["prompt_tokens"] == len("All:\n") + len("Speak")
+
+
+def test_token_id_prompts_equal_text_prompts(server: Served) -> None:
+    ids = server.tokenizer.encode("Speak, speak.")
+    by_text = server.post(prompt="Speak, speak.", max_tokens=8, temperature=0).json()["choices"]
+    by_ids = server.post(prompt=ids, max_tokens=8, temperature=0).json()["choices"]
+    by_lists = server.post(prompt=[ids, ids], max_tokens=8, temperature=0).json()["choices"]
+    assert by_ids == by_text
+    assert [c["text"] for c in by_lists] == [by_text[0]["text"]] * 2
+
+
+def test_stop_string_ends_the_choice_before_it(server: Served) -> None:
+    full = server.post(prompt="First", max_tokens=40, temperature=0).json()["choices"][0]["text"]
+    stop = full[10:13]
+    cut = server.post(prompt="First", max_tokens=40, temperature=0, stop=[stop, "QQ"]).json()["choices"][0]
+    assert cut["finish_reason"] == "stop"
+    assert cut["text"] == full[:full.index(stop)]
+    single = server.post(prompt="First", max_tokens=40, temperature=0, stop=stop).json()["choices"][0]
+    assert single == cut
+
+
+def test_empty_prompt_starts_a_document(gpt2_server: Served) -> None:
+    response = gpt2_server.post(prompt="", max_tokens=5, temperature=0)
+    assert response.status_code == 200, response.text
+    expected = complete(gpt2_server.reference, gpt2_server.tokenizer, [[50256]],
+                        SamplingParams(max_new_tokens=5, temperature=0))[0]
+    assert response.json()["choices"][0]["text"] == expected.text
+    assert response.json()["usage"]["prompt_tokens"] == 1
+
+
+# -- streaming ------------------------------------------------------------------------------------
+
+def test_stream_sends_openai_chunks_then_done(server: Served) -> None:
+    request = dict(model="tiny", prompt="First Citizen:\n", max_tokens=20, temperature=0, stream=True,
+                   stream_options={"include_usage": True})
+    with httpx.stream("POST", server.url + "/v1/completions", json=request, timeout=TIMEOUT) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        payloads = sse_data(response)
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    assert {c["id"] for c in chunks} == {chunks[0]["id"]}
+    assert all(c["object"] == "text_completion" and c["model"] == "tiny" for c in chunks)
+    choices = [choice for c in chunks for choice in c["choices"]]
+    expected = server.expected("First Citizen:\n", max_new_tokens=20, temperature=0)
+    assert "".join(c["text"] for c in choices) == expected.text
+    assert len(choices) > 3  # the text came in pieces, not at the end
+    assert [c for c in choices if c["finish_reason"]] == [
+        {"text": "", "index": 0, "logprobs": None, "finish_reason": "length"}]
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"] == {"prompt_tokens": 15, "completion_tokens": 20, "total_tokens": 35}
+
+
+def test_streamed_choices_equal_unstreamed_ones(server: Served) -> None:
+    request = dict(prompt=["All:\n", "Speak"], n=2, max_tokens=10, temperature=0.9, seed=3)
+    unstreamed = [c["text"] for c in server.post(**request).json()["choices"]]
+    with httpx.stream("POST", server.url + "/v1/completions", json=dict(request, model="tiny", stream=True),
+                      timeout=TIMEOUT) as response:
+        payloads = sse_data(response)
+    texts = [""] * 4
+    reasons = [None] * 4
+    for chunk in map(json.loads, payloads[:-1]):
+        for choice in chunk["choices"]:
+            texts[choice["index"]] += choice["text"]
+            reasons[choice["index"]] = choice["finish_reason"] or reasons[choice["index"]]
+    assert texts == unstreamed
+    assert reasons == ["length"] * 4
+
+
+def test_client_disconnect_stops_generation(server: Served) -> None:
+    before = server.stats()
+    request = dict(model="tiny", prompt="All:\n", max_tokens=5000, temperature=1.0, stream=True)
+    with httpx.Client(timeout=TIMEOUT) as client:
+        with client.stream("POST", server.url + "/v1/completions", json=request) as response:
+            received = 0
+            for line in response.iter_lines():
+                received += line.startswith("data: ")
+                if received == 3:
+                    break  # leaving the block without reading on closes the connection
+    wait_for(lambda: server.stats()["cancelled_streams"] == before["cancelled_streams"] + 1, "the cancellation")
+    wait_for(lambda: server.stats()["requests_in_flight"] == 0, "the request to end")
+    generated = server.stats()["completion_tokens"] - before["completion_tokens"]
+    assert 3 <= generated < 5000
+    assert server.stats()["completion_tokens"] - before["completion_tokens"] == generated  # and it stays stopped
+
+
+# -- the other endpoints --------------------------------------------------------------------------
+
+def test_models_health_and_openapi(server: Served) -> None:
+    models = httpx.get(server.url + "/v1/models").json()
+    assert models["object"] == "list"
+    assert [(m["id"], m["object"], m["context_length"], m["max_tokens_limit"]) for m in models["data"]] == [
+        ("tiny", "model", 32, 5000)]
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "ok" and health["model"] == "tiny"
+    spec = httpx.get(server.url + "/openapi.json").json()
+    assert {"/v1/completions", "/v1/models", "/health", "/tokenize", "/detokenize"} <= set(spec["paths"])
+    request_fields = set(spec["components"]["schemas"]["CompletionRequest"]["properties"])
+    assert {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream",
+            "top_k", "repetition_penalty"} <= request_fields
+    assert {"400", "413", "422", "500"} <= set(spec["paths"]["/v1/completions"]["post"]["responses"])
+
+
+def test_tokenize_and_back(server: Served, gpt2_server: Served) -> None:
+    for served, text in [(server, "Speak, speak."), (gpt2_server, "naïve café, 東京 🚀")]:
+        tokens = served.post("/tokenize", text=text).json()
+        assert tokens["ids"] == served.tokenizer.encode(text) and tokens["count"] == len(tokens["ids"])
+        assert served.post("/detokenize", ids=tokens["ids"]).json() == {"text": text}
+    assert gpt2_server.post("/tokenize", text=" hello").json()["tokens"] == [" hello"]
+    unknown = server.post("/tokenize", text="Speak €")
+    assert unknown.status_code == 400 and "'€'" in unknown.json()["error"]["message"]
+    outside = gpt2_server.post("/detokenize", ids=[50257])
+    assert outside.status_code == 400 and "50257" in outside.json()["error"]["message"]
+
+
+# -- refusals -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body, status, param, says", [
+    ({"prompt": None}, 422, "prompt", "Field required"),
+    ({"max_tokens": "5"}, 422, "max_tokens", "valid integer"),
+    ({"temperature": "hot"}, 422, "temperature", "valid number"),
+    ({"stream": "yes"}, 422, "stream", "valid boolean"),
+    ({"n": 1.5}, 422, "n", "valid integer"),
+    ({"stop": ["a", 3]}, 422, "stop", "valid"),
+    ({"logprobs": 5}, 422, "logprobs", "not permitted"),
+    ({"max_tokens": 5001}, 400, "max_tokens", "at most 5000"),
+    ({"max_tokens": -1}, 400, "max_tokens", "at least 0"),
+    ({"temperature": -0.5}, 400, "temperature", ">= 0"),
+    ({"top_p": 1.5}, 400, "top_p", "(0, 1]"),
+    ({"top_k": 0}, 400, "top_k", ">= 1"),
+    ({"repetition_penalty": 0.0}, 400, "repetition_penalty", "> 0"),
+    ({"seed": -1}, 400, "seed", "2**64"),
+    ({"n": 0}, 400, "n", "at least 1"),
+    ({"prompt": ["All"] * 3, "n": 3}, 400, "n", "limit is 8"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
+    ({"stop": ""}, 400, "stop", "non-empty"),
+    ({"prompt": "A" * 33}, 400, "prompt", "at most 32"),
+    ({"prompt": []}, 400, "prompt", "empty list"),
+    ({"prompt": [0, 999]}, 400, "prompt", "999"),
+    ({"prompt": "Speak €"}, 400, "prompt", "'€'"),
+    ({"model": "gpt-3.5-turbo-instruct"}, 404, "model", "'tiny'"),
+])
+def test_bad_request_is_refused_naming_the_field(server: Served, body: dict, status: int, param: str,
+                                                  says: str) -> None:
+    request = {"model": "tiny", "prompt": "All", "max_tokens": 4, **body}
+    if body.get("prompt", "") is None:
+        del request["prompt"]
+    response = httpx.post(server.url + "/v1/completions", json=request, timeout=TIMEOUT)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert says in error["message"]
+    assert error["message"].startswith(param) or status != 422
+
+
+def test_invalid_json_is_422(server: Served) -> None:
+    response = httpx.post(server.url + "/v1/completions", content=b'{"model": "tiny", "prompt": ',
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert "not valid JSON" in response.json()["error"]["message"]
+
+
+def test_body_over_the_limit_is_413_by_header_and_by_size(server: Served) -> None:
+    big = json.dumps({"model": "tiny", "prompt": "A" * 20_000}).encode()
+    declared = httpx.post(server.url + "/v1/completions", content=big, headers={"content-type": "application/json"})
+    assert declared.status_code == 413
+    assert "16384 bytes" in declared.json()["error"]["message"]
+
+    def chunks(body: bytes) -> Iterator[bytes]:  # no Content-Length: the size is only known by counting
+        yield from (body[i:i + 1000] for i in range(0, len(body), 1000))
+
+    undeclared = httpx.post(server.url + "/v1/completions", content=chunks(big),
+                            headers={"content-type": "application/json"})
+    assert undeclared.request.headers.get("transfer-encoding") == "chunked"
+    assert undeclared.status_code == 413
+    small = json.dumps({"model": "tiny", "prompt": "All", "max_tokens": 2}).encode()
+    fine = httpx.post(server.url + "/v1/completions", content=chunks(small), headers={"content-type": "application/json"})
+    assert fine.status_code == 200, fine.text
+
+
+def test_foreign_host_header_is_refused(server: Served) -> None:
+    """A web page that rebinds its own DNS name to 127.0.0.1 still sends its own name as Host."""
+    response = httpx.get(server.url + "/v1/models", headers={"host": "attacker.example"})
+    assert response.status_code == 400
+
+
+_opened: list[str] | None = None
+
+
+def _record_opens(event: str, args: tuple) -> None:
+    if event == "open" and _opened is not None:
+        _opened.append(str(args[0]))
+
+
+def test_requests_never_touch_the_files_they_name(server: Served, tiny_run: Path, tmp_path: Path) -> None:
+    global _opened
+    if _record_opens not in getattr(sys, "_gptlab_audit_hooks", []):
+        sys.addaudithook(_record_opens)  # audit hooks cannot be removed; this one records only when asked
+        sys._gptlab_audit_hooks = [_record_opens]  # type: ignore[attr-defined]
+    secret, target = tmp_path / "secret.txt", tmp_path / "written.txt"
+    secret.write_text("All")
+    _opened = []
+    try:
+        responses = [
+            server.post(model=str(tiny_run), prompt="All"),
+            server.post(model=str(secret), prompt="All"),
+            server.post(prompt=str(secret), max_tokens=2),
+            server.post(prompt="All", max_tokens=2, stop=[str(target)], user=str(target)),
+            server.post("/tokenize", text=str(secret)),
+            httpx.get(server.url + "/v1/models", params={"path": str(secret)}),
+        ]
+        opened = list(_opened)
+    finally:
+        _opened = None
+    assert [r.status_code for r in responses[:2]] == [404, 404]
+    assert not [path for path in opened if str(tmp_path) in path or str(tiny_run) in path]
+    assert not target.exists()
+
+
+# -- failures, concurrency, batching --------------------------------------------------------------
+
+def test_a_failing_request_is_500_and_the_server_keeps_serving(server: Served, monkeypatch) -> None:
+    recorder = RecordingComplete(fail_on=server.tokenizer.encode("Resolved."))
+    monkeypatch.setattr(server_module, "complete", recorder)
+    before = server.stats()
+    failed = server.post(prompt="Resolved.", max_tokens=4)
+    assert failed.status_code == 500
+    assert failed.json()["error"]["type"] == "server_error"
+    assert server.post(prompt="All", max_tokens=4).status_code == 200
+    assert server.stats()["failures"] == before["failures"] + 1
+
+
+def test_a_failing_request_does_not_fail_its_batch(server: Served, monkeypatch) -> None:
+    gate = threading.Event()
+    recorder = RecordingComplete(gate=gate, fail_on=server.tokenizer.encode("Resolved."))
+    monkeypatch.setattr(server_module, "complete", recorder)
+    with ThreadPoolExecutor(3) as pool:
+        try:
+            holder = pool.submit(server.post, prompt="Speak", max_tokens=4, temperature=0)
+            wait_for(lambda: len(recorder.calls) == 1, "the first generation")
+            bad = pool.submit(server.post, prompt="Resolved.", max_tokens=4, temperature=0)
+            good = pool.submit(server.post, prompt="All:\n", max_tokens=4, temperature=0)
+            wait_for(lambda: server.worker.waiting() == 2, "both requests to queue")
+        finally:
+            gate.set()
+        assert holder.result().status_code == 200
+        assert bad.result().status_code == 500
+        assert good.result().status_code == 200
+    assert len(recorder.calls[1]) == 2  # the two were batched, then retried one by one
+    assert good.result().json()["choices"][0]["text"] == server.expected("All:\n", max_new_tokens=4,
+                                                                         temperature=0).text
+
+
+def test_a_stream_that_fails_midway_ends_with_an_error_event(server: Served, monkeypatch) -> None:
+    class FailingStream(TextStream):
+        def __next__(self) -> str:
+            if self.completion_tokens >= 3:
+                raise RuntimeError("injected failure")
+            return super().__next__()
+
+    monkeypatch.setattr(server_module, "TextStream", FailingStream)
+    request = dict(model="tiny", prompt="All", max_tokens=20, stream=True)
+    with httpx.stream("POST", server.url + "/v1/completions", json=request, timeout=TIMEOUT) as response:
+        assert response.status_code == 200
+        payloads = sse_data(response)
+    assert "[DONE]" not in payloads
+    assert json.loads(payloads[-1])["error"]["type"] == "server_error"
+    assert json.loads(payloads[0])["choices"][0]["text"]  # text went out before the failure
+
+    class BrokenStream(TextStream):
+        def __next__(self) -> str:
+            raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(server_module, "TextStream", BrokenStream)
+    early = server.post(prompt="All", max_tokens=20, stream=True)
+    assert early.status_code == 500 and early.json()["error"]["type"] == "server_error"
+    monkeypatch.undo()
+    assert server.post(prompt="All", max_tokens=5, stream=True).status_code == 200
+
+
+def test_generation_never_blocks_the_event_loop(server: Served, monkeypatch) -> None:
+    gate = threading.Event()
+    recorder = RecordingComplete(gate=gate)
+    monkeypatch.setattr(server_module, "complete", recorder)
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            pending = pool.submit(server.post, prompt="All", max_tokens=4)
+            wait_for(lambda: len(recorder.calls) == 1, "the generation to start")
+            # the model is busy (held inside `complete`), and the server still answers
+            assert server.stats()["requests_in_flight"] == 1
+            assert httpx.get(server.url + "/v1/models").status_code == 200
+            assert server.post("/tokenize", text="All").json()["count"] == 3
+            assert httpx.get(server.url + "/").status_code == 200
+            assert not pending.done()
+        finally:
+            gate.set()
+        assert pending.result().status_code == 200
+
+
+def test_waiting_requests_are_batched_and_each_gets_its_own_text(server: Served, monkeypatch) -> None:
+    gate = threading.Event()
+    recorder = RecordingComplete(gate=gate)
+    monkeypatch.setattr(server_module, "complete", recorder)
+    prompts = ["All:\n", "Speak", "First", "Resolved."]
+    with ThreadPoolExecutor(len(prompts) + 1) as pool:
+        try:
+            holder = pool.submit(server.post, prompt="Speak", max_tokens=6, temperature=0)
+            wait_for(lambda: len(recorder.calls) == 1, "the first generation")
+            futures = [pool.submit(server.post, prompt=p, max_tokens=6, temperature=0) for p in prompts]
+            wait_for(lambda: server.worker.waiting() == len(prompts), "the requests to queue")
+        finally:
+            gate.set()
+        answers = [f.result().json()["choices"][0]["text"] for f in futures]
+        assert holder.result().status_code == 200
+    assert sorted(len(rows) for rows in recorder.calls[1:]) == [len(prompts)]  # one batch for all four
+    assert answers == [server.expected(p, max_new_tokens=6, temperature=0).text for p in prompts]
+
+
+def test_concurrent_requests_are_all_answered(server: Served) -> None:
+    async def one(client: httpx.AsyncClient, i: int) -> str:
+        request = dict(model="tiny", prompt="All:\n", max_tokens=10, temperature=0.8, seed=i)
+        if i % 2:
+            async with client.stream("POST", "/v1/completions", json=dict(request, stream=True)) as response:
+                assert response.status_code == 200
+                lines = [line async for line in response.aiter_lines() if line]
+            assert lines[-1] == "data: [DONE]"
+            return "".join(json.loads(line[6:])["choices"][0]["text"] for line in lines[:-1])
+        response = await client.post("/v1/completions", json=request)
+        assert response.status_code == 200
+        return response.json()["choices"][0]["text"]
+
+    async def all_of_them() -> list[str]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=TIMEOUT) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(8)))
+
+    texts = asyncio.run(all_of_them())
+    assert texts == [server.expected("All:\n", max_new_tokens=10, temperature=0.8, seed=i).text for i in range(8)]
+
+
+def test_load_32_concurrent_requests(server: Served, capsys: pytest.CaptureFixture) -> None:
+    """Bounded load: 32 requests at once, all must succeed; latency is reported, not asserted
+    (benchmarks/serve_load.py measures it under the benchmark lock)."""
+    prompts = [TEXT[i:i + 5 + i % 20] for i in range(32)]
+
+    async def one(client: httpx.AsyncClient, prompt: str) -> tuple[httpx.Response, float]:
+        started = time.perf_counter()
+        response = await client.post("/v1/completions", json=dict(model="tiny", prompt=prompt, max_tokens=16))
+        return response, time.perf_counter() - started
+
+    async def all_of_them() -> list[tuple[httpx.Response, float]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=TIMEOUT) as client:
+            return await asyncio.gather(*(one(client, p) for p in prompts))
+
+    results = asyncio.run(all_of_them())
+    assert [r.status_code for r, _ in results] == [200] * 32
+    for response, _ in results:
+        choice = response.json()["choices"][0]
+        assert choice["finish_reason"] == "length" and response.json()["usage"]["completion_tokens"] == 16
+    cuts = statistics.quantiles([seconds for _, seconds in results], n=100, method="inclusive")
+    with capsys.disabled():
+        print(f"\n[serve load] 32 concurrent completions of 16 tokens: p50 {cuts[49] * 1000:.0f} ms, "
+              f"p95 {cuts[94] * 1000:.0f} ms")
+
+
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
+
+
+# -- the official openai client -------------------------------------------------------------------
+
+def test_openai_client_completes_and_streams(server: Served) -> None:
+    from openai import BadRequestError, OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    expected = server.expected("First Citizen:\n", max_new_tokens=12, temperature=0)
+    completion = client.completions.create(model="tiny", prompt="First Citizen:\n", max_tokens=12, temperature=0)
+    assert completion.choices[0].text == expected.text
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.usage.completion_tokens == 12
+    stream = client.completions.create(model="tiny", prompt="First Citizen:\n", max_tokens=12, temperature=0,
+                                       stream=True)
+    pieces = [chunk.choices[0].text for chunk in stream if chunk.choices]
+    assert "".join(pieces) == expected.text and len(pieces) > 2
+    with pytest.raises(BadRequestError, match="at most 5000"):
+        client.completions.create(model="tiny", prompt="All", max_tokens=10**6)
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+def test_cli_serves_a_run(tiny_run: Path) -> None:
+    with socket.socket() as probe:  # a port free now; the server binds it a moment later
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gptlab", "serve", str(tiny_run), "--port", str(port), "--max-tokens-limit", "8"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        assert process.poll() is None, process.communicate()[0]
+        try:
+            return httpx.get(url + "/health").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_for(healthy, "gptlab serve to start", seconds=180)
+        ok = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "All", "max_tokens": 8})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 8
+        over = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "All", "max_tokens": 9})
+        assert over.status_code == 400 and "at most 8" in over.json()["error"]["message"]
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def test_cli_serve_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["serve", str(tmp_path / "missing"), "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err
+    assert "warning: binding to 0.0.0.0" in err
+    assert "gptlab serve: error:" in err and "Traceback" not in err
+    assert main(["serve", str(tmp_path), "--max-batch", "0"]) == 2
+    assert "--max-batch must be at least 1" in capsys.readouterr().err
