@@ -111,8 +111,8 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
             "threads": torch.get_num_threads(), "requests": args.requests, "max_tokens": args.max_tokens}
     (RESULTS / "serve_load.json").write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
     lines = [
-        f"`gptlab serve` under load: {args.requests} concurrent completions of {args.max_tokens} sampled tokens, "
-        f"server and client in one process ({torch.get_num_threads()} torch thread(s)) on {MACHINE}.",
+        (f"`gptlab serve` under load: {args.requests} concurrent completions of {args.max_tokens} sampled tokens, "
+         f"server and client in one process ({torch.get_num_threads()} torch thread(s)) on {MACHINE}."),
         "",
         "| model | batching | p50 latency | p95 latency | wall time | tokens/s | vs unbatched | generation calls |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",

@@ -23,7 +23,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a run directory or a Hugging Face GPT-2 directory")
     parser.add_argument("--prompt", default="ROMEO:\nBut soft, what light")
-    parser.add_argument("--max-tokens", type=int, default=400)
+    parser.add_argument("--max-tokens", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "playground.png")
     args = parser.parse_args()
@@ -32,14 +32,22 @@ def main() -> None:
     app = create_app(*load_pretrained(args.model), name)
     with running_server(app) as url, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1200, "height": 640})
+        page = browser.new_page(viewport={"width": 1200, "height": 700})
         page.goto(url + "/")
         page.wait_for_function(f"document.getElementById('model').textContent.startsWith('model {name}')")
         page.fill("#prompt", args.prompt)
         page.fill("#max-tokens", str(args.max_tokens))
         page.fill("#seed", str(args.seed))
+        invalid = page.evaluate("() => { const bad = document.querySelector('#form :invalid'); "
+                                "return bad ? `${bad.id}: ${bad.validationMessage}` : null; }")
+        if invalid:
+            raise SystemExit(f"the playground's form refuses {invalid}")
         page.click("#generate")
-        page.wait_for_function("document.getElementById('status').textContent.startsWith('done')", timeout=300_000)
+        page.wait_for_function("/^(done|error)/.test(document.getElementById('status').textContent)",
+                               timeout=300_000)
+        status = page.eval_on_selector("#status", "element => element.textContent")
+        if not status.startswith("done"):
+            raise SystemExit(f"the playground says: {status}")
         page.screenshot(path=str(args.out))
         browser.close()
     print(f"wrote {args.out}")

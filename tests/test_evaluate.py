@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ from hypothesis import strategies as st
 from conftest import tiny_model
 from gptlab.checkpoint import load_model
 from gptlab.data import TokenDataset, prepare
+from gptlab.cli import main
 from gptlab.errors import GptlabError
 from gptlab.evaluate import Score, evaluate_model, score, score_tokens, text_lengths, windows
 from gptlab.tokenizers import GPT2Tokenizer
@@ -49,7 +48,7 @@ def brute_force_nll(model, tokens: np.ndarray, context_of) -> float:
 
 @pytest.fixture(scope="module")
 def stream() -> np.ndarray:
-    return np.random.default_rng(0).integers(0, 50, size=70)
+    return np.random.default_rng(0).integers(0, 50, size=45)
 
 
 def test_stride_one_gives_every_token_the_full_context(stream: np.ndarray) -> None:
@@ -121,14 +120,22 @@ def test_score_uses_the_text_of_the_scored_tokens(tiny_run: Path) -> None:
     assert (result.tokens, result.chars, result.bytes) == (len(text) - 1, len(text) - 1, len(text) - 1)
 
 
-def gptlab(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gptlab", *args], capture_output=True, text=True)
+@pytest.fixture
+def gptlab(capsys: pytest.CaptureFixture):
+    """Run the command line in this process: (exit status, stdout, stderr)."""
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
 
 
-def test_cli_json_scores_the_whole_split(tiny_run: Path, char_data: Path) -> None:
-    done = gptlab("eval", str(tiny_run), "--data", str(char_data), "--json")
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)
+def test_cli_json_scores_the_whole_split(tiny_run: Path, char_data: Path, gptlab) -> None:
+    code, out, err = gptlab("eval", str(tiny_run), "--data", str(char_data), "--json")
+    assert code == 0, err
+    result = json.loads(out)
     val_tokens = json.loads((char_data / "meta.json").read_text())["val_tokens"]
     model = result["model"]
     assert model["tokens"] == val_tokens - 1 and result["stride"] == 16 and result["context"] == 32
@@ -139,10 +146,10 @@ def test_cli_json_scores_the_whole_split(tiny_run: Path, char_data: Path) -> Non
     assert model["nll"] == pytest.approx(direct.model.nll)
 
 
-def test_cli_baselines_table(tiny_run: Path, char_data: Path) -> None:
-    done = gptlab("eval", str(tiny_run), "--data", str(char_data), "--baselines", "--max-order", "4")
-    assert done.returncode == 0, done.stderr
-    lines = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+def test_cli_baselines_table(tiny_run: Path, char_data: Path, gptlab) -> None:
+    code, out, err = gptlab("eval", str(tiny_run), "--data", str(char_data), "--baselines", "--max-order", "4")
+    assert code == 0, err
+    lines = [line for line in out.splitlines() if line.startswith("| ")]
     names = [line.split("|")[1].strip() for line in lines[2:]]
     assert names[0] == str(tiny_run) and names[1:3] == ["1-gram (Kneser-Ney)", "2-gram (Kneser-Ney)"]
     assert names[3].startswith("best n-gram of orders 1-4: ")
@@ -150,17 +157,17 @@ def test_cli_baselines_table(tiny_run: Path, char_data: Path) -> None:
     assert len(tokens) == 1  # every row scored on the same tokens
 
 
-def test_cli_text_file(tiny_run: Path, tmp_path: Path) -> None:
+def test_cli_text_file(tiny_run: Path, tmp_path: Path, gptlab) -> None:
     text = tmp_path / "speech.txt"
     text.write_text("First Citizen:\nSpeak, speak.\n" * 5)
-    result = json.loads(gptlab("eval", str(tiny_run), "--text", str(text), "--json", "--stride", "8").stdout)
+    result = json.loads(gptlab("eval", str(tiny_run), "--text", str(text), "--json", "--stride", "8")[1])
     assert result["model"]["tokens"] == len(text.read_text()) - 1 and result["stride"] == 8
 
 
-def test_a_tokenizer_mismatch_is_refused(tiny_run: Path, gpt2_data: Path, tmp_path: Path) -> None:
-    done = gptlab("eval", str(tiny_run), "--data", str(gpt2_data))
-    assert done.returncode == 2
-    assert "does not match" in done.stderr and "char, " in done.stderr and "gpt2, 50,257" in done.stderr
+def test_a_tokenizer_mismatch_is_refused(tiny_run: Path, gpt2_data: Path, tmp_path: Path, gptlab) -> None:
+    code, _, err = gptlab("eval", str(tiny_run), "--data", str(gpt2_data))
+    assert code == 2
+    assert "does not match" in err and "char, " in err and "gpt2, 50,257" in err
     other = tmp_path / "other.txt"
     other.write_text("an entirely different alphabet: xyzXYZ 0123456789 " * 20)
     prepare([str(other)], "char", tmp_path / "other")
@@ -168,11 +175,12 @@ def test_a_tokenizer_mismatch_is_refused(tiny_run: Path, gpt2_data: Path, tmp_pa
         evaluate_model(tiny_run, data=tmp_path / "other")
 
 
-def test_cli_usage_errors(tiny_run: Path, tmp_path: Path) -> None:
+def test_cli_usage_errors(tiny_run: Path, tmp_path: Path, gptlab) -> None:
     text = tmp_path / "t.txt"
     text.write_text("All:\nSpeak.")
-    done = gptlab("eval", str(tiny_run), "--text", str(text), "--baselines")
-    assert done.returncode == 2 and "--baselines needs --data" in done.stderr
-    done = gptlab("eval", str(tiny_run), "--text", str(text), "--stride", "0")
-    assert done.returncode == 2 and "--stride must be at least 1" in done.stderr
-    assert gptlab("eval", str(tiny_run)).returncode == 2  # neither --data nor --text
+    code, _, err = gptlab("eval", str(tiny_run), "--text", str(text), "--baselines")
+    assert code == 2 and "--baselines needs --data" in err
+    code, _, err = gptlab("eval", str(tiny_run), "--text", str(text), "--stride", "0")
+    assert code == 2 and "--stride must be at least 1" in err
+    with pytest.raises(SystemExit):  # neither --data nor --text: argparse's usage error
+        gptlab("eval", str(tiny_run))

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gptlab.cli import main
 from gptlab.errors import GptlabError
 from gptlab.ngram import KneserNey, NGramCounts
 
@@ -122,21 +121,30 @@ def test_bad_inputs_are_refused() -> None:
         NGramCounts(np.array([0, 1]), 3, 3)
 
 
-def gptlab(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gptlab", *args], capture_output=True, text=True)
+@pytest.fixture
+def gptlab(capsys: pytest.CaptureFixture):
+    """Run the command line in this process: (exit status, stdout, stderr)."""
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
 
 
-def test_cli_scores_and_samples(char_data: Path) -> None:
-    done = gptlab("ngram", "--data", str(char_data), "--order", "4", "--sample-tokens", "40", "--prompt", "All")
-    assert done.returncode == 0, done.stderr
-    assert "| 4-gram |" in done.stdout
-    assert done.stdout.split("--- sample ---\n")[1].startswith("All")
+def test_cli_scores_and_samples(char_data: Path, gptlab) -> None:
+    code, out, err = gptlab("ngram", "--data", str(char_data), "--order", "4", "--sample-tokens", "40", "--prompt", "All")
+    assert code == 0, err
+    assert "| 4-gram |" in out
+    sample = out.split("--- sample ---\n")[1].rstrip("\n")
+    assert sample.startswith("All") and len(sample) == len("All") + 40
     meta = json.loads((char_data / "meta.json").read_text())
-    as_json = json.loads(gptlab("ngram", "--data", str(char_data), "--order", "4", "--json").stdout)
+    as_json = json.loads(gptlab("ngram", "--data", str(char_data), "--order", "4", "--json")[1])
     assert as_json["tokens"] == meta["val_tokens"] - 1
     assert as_json["perplexity"] == pytest.approx(np.exp(as_json["loss"]))
 
 
-def test_cli_refuses_an_order_out_of_range(char_data: Path) -> None:
-    done = gptlab("ngram", "--data", str(char_data), "--order", "0")
-    assert done.returncode == 2 and "--order must be between" in done.stderr
+def test_cli_refuses_an_order_out_of_range(char_data: Path, gptlab) -> None:
+    code, _, err = gptlab("ngram", "--data", str(char_data), "--order", "0")
+    assert code == 2 and "--order must be between" in err

@@ -75,9 +75,10 @@ def plot_attention(amap: AttentionMap, out: str | Path) -> Path:
     fig = Figure(figsize=(cols * panel + 1.2, rows * panel + 0.6), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False)
+    future = np.triu(np.ones((T, T), dtype=bool), 1)  # drawn blank: causal attention never looks there
     image = None
     for ax, head, weights in zip(axes.flat, amap.heads, amap.weights):
-        image = ax.imshow(weights, cmap="viridis", vmin=0.0, vmax=1.0)
+        image = ax.imshow(np.ma.masked_array(weights, future), cmap="viridis", vmin=0.0, vmax=1.0)
         ax.set_title(f"layer {amap.layer}, head {head}", fontsize=10)
         ax.set_xticks(range(T), amap.labels, rotation=90, fontsize=fontsize)
         ax.set_yticks(range(T), amap.labels, fontsize=fontsize)

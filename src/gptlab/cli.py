@@ -359,12 +359,11 @@ def _add_attention(sub: argparse._SubParsersAction) -> None:
 
 def _run_attention(args: argparse.Namespace) -> int:
     from .attention_maps import attention_map, plot_attention
-    from .checkpoint import load_model
-    from .tokenizers import load_tokenizer
+    from .checkpoint import load_pretrained
     from .train import resolve_device
 
-    model = load_model(args.model, resolve_device(args.device))
-    amap = attention_map(model, load_tokenizer(Path(args.model)), args.prompt, layer=args.layer, head=args.head)
+    model, tokenizer = load_pretrained(args.model, resolve_device(args.device))
+    amap = attention_map(model, tokenizer, args.prompt, layer=args.layer, head=args.head)
     out = plot_attention(amap, args.out)
     heads = f"head {args.head}" if args.head is not None else f"all {len(amap.heads)} heads"
     print(f"wrote {out}: layer {args.layer}, {heads}, {len(amap.labels)} tokens")

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_model
+from .checkpoint import load_pretrained
 from .data import TokenDataset
 from .errors import GptlabError
 from .model import GPT
 from .ngram import KneserNey, NGramCounts
-from .tokenizers import CharTokenizer, Tokenizer, load_tokenizer
+from .tokenizers import CharTokenizer, Tokenizer
 
 LN2 = math.log(2)
 
@@ -78,12 +78,32 @@ def text_lengths(tokenizer: Tokenizer, tokens: np.ndarray) -> tuple[int, int]:
     return int(n_chars), int(n_bytes)
 
 
+_LENGTH_TABLES: dict[tuple, np.ndarray] = {}
+
+
 def _length_table(tokenizer: Tokenizer) -> np.ndarray:
-    rows = []
-    for token in range(tokenizer.vocab_size):
-        raw = tokenizer.decode_bytes([token])
-        rows.append((len(raw), sum((b & 0xC0) != 0x80 for b in raw)))
-    return np.array(rows, dtype=np.int64)
+    """Per token id: its byte length and its count of UTF-8 lead bytes (built once per vocabulary)."""
+    key = signature(tokenizer)
+    if key not in _LENGTH_TABLES:
+        raw = [tokenizer.decode_bytes([token]) for token in range(tokenizer.vocab_size)]
+        _LENGTH_TABLES[key] = np.array([(len(b), sum((x & 0xC0) != 0x80 for x in b)) for b in raw], dtype=np.int64)
+    return _LENGTH_TABLES[key]
+
+
+def signature(tokenizer: Tokenizer) -> tuple:
+    """What makes two tokenizers the same: the name and, for characters, which character each id is."""
+    if isinstance(tokenizer, CharTokenizer):
+        return (tokenizer.name, tuple(tokenizer.chars))
+    return (tokenizer.name, tokenizer.vocab_size)
+
+
+def resolve_window(model: GPT, context: int | None, stride: int | None) -> tuple[int, int]:
+    """`context` defaults to the model's; `stride` to half of it, a fair trade between context (every
+    token after the first window sees at least half a context) and cost (twice a disjoint reading)."""
+    context = context or model.config.block_size
+    if context > model.config.block_size:
+        raise GptlabError(f"--context {context} exceeds the model's context of {model.config.block_size}")
+    return context, stride or max(1, context // 2)
 
 
 def windows(n_tokens: int, context: int, stride: int) -> Iterator[tuple[int, int, int]]:
@@ -110,36 +130,36 @@ def score_tokens(
 ) -> tuple[float, int]:
     """(total nll in nats, number of scored tokens) of `model` on the stream `tokens`.
 
-    `context` defaults to the model's; `stride` to half of it, a fair trade between context (every
-    token after the first window sees at least half a context) and cost (twice a disjoint reading).
-    `batch_size` (windows per forward pass) defaults to what keeps the logits near 128 MiB.
+    Windows as `resolve_window` says; `batch_size` windows per forward pass, by default as many as
+    keep the logits near 128 MiB.
     """
-    context = context or model.config.block_size
-    if context > model.config.block_size:
-        raise GptlabError(f"--context {context} exceeds the model's context of {model.config.block_size}")
-    stride = stride or max(1, context // 2)
+    context, stride = resolve_window(model, context, stride)
     batch_size = batch_size or min(64, max(1, 2**25 // (context * model.config.vocab_size)))
     tokens = np.asarray(tokens)
     if len(tokens) < 2:
         raise GptlabError(f"the text has {len(tokens)} token(s); scoring needs at least 2")
     was_training = model.training
     model.eval()
-    nll, count = 0.0, 0
-    batch: list[tuple[int, int, int]] = []
     try:
-        for window in windows(len(tokens), context, stride):
-            if batch and (window[2] - window[0] != batch[0][2] - batch[0][0] or len(batch) == batch_size):
-                nll, count = _add(nll, count, _score_batch(model, tokens, batch, device))
-                batch = []
-            batch.append(window)
-        nll, count = _add(nll, count, _score_batch(model, tokens, batch, device))
+        scored = [_score_batch(model, tokens, batch, device)
+                  for batch in _batches(windows(len(tokens), context, stride), batch_size)]
     finally:
         model.train(was_training)
-    return nll, count
+    return sum(nll for nll, _ in scored), sum(count for _, count in scored)
 
 
-def _add(nll: float, count: int, batch: tuple[float, int]) -> tuple[float, int]:
-    return nll + batch[0], count + batch[1]
+def _batches(
+    spans: Iterator[tuple[int, int, int]], batch_size: int
+) -> Iterator[list[tuple[int, int, int]]]:
+    """Consecutive windows grouped up to `batch_size`, a group holding windows of one length only."""
+    batch: list[tuple[int, int, int]] = []
+    for span in spans:
+        if batch and (span[2] - span[0] != batch[0][2] - batch[0][0] or len(batch) == batch_size):
+            yield batch
+            batch = []
+        batch.append(span)
+    if batch:
+        yield batch
 
 
 def _score_batch(
@@ -175,22 +195,13 @@ def score(
     return Score(nll, count, chars, n_bytes)
 
 
-def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
-    """Equal names and, for character tokenizers, the same characters with the same ids."""
-    if a.name != b.name or a.vocab_size != b.vocab_size:
-        return False
-    if isinstance(a, CharTokenizer) and isinstance(b, CharTokenizer):
-        return a.chars == b.chars
-    return True
-
-
 def describe(tokenizer: Tokenizer) -> str:
     unit = "characters" if tokenizer.name == "char" else "tokens"
     return f"{tokenizer.name}, {tokenizer.vocab_size:,} {unit}"
 
 
 def check_tokenizers(model_tokenizer: Tokenizer, data_tokenizer: Tokenizer, model_name: str, data_name: str) -> None:
-    if not same_tokenizer(model_tokenizer, data_tokenizer):
+    if signature(model_tokenizer) != signature(data_tokenizer):
         raise GptlabError(
             f"the tokenizer of {model_name} ({describe(model_tokenizer)}) does not match the one {data_name} "
             f"was prepared with ({describe(data_tokenizer)}); evaluate on data prepared with the model's "
@@ -219,13 +230,7 @@ def load_eval_input(
     """Load the model and the tokens of `data`'s split or of the text file `text`, refusing mismatches."""
     if (data is None) == (text is None):
         raise GptlabError("give exactly one of --data DATA_DIR and --text FILE")
-    model = load_model(model_path, device).eval()
-    tokenizer = load_tokenizer(Path(model_path))
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise GptlabError(
-            f"{model_path}: the tokenizer has {tokenizer.vocab_size:,} tokens but the model only "
-            f"{model.config.vocab_size:,} embeddings"
-        )
+    model, tokenizer = load_pretrained(model_path, device)
     if data is not None:
         dataset = TokenDataset(data)
         check_tokenizers(tokenizer, dataset.tokenizer, str(model_path), str(data))
@@ -313,8 +318,7 @@ def evaluate_model(
     if baseline_order and data is None:
         raise GptlabError("--baselines needs --data DATA_DIR: the n-grams are fitted on its train split")
     loaded = load_eval_input(model_path, data=data, split=split, text=text, device=device)
-    context = context or loaded.model.config.block_size
-    stride = stride or max(1, context // 2)
+    context, stride = resolve_window(loaded.model, context, stride)
     model_score = score(loaded.model, loaded.tokenizer, loaded.tokens, stride=stride, context=context,
                         batch_size=batch_size, device=device)
     baselines = ngram_scores(TokenDataset(data), baseline_order, split) if baseline_order else {}

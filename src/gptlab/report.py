@@ -92,8 +92,8 @@ def _adder_section(model: GPT, dataset: AdderDataset, device: torch.device | str
     lines = [
         "## Exact match on the held-out test problems",
         "",
-        f"**{result.accuracy:.2%}** ({result.correct:,} of {result.total:,}), greedy decoding of the three "
-        "answer digits after each `ab+cd=` prompt.",
+        (f"**{result.accuracy:.2%}** ({result.correct:,} of {result.total:,}), greedy decoding of the three "
+         "answer digits after each `ab+cd=` prompt."),
         "",
     ]
     if result.mistakes:
@@ -120,8 +120,8 @@ def _text_section(
     return [
         "## Validation perplexity against the bigram baseline",
         "",
-        f"On {whole}, every token scored once (model: sliding window, stride {max(1, config.block_size // 2)}). "
-        "`gptlab eval RUN --data DATA --baselines` scores the whole split against more baselines.",
+        (f"On {whole}, every token scored once (model: sliding window, stride {max(1, config.block_size // 2)}). "
+         "`gptlab eval RUN --data DATA --baselines` scores the whole split against more baselines."),
         "",
         markdown_table(rows),
         "",

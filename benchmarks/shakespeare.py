@@ -1,0 +1,168 @@
+"""Quality in a fixed budget: the `shakespeare-char-cpu` preset trained for 5 minutes of wall clock.
+
+Character-level Tiny Shakespeare with the benchmark convention of `../shared/data/README.md`: the
+vocabulary of the whole file (65 characters), the first 90% of the characters for training
+(1,003,854), the last 10% for validation (111,540). `gptlab prepare --val-fraction 0.1` makes
+exactly that split, which this script checks. The preset trains until its step budget or
+`max_time` = 300 s, whichever comes first (periodic evaluations count against the budget), then the
+final model is scored on the *whole* validation split: consecutive non-overlapping windows of the
+training context, every validation character after the first predicted once, the mean taken over
+characters.
+
+    flock /tmp/gptlab-bench.lock .venv/bin/python benchmarks/shakespeare.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from gptlab.checkpoint import load_model
+from gptlab.config import TRAIN_PRESETS, build_train_config
+from gptlab.data import TokenDataset, prepare
+from gptlab.generation import generate
+from gptlab.train import train
+
+MACHINE = "AMD EPYC, 2 cores (AVX2, no AVX-512), no GPU, torch 2.13.0 CPU"
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+RESULTS = REPO / "benchmarks" / "results"
+PRESET = "shakespeare-char-cpu"
+SPLIT = {"train_tokens": 1_003_854, "val_tokens": 111_540, "vocab_size": 65}  # ../shared/data/README.md
+TARGET = 1.50
+REFERENCES = [
+    ("nanoGPT CPU recipe (4L/4H/128, T 64, B 12), 2,000 steps, about 70 s here", 1.88),
+    ("the same recipe stretched to 8,000 steps, about 5 minutes here", 1.6),
+    ("nanoGPT GPU recipe (6L/6H/384, T 256, 5,000 steps of 64x256), about 3 minutes on an A100", 1.4697),
+]
+
+
+@torch.no_grad()
+def whole_split_loss(model: torch.nn.Module, dataset: TokenDataset, split: str, block_size: int) -> tuple[float, int]:
+    """Mean cross-entropy per predicted token over every window of the split, and the token count."""
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in dataset.iter_windows(split, block_size, batch_size=64):
+        n = y.numel()
+        total += model(x, y).loss.item() * n
+        count += n
+    return total / count, count
+
+
+def plot(metrics: Path, final_loss: float, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train_rows, val_rows = [], []
+    for line in metrics.read_text().splitlines():
+        row = json.loads(line)
+        if "loss" in row:
+            train_rows.append((row["step"], row["loss"]))
+        if "val_loss" in row:
+            val_rows.append((row["step"], row["val_loss"]))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train_rows), label="train batch loss", alpha=0.5)
+    ax.plot(*zip(*val_rows), "o-", label="validation (sampled windows)")
+    ax.axhline(final_loss, color="black", linestyle="--", label=f"whole validation split: {final_loss:.4f}")
+    ax.axhline(TARGET, color="red", linestyle=":", label=f"target {TARGET}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/char)")
+    ax.set_ylim(top=min(4.5, ax.get_ylim()[1]))
+    ax.set_title(f"{PRESET}, 5 minutes on 2 CPU cores")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def markdown(r: dict) -> str:
+    verdict = "met" if r["val_loss_whole_split"] <= TARGET else f"missed by {r['val_loss_whole_split'] - TARGET:.3f}"
+    lines = [
+        f"`{PRESET}` on Tiny Shakespeare (characters), {r['machine']}, {r['threads']} threads; load average "
+        f"{r['load_before']} before / {r['load_after']} after (a machine shared with other work).",
+        "",
+        "| measure | value |",
+        "| --- | --- |",
+        f"| validation loss, whole split ({r['val_tokens_scored']:,} characters) | **{r['val_loss_whole_split']:.4f}** "
+        f"(target <= {TARGET}: {verdict}) |",
+        f"| training loss, whole train split | {r['train_loss_whole_split']:.4f} |",
+        f"| model | {r['model']} |",
+        f"| steps, wall clock of the loop | {r['steps']:,} steps in {r['train_seconds']:.0f} s "
+        f"(stopped by {r['stopped_by']}) |",
+        f"| tokens seen | {r['tokens_seen']:,} ({r['tokens_seen'] / SPLIT['train_tokens']:.1f} epochs) |",
+        f"| throughput | {r['tokens_per_s']:,.0f} tokens/s, MFU {r['mfu']:.0%} (median of the logged windows) |",
+        "",
+        "For reference (validation loss, same split):",
+        "",
+    ]
+    lines += [f"- {name}: {loss}" for name, loss in REFERENCES]
+    lines += ["", "Sample (temperature 0.8, seed 0):", "", "```", r["sample"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max-time", type=float, default=None, help="override the preset's wall-clock budget (s)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="override preset options, for tuning experiments (JSON values)")
+    parser.add_argument("--out", default="shakespeare", help="results/<out>.json, .md and .png")
+    args = parser.parse_args()
+    if not CORPUS.is_file():
+        raise SystemExit(f"corpus not found: {CORPUS}")
+
+    work = Path(tempfile.mkdtemp(prefix="gptlab-shakespeare-"))
+    meta = prepare([str(CORPUS)], "char", work / "data", val_fraction=0.1)
+    got = {key: meta[key] for key in SPLIT}
+    assert got == SPLIT, f"the split differs from the benchmark convention: {got} != {SPLIT}"
+
+    overrides = {name: json.loads(value) for name, value in (item.split("=", 1) for item in args.set)}
+    overrides.update(data=str(work / "data"), out=str(work / "run"), sample_tokens=0)
+    if args.max_time is not None:
+        overrides["max_time"] = args.max_time
+    config = build_train_config(PRESET, overrides=overrides)
+    load_before = round(os.getloadavg()[0], 2)
+    start = time.perf_counter()
+    result = train(config, show_progress=True)
+    wall = time.perf_counter() - start
+
+    model = load_model(result.run_dir)
+    dataset = TokenDataset(work / "data")
+    val_loss, val_count = whole_split_loss(model, dataset, "val", config.block_size)
+    train_loss, _ = whole_split_loss(model, dataset, "train", config.block_size)
+    logged = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rates = sorted(row["tokens_per_s"] for row in logged if "tokens_per_s" in row)
+    mfus = sorted(row["mfu"] for row in logged if "mfu" in row)
+    prompt = torch.tensor([dataset.tokenizer.encode("\n")])
+    sample = generate(model, prompt, 400, temperature=0.8, generator=torch.Generator().manual_seed(0))
+    results = dict(
+        machine=MACHINE, torch=torch.__version__, threads=torch.get_num_threads(), preset=PRESET,
+        options={k: v for k, v in config.to_dict().items() if k in {**TRAIN_PRESETS[PRESET], **overrides}
+                 and k not in ("data", "out")},
+        model=f"{config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, context {config.block_size}, "
+              f"{model.num_parameters():,} parameters",
+        val_loss_whole_split=val_loss, val_tokens_scored=val_count, train_loss_whole_split=train_loss,
+        target=TARGET, steps=result.step, train_seconds=result.seconds, wall_seconds=wall,
+        stopped_by="max_time" if result.step < config.max_iters else "max_iters",
+        tokens_seen=result.tokens_seen, tokens_per_s=rates[len(rates) // 2], mfu=mfus[len(mfus) // 2],
+        load_before=load_before, load_after=round(os.getloadavg()[0], 2),
+        sample=dataset.tokenizer.decode(sample[0].tolist()),
+    )
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(result.run_dir / "metrics.jsonl", val_loss, RESULTS / f"{args.out}.png")
+    table = markdown(results)
+    (RESULTS / f"{args.out}.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Attention heatmaps: the weights drawn are causal and normalised, and the image is written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gptlab.attention_maps import attention_map, plot_attention, token_labels
+from gptlab.checkpoint import load_model
+from gptlab.cli import main
+from gptlab.errors import GptlabError
+from gptlab.tokenizers import GPT2Tokenizer, load_tokenizer
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PROMPT = "All:\nSpeak, speak."
+
+
+def assert_causal_and_normalised(weights: np.ndarray) -> None:
+    T = weights.shape[-1]
+    assert weights.shape[-2:] == (T, T)
+    assert np.all(weights[..., np.triu_indices(T, 1)[0], np.triu_indices(T, 1)[1]] == 0)  # no future
+    assert np.allclose(weights.sum(-1), 1.0, atol=1e-5)
+    assert np.all(weights >= 0)
+
+
+@pytest.mark.parametrize("head", [None, 1])
+def test_drawn_weights_are_causal_rows_that_sum_to_one(tiny_run: Path, tmp_path: Path, head: int | None) -> None:
+    model, tokenizer = load_model(tiny_run), load_tokenizer(tiny_run)
+    amap = attention_map(model, tokenizer, PROMPT, layer=1, head=head)
+    T = len(PROMPT)  # one token per character
+    assert amap.weights.shape == ((2, T, T) if head is None else (1, T, T))
+    assert amap.heads == ([0, 1] if head is None else [1]) and amap.layer == 1
+    assert_causal_and_normalised(amap.weights)
+    assert amap.weights[:, 0, 0] == pytest.approx(1.0)  # the first token can only look at itself
+    out = plot_attention(amap, tmp_path / "map.png")
+    assert out.read_bytes()[:8] == PNG_MAGIC and out.stat().st_size > 5_000
+
+
+def test_the_weights_are_those_of_the_models_explicit_path(tiny_run: Path) -> None:
+    import torch
+
+    model, tokenizer = load_model(tiny_run), load_tokenizer(tiny_run)
+    ids = torch.tensor([tokenizer.encode(PROMPT)])
+    expected = model.attention_weights(ids)[0][0, 1].numpy()  # layer 0, head 1
+    assert np.array_equal(attention_map(model, tokenizer, PROMPT, layer=0, head=1).weights[0], expected)
+
+
+def test_labels_make_blanks_visible() -> None:
+    tok = GPT2Tokenizer()
+    labels = token_labels(tok, tok.encode("Hello world\n"))
+    assert labels == ["Hello", "\u2423world", "\\n"]
+
+
+def test_cli_writes_the_image(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "heads.png"
+    code = main(["attention", str(tiny_run), "--prompt", PROMPT, "--layer", "1", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    assert f"wrote {out}: layer 1, all 2 heads, {len(PROMPT)} tokens" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--layer", "2"], "--layer must be between 0 and 1"),
+        (["--head", "-1"], "--head must be between 0 and 1"),
+        (["--prompt", ""], "the prompt is empty"),
+        (["--prompt", "a" * 33], "more than the model's context of 32"),
+        (["--out", "/nonexistent-dir/x.png"], "does not exist"),
+    ],
+)
+def test_cli_errors_are_one_line(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture, args, message) -> None:
+    options = {"--prompt": "All:", "--out": str(tmp_path / "x.png"), **dict(zip(args[::2], args[1::2]))}
+    assert main(["attention", str(tiny_run), *[item for pair in options.items() for item in pair]]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_library_refuses_a_bad_layer(tiny_run: Path) -> None:
+    with pytest.raises(GptlabError, match="--layer"):
+        attention_map(load_model(tiny_run), load_tokenizer(tiny_run), PROMPT, layer=-1)
