@@ -36,6 +36,8 @@ test: $(STAMP) browser
 bench: $(STAMP)
 	$(BIN)/python benchmarks/generate.py
 	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/ngram.py
+	$(BIN)/python benchmarks/adder.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -71,6 +71,8 @@ def reference_nll(train: list[int], val: list[int], vocab: int, order: int, disc
 
 
 def main() -> None:
+    if not CORPUS.is_file():
+        raise SystemExit(f"benchmarks/ngram.py needs the shared Tiny Shakespeare corpus at {CORPUS}")
     train, val, vocab = load()
     rows = []
     start = time.perf_counter()

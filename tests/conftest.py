@@ -12,6 +12,10 @@ from gptlab.data import prepare
 from gptlab.model import GPT
 from gptlab.train import train
 
+# The tests' tensors are tiny: one thread avoids two OpenMP threads stalling each other on them, which
+# made the suite several times slower whenever anything else was running on this 2-core machine.
+torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 

@@ -9,7 +9,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Callable
 
-from .config import TRAIN_PRESETS, ServerLimits, TrainConfig
+from .config import FIELD_CHOICES, TRAIN_PRESETS, ServerLimits, TrainConfig
 from .errors import GptlabError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -50,6 +50,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         default = f.default if f.default is not MISSING else None
         flag = "--" + f.name.replace("_", "-")
         help_text = f"default: {default!r}"
+        if f.name in FIELD_CHOICES:
+            help_text += f"; one of {', '.join(FIELD_CHOICES[f.name])}"
         if f.name == "preset":
             p.add_argument(flag, choices=sorted(TRAIN_PRESETS), default=None,
                            help="named settings (default: shakespeare-char-default when no --data is given)")
@@ -87,7 +89,9 @@ def _run_train(args: argparse.Namespace) -> int:
         return 128 + signal.Signals[result.stopped_by].value
     print(f"run {result.run_dir}: {result.step} steps in {result.seconds:.0f}s, "
           f"train loss {result.train_loss:.4f}, val loss {result.val_loss:.4f}")
-    print(headline(result.run_dir))
+    summary = headline(result.run_dir)
+    if summary:
+        print(summary)
     if config.sample_tokens > 0:
         print("--- sample ---")
         _print_stream(result.run_dir, prompt="", max_new_tokens=config.sample_tokens, temperature=0.8,
@@ -128,7 +132,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-samples", type=int, default=1, help="how many samples to draw")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="weights and KV cache precision (bfloat16 is slow on CPUs without bf16 units)")
+                   help="weights and KV cache precision; bfloat16 halves memory, its speed depends on the CPU")
     p.set_defaults(handler=_run_sample)
 
 
@@ -150,6 +154,7 @@ def _print_stream(model_dir: Path, prompt: str, max_new_tokens: int, temperature
 
     from .checkpoint import load_pretrained
     from .generation import SamplingParams, TextStream
+    from .tokenizers import document_start_ids
     from .train import resolve_device
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -160,7 +165,7 @@ def _print_stream(model_dir: Path, prompt: str, max_new_tokens: int, temperature
         raise GptlabError(str(exc)) from None
     model, tokenizer = load_pretrained(model_dir, resolve_device(device))
     model = model.to(dtype=getattr(torch, dtype))
-    ids = tokenizer.encode(prompt) if prompt else _start_ids(tokenizer)
+    ids = tokenizer.encode(prompt) if prompt else document_start_ids(tokenizer)
     for i in range(num_samples):
         if i:
             sys.stdout.write("\n---\n")
@@ -170,16 +175,6 @@ def _print_stream(model_dir: Path, prompt: str, max_new_tokens: int, temperature
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
-
-
-def _start_ids(tokenizer) -> list[int]:
-    """With no prompt, start a new document: GPT-2's end-of-text token, or a newline for characters."""
-    if tokenizer.eos_id is not None:
-        return [tokenizer.eos_id]
-    try:
-        return tokenizer.encode("\n")
-    except GptlabError:
-        return [0]
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:

@@ -81,6 +81,7 @@ def model_preset(name: str, **overrides: Any) -> GPTConfig:
 OPTIMIZERS = ("adamw", "adam", "radam", "sgd")
 SCHEDULES = ("cosine", "noam", "linear", "constant")
 TASKS = ("text", "adder")
+FIELD_CHOICES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "task": TASKS}  # TrainConfig's closed sets
 
 
 @dataclass
@@ -164,7 +165,7 @@ class TrainConfig:
             )
         if self.on_nonfinite not in ("stop", "skip"):
             raise GptlabError(f"--on-nonfinite must be stop or skip, got {self.on_nonfinite!r}")
-        for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("task", TASKS)):
+        for name, choices in FIELD_CHOICES.items():
             if getattr(self, name) not in choices:
                 raise GptlabError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
 
@@ -175,7 +176,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # Shakespeare, sized to finish within 5 minutes on a 2-core laptop CPU.
     "shakespeare-char-default": dict(
         n_layer=4, n_head=4, n_embd=192, block_size=128, batch_size=16, dropout=0.0,
-        max_iters=100_000, max_time=210.0, lr=2e-3, min_lr=2e-4, warmup_iters=100,
+        max_iters=900, max_time=240.0, lr=2e-3, min_lr=2e-4, warmup_iters=100,
         eval_interval=250, eval_iters=10, beta2=0.99,
     ),
     # The textbook's adder: two-digit addition, 15+57=072, data generated in memory; loss on the answer

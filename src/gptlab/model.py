@@ -52,10 +52,6 @@ class KVCache:
     def capacity(self) -> int:
         return self.keys.size(3)
 
-    @property
-    def batch_size(self) -> int:
-        return self.keys.size(1)
-
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
@@ -268,7 +264,7 @@ class GPT(nn.Module):
         Their keys and values are appended to `cache`. Only the last position goes through the LM
         head: generation never needs the others, and at GPT-2's vocabulary the head is the largest
         matrix of the network. The head is computed as W @ h^T, (V, C) @ (C, B): on CPU BLAS this tall,
-        skinny product runs about twice as fast as h @ W^T once B > 1.
+        skinny product runs up to twice as fast as h @ W^T once B > 1.
         """
         T = idx.size(1)
         if cache.length + T > cache.capacity:

@@ -43,6 +43,7 @@ from .checkpoint import load_pretrained
 from .config import ServerLimits
 from .errors import GptlabError
 from .generation import Completion, SamplingParams, TextStream, complete
+from .tokenizers import document_start_ids
 from .server_schemas import (
     CompletionChoice,
     CompletionRequest,
@@ -447,21 +448,12 @@ class CompletionService:
             except GptlabError as exc:
                 raise ApiError(400, f"{name}: {exc}", param="prompt") from None
             if not ids:
-                ids = self._start_ids()
+                ids = document_start_ids(self.tokenizer)
             if len(ids) > self.context:
                 raise ApiError(400, f"{name} is {len(ids)} tokens; this model accepts at most {self.context}",
                                param="prompt", code="context_length_exceeded")
             rows.append(ids)
         return rows
-
-    def _start_ids(self) -> list[int]:
-        """An empty prompt starts a new document: GPT-2's end-of-text token, or a newline."""
-        if self.tokenizer.eos_id is not None:
-            return [self.tokenizer.eos_id]
-        try:
-            return self.tokenizer.encode("\n")
-        except GptlabError:
-            return [0]
 
     # -- responses --------------------------------------------------------------------------------
 

@@ -277,3 +277,13 @@ def _read_json(file: Path) -> object:
 
 def _write_json(file: Path, payload: dict) -> None:
     file.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+def document_start_ids(tokenizer: Tokenizer) -> list[int]:
+    """What an empty prompt means: a new document, i.e. GPT-2's end-of-text token, or a newline."""
+    if tokenizer.eos_id is not None:
+        return [tokenizer.eos_id]
+    try:
+        return tokenizer.encode("\n")
+    except GptlabError:
+        return [0]
