@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gptlab.cli import main
 from gptlab.config import GPTConfig, build_train_config
 from gptlab.data import prepare
 from gptlab.model import GPT
@@ -69,3 +70,15 @@ def tiny_model(vocab_size: int = 50, block_size: int = 16, seed: int = 0, **over
 
 def needs_shakespeare() -> pytest.MarkDecorator:
     return pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"shared corpus not found at {SHAKESPEARE}")
+
+
+@pytest.fixture
+def gptlab(capsys: pytest.CaptureFixture):
+    """Run the command line in this process: (exit status, stdout, stderr)."""
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from conftest import tiny_model
 from gptlab.checkpoint import load_model
 from gptlab.data import TokenDataset, prepare
-from gptlab.cli import main
 from gptlab.errors import GptlabError
 from gptlab.evaluate import Score, evaluate_model, score, score_tokens, text_lengths, windows
 from gptlab.tokenizers import GPT2Tokenizer
@@ -120,16 +119,6 @@ def test_score_uses_the_text_of_the_scored_tokens(tiny_run: Path) -> None:
     assert (result.tokens, result.chars, result.bytes) == (len(text) - 1, len(text) - 1, len(text) - 1)
 
 
-@pytest.fixture
-def gptlab(capsys: pytest.CaptureFixture):
-    """Run the command line in this process: (exit status, stdout, stderr)."""
-
-    def run(*args: str) -> tuple[int, str, str]:
-        code = main(list(args))
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
 
 
 def test_cli_json_scores_the_whole_split(tiny_run: Path, char_data: Path, gptlab) -> None:

@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gptlab.cli import main
 from gptlab.errors import GptlabError
 from gptlab.ngram import KneserNey, NGramCounts
 
@@ -121,16 +120,6 @@ def test_bad_inputs_are_refused() -> None:
         NGramCounts(np.array([0, 1]), 3, 3)
 
 
-@pytest.fixture
-def gptlab(capsys: pytest.CaptureFixture):
-    """Run the command line in this process: (exit status, stdout, stderr)."""
-
-    def run(*args: str) -> tuple[int, str, str]:
-        code = main(list(args))
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
 
 
 def test_cli_scores_and_samples(char_data: Path, gptlab) -> None:
