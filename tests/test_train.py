@@ -23,7 +23,8 @@ from gptlab.config import GPTConfig, build_train_config
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
 from gptlab.throughput import flops_per_token, matmul_parameters, matmul_peak
-from gptlab.train import autocast_context, compile_unavailable, train
+from gptlab.optim import learning_rate
+from gptlab.train import Trainer, autocast_context, compile_unavailable, train
 from gptlab.training_state import load_training_state
 
 # dropout on, so that resuming must restore torch's random state too; two micro-batches per step
@@ -293,3 +294,23 @@ def test_compile_without_a_compiler_falls_back_to_eager_with_a_message(
 def test_nproc_outside_torchrun_is_refused(char_data: Path, tmp_path: Path) -> None:
     with pytest.raises(GptlabError, match="gptlab train --nproc 2"):
         train(config_for(char_data, tmp_path / "run", nproc=2), show_progress=False)
+
+
+def test_decay_by_time_spreads_the_decay_over_the_time_budget(
+    char_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "run"
+    monkeypatch.setattr(Trainer, "elapsed", lambda self: 0.25 * self.step)  # each step uses 0.25 s of budget
+    config = config_for(char_data, out, max_iters=1000, max_time=5.0, decay_by_time=True, warmup_iters=4,
+                        eval_interval=0, dropout=0.0)
+    result = train(config, show_progress=False)
+    assert result.step == 21  # the budget, not max_iters, ended the run: step 21 began at 5.0 s
+    position = [s if s < 4 else 4 + min(1.0, 0.25 * s / 5.0) * (1000 - 4) for s in range(21)]
+    logged = [row["lr"] for row in rows(out) if "loss" in row]
+    assert logged == pytest.approx([learning_rate(p, config) for p in position])
+    assert logged[-1] == config.min_lr  # the decay is over when the budget is
+
+
+def test_decay_by_time_needs_a_time_budget() -> None:
+    with pytest.raises(GptlabError, match="--decay-by-time needs --max-time"):
+        build_train_config(overrides=dict(decay_by_time=True))

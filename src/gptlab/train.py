@@ -476,7 +476,7 @@ class Trainer:
         """One optimizer step; returns why the run must stop now ("" to go on)."""
         config, group, device = self.config, self.group, self.device
         self.meter.start()
-        lr = learning_rate(self.step, config)
+        lr = learning_rate(self._schedule_position(), config)
         for param_group in self.optimizer.param_groups:
             param_group["lr"] = lr
         x, y = self.dataset.get_batch("train", config.batch_size * config.grad_accum, config.block_size, self.data_rng)
@@ -521,6 +521,20 @@ class Trainer:
         if sigint or sigterm:
             return "SIGINT" if sigint else "SIGTERM"
         return "max_time" if time_up else ""
+
+    def _schedule_position(self) -> float:
+        """The step the learning-rate schedule is at: this step, or with decay_by_time, the share of
+        the time budget used, mapped onto the decay's steps.
+
+        Warmup always counts steps. A wall-clock decay ends exactly when the budget does, however fast
+        the machine runs; the price is that such a run cannot be repeated (or resumed) step for step.
+        """
+        config = self.config
+        if not config.decay_by_time or self.step < config.warmup_iters:
+            return self.step
+        used = min(1.0, self.elapsed() / config.max_time)
+        decay_end = config.lr_decay_iters or config.max_iters
+        return config.warmup_iters + used * (decay_end - config.warmup_iters)
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not self.config.compile or self.session_steps > 0:
