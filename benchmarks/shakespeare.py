@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +29,7 @@ from gptlab.checkpoint import load_model
 from gptlab.config import TRAIN_PRESETS, build_train_config
 from gptlab.data import TokenDataset, prepare
 from gptlab.generation import generate
-from gptlab.train import train
+from gptlab.training_state import load_training_state
 
 MACHINE = "AMD EPYC, 2 cores (AVX2, no AVX-512), no GPU, torch 2.13.0 CPU"
 REPO = Path(__file__).resolve().parents[1]
@@ -104,7 +106,7 @@ def markdown(r: dict) -> str:
         f"| training loss, whole train split | {r['train_loss_whole_split']:.4f} |",
         f"| model | {r['model']} |",
         f"| steps, wall clock of the loop | {r['steps']:,} steps in {r['train_seconds']:.0f} s "
-        f"(stopped by {r['stopped_by']}) |",
+        f"(stopped by {r['stopped_by']}), {r['processes']} process(es) |",
         f"| tokens seen | {r['tokens_seen']:,} ({r['tokens_seen'] / SPLIT['train_tokens']:.1f} epochs) |",
         f"| throughput | {r['tokens_per_s']:,.0f} tokens/s, MFU {r['mfu']:.0%} (median of the logged windows) |",
         "",
@@ -134,21 +136,27 @@ def main() -> None:
     assert got == SPLIT, f"the split differs from the benchmark convention: {got} != {SPLIT}"
 
     overrides = {name: json.loads(value) for name, value in (item.split("=", 1) for item in args.set)}
-    overrides.update(data=str(work / "data"), out=str(work / "run"), sample_tokens=0)
     if args.max_time is not None:
         overrides["max_time"] = args.max_time
-    config = build_train_config(PRESET, overrides=overrides)
+    run_dir = work / "run"
+    config = build_train_config(PRESET, overrides={**overrides, "data": str(work / "data"), "out": str(run_dir)})
+    command = [sys.executable, "-m", "gptlab", "train", "--preset", PRESET, "--data", str(work / "data"),
+               "--out", str(run_dir), "--sample-tokens", "0"]
+    for name, value in overrides.items():  # the command line `gptlab train` would be given
+        flag = name.replace("_", "-")
+        command += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
     wait_for_quiet(args.wait_quiet)
     load_before = round(os.getloadavg()[0], 2)
     start = time.perf_counter()
-    result = train(config, show_progress=True)
+    subprocess.run(command, check=True)  # --nproc in the preset: gptlab starts its processes itself
     wall = time.perf_counter() - start
+    state = load_training_state(run_dir)
 
-    model = load_model(result.run_dir)
+    model = load_model(run_dir)
     dataset = TokenDataset(work / "data")
     val_loss, val_count = whole_split_loss(model, dataset, "val", config.block_size)
     train_loss, _ = whole_split_loss(model, dataset, "train", config.block_size)
-    logged = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rates = sorted(row["tokens_per_s"] for row in logged if "tokens_per_s" in row)
     mfus = sorted(row["mfu"] for row in logged if "mfu" in row)
     prompt = torch.tensor([dataset.tokenizer.encode("\n")])
@@ -160,15 +168,15 @@ def main() -> None:
         model=f"{config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, context {config.block_size}, "
               f"{model.num_parameters():,} parameters",
         val_loss_whole_split=val_loss, val_tokens_scored=val_count, train_loss_whole_split=train_loss,
-        target=TARGET, steps=result.step, train_seconds=result.seconds, wall_seconds=wall,
-        stopped_by="max_time" if result.step < config.max_iters else "max_iters",
-        tokens_seen=result.tokens_seen, tokens_per_s=rates[len(rates) // 2], mfu=mfus[len(mfus) // 2],
+        target=TARGET, steps=state["step"], train_seconds=state["elapsed"], wall_seconds=wall,
+        stopped_by="max_time" if state["step"] < config.max_iters else "max_iters", processes=config.nproc,
+        tokens_seen=state["tokens_seen"], tokens_per_s=rates[len(rates) // 2], mfu=mfus[len(mfus) // 2],
         load_before=load_before, load_after=round(os.getloadavg()[0], 2),
         sample=dataset.tokenizer.decode(sample[0].tolist()),
     )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(result.run_dir / "metrics.jsonl", val_loss, RESULTS / f"{args.out}.png")
+    plot(run_dir / "metrics.jsonl", val_loss, RESULTS / f"{args.out}.png")
     table = markdown(results)
     (RESULTS / f"{args.out}.md").write_text(table)
     print(table)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,18 +13,70 @@ import pytest
 import torch
 
 from gptlab import distributed
-from gptlab.cli import _train_argv, build_parser
+from gptlab.cli import _train_argv, build_parser, main
 from gptlab.config import build_train_config
 from gptlab.distributed import Group
 from gptlab.train import train
+from gptlab.training_state import load_training_state
 
 # dropout off: the 2 processes draw their own dropout masks, which 1 process cannot reproduce
 RUN = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, grad_accum=2, dropout=0.0,
            max_iters=12, eval_interval=6, eval_iters=3, log_interval=1, warmup_iters=2, sample_tokens=0)
 
+# Imported by every Python process started with this directory first on PYTHONPATH, torchrun's workers
+# included: the worker of rank STOP_RANK sends itself SIGTERM in the forward pass of its
+# STOP_AT_CALL-th training micro-batch, i.e. in the middle of a step, while the other rank goes on.
+SITECUSTOMIZE = r"""
+import os
+if os.environ.get("RANK") == os.environ.get("STOP_RANK"):
+    import signal
+    from gptlab.model import GPT
+    calls, forward = [], GPT.forward
+    def patched(model, *args, **kwargs):
+        if model.training:
+            calls.append(None)
+            if len(calls) == int(os.environ["STOP_AT_CALL"]):
+                os.kill(os.getpid(), signal.SIGTERM)
+        return forward(model, *args, **kwargs)
+    GPT.forward = patched
+"""
+
 
 def rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def gptlab_in_two_processes(char_data: Path, out: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    argv = ["train", "--data", str(char_data), "--out", str(out), "--no-progress", "--nproc", "2"]
+    for name, value in RUN.items():
+        argv += [f"--{name.replace('_', '-')}", str(value)]
+    clean = {k: v for k, v in os.environ.items() if k not in distributed.TORCHRUN_VARIABLES}
+    return subprocess.run([sys.executable, "-m", "gptlab", *argv], env={**clean, **(env or {})},
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_same_losses(run: Path, reference: Path) -> None:
+    """The same rows, and every loss and evaluation within 1e-5 of the reference's."""
+    ours, theirs = rows(run), rows(reference)
+    kinds = [(r["step"], "loss" in r, "val_loss" in r) for r in theirs]
+    assert [(r["step"], "loss" in r, "val_loss" in r) for r in ours] == kinds
+    for a, b in zip(ours, theirs):
+        for key in ("loss", "val_loss", "train_eval_loss"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+
+
+@pytest.fixture(scope="module")
+def one_process(char_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference: one process, the same global batch (its 2 micro-batches in turn)."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each of the 2 processes
+    try:
+        train(build_train_config(overrides={**RUN, "data": str(char_data), "out": str(out)}), show_progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return out
 
 
 def test_share_gives_each_rank_its_own_contiguous_micro_batches() -> None:
@@ -43,39 +96,42 @@ def test_train_argv_reproduces_the_command_line() -> None:
     assert vars(again) == vars(args)
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(char_data: Path, tmp_path: Path) -> None:
-    single = tmp_path / "single"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each of the 2 processes
-    try:
-        train(build_train_config(overrides={**RUN, "data": str(char_data), "out": str(single)}), show_progress=False)
-    finally:
-        torch.set_num_threads(threads)
-
-    double = tmp_path / "double"
-    argv = ["train", "--data", str(char_data), "--out", str(double), "--no-progress", "--nproc", "2"]
-    for name, value in RUN.items():
-        argv += [f"--{name.replace('_', '-')}", str(value)]
-    env = {k: v for k, v in os.environ.items() if k not in distributed.TORCHRUN_VARIABLES}
-    result = subprocess.run([sys.executable, "-m", "gptlab", *argv], env=env, capture_output=True, text=True,
-                            timeout=300)
+def test_two_processes_match_one_process_with_the_same_global_batch(
+    char_data: Path, one_process: Path, tmp_path: Path
+) -> None:
+    two = tmp_path / "two"
+    result = gptlab_in_two_processes(char_data, two)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("run ") == 1  # rank 0 alone reports
-
-    one, two = rows(single), rows(double)
-    assert [sorted(r) for r in one] == [sorted(r) for r in two]  # the same rows: rank 0 alone writes
-    for a, b in zip(one, two):
-        assert a["step"] == b["step"]
-        for key in ("loss", "val_loss", "train_eval_loss"):
-            if key in a:
-                assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
-    assert json.loads((double / "train_config.json").read_text())["nproc"] == 2
-    assert [r["step"] for r in two if "loss" in r] == list(range(1, 13))
+    assert_same_losses(two, one_process)  # one row per step: rank 0 alone writes
+    assert [r["step"] for r in rows(two) if "loss" in r] == list(range(1, RUN["max_iters"] + 1))
+    assert json.loads((two / "train_config.json").read_text())["nproc"] == 2
 
 
-def test_grad_accum_must_split_evenly_among_processes(char_data: Path, tmp_path: Path, capsys) -> None:
-    from gptlab.cli import main
+def test_a_signal_to_one_process_stops_both_at_the_same_step(
+    char_data: Path, one_process: Path, tmp_path: Path
+) -> None:
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    out = tmp_path / "run"
+    env = {"PYTHONPATH": os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")]),
+           "STOP_RANK": "1", "STOP_AT_CALL": "8"}  # rank 1 has one micro-batch per step: step 8
+    result = gptlab_in_two_processes(char_data, out, env)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
+    assert "SIGTERM at step 8: checkpoint written" in result.stderr
+    assert load_training_state(out)["step"] == 8
+    assert len(load_training_state(out)["process_rng"]) == 2  # both processes' random states
 
+    # the run continues in one process: the same batches, so the same losses as the reference
+    resumed = train(build_train_config(overrides={"out": str(out)}), resume=True, show_progress=False)
+    assert resumed.step == RUN["max_iters"]
+    assert_same_losses(out, one_process)
+
+
+def test_grad_accum_must_split_evenly_among_processes(
+    char_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     code = main(["train", "--data", str(char_data), "--out", str(tmp_path / "run"), "--nproc", "2",
                  "--grad-accum", "3"])
     assert code == 2

@@ -194,7 +194,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # learning rate decays over the time budget, so it reaches min_lr as the budget ends however busy
     # the machine is; max_iters only caps the run.
     "shakespeare-char-cpu": dict(
-        n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=12, dropout=0.0,
+        n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=6, grad_accum=2, nproc=2, dropout=0.0,
         max_iters=100_000, max_time=300.0, decay_by_time=True, lr=3e-3, min_lr=3e-4, warmup_iters=100,
         eval_interval=500, eval_iters=10, beta2=0.99,
     ),

@@ -444,6 +444,7 @@ class Trainer:
     def run(self) -> TrainResult:
         config = self.config
         self.session_start = time.perf_counter()
+        self.clock = self.elapsed_before  # the run's seconds so far, the same number in every process
         stopped_by = ""
         bar = tqdm(total=config.max_iters, initial=self.step, disable=not self.show, dynamic_ncols=True, desc="train")
         try:
@@ -489,12 +490,14 @@ class Trainer:
                     loss = self._forward(xb, yb) / self.accum
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
-        # one exchange per step: the global loss, and whether any process was signalled or is out of time
-        out_of_time = bool(config.max_time) and self.elapsed() >= config.max_time
-        flags = [signals.received == "SIGINT", signals.received == "SIGTERM", out_of_time]
-        report = torch.cat([loss_sum.float().reshape(1), torch.tensor(flags, dtype=torch.float32, device=device)])
-        loss_value, sigint, sigterm, time_up = distributed.all_reduce_sum(report, group).tolist()
+        # one exchange per step: the global loss, whether any process was signalled, and the clock, so
+        # that every process takes the same decisions (stop, learning rate) at the same step
+        local = [signals.received == "SIGINT", signals.received == "SIGTERM", self.elapsed()]
+        report = torch.cat([loss_sum.double().reshape(1), torch.tensor(local, dtype=torch.float64, device=device)])
+        loss_value, sigint, sigterm, clock = distributed.all_reduce_sum(report, group).tolist()
         loss_value /= group.world_size
+        self.clock = clock / group.world_size
+        time_up = bool(config.max_time) and self.clock >= config.max_time
 
         grad_norm = None
         if math.isfinite(loss_value) and config.grad_clip > 0:
@@ -532,7 +535,7 @@ class Trainer:
         config = self.config
         if not config.decay_by_time or self.step < config.warmup_iters:
             return self.step
-        used = min(1.0, self.elapsed() / config.max_time)
+        used = min(1.0, self.clock / config.max_time)  # as agreed at the end of the previous step
         decay_end = config.lr_decay_iters or config.max_iters
         return config.warmup_iters + used * (decay_end - config.warmup_iters)
 
