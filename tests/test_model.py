@@ -6,11 +6,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_model
 
 from gptlab.config import GPTConfig, model_preset
 from gptlab.errors import GptlabError
-from gptlab.model import GPT
+from gptlab.model import GPT, KVCache, matvec_rows, row_blocks_pay
 
 
 def test_output_shapes_and_loss() -> None:
@@ -151,3 +152,61 @@ def test_crop_block_size_keeps_the_first_positions() -> None:
     model.crop_block_size(8)
     assert model.transformer.wpe.weight.shape[0] == 8
     assert torch.allclose(model(idx).logits, before)
+
+
+# --- decoding's matrix-vector products ------------------------------------------------------------
+
+
+@pytest.fixture
+def threads():
+    """Set torch's thread count for one test (the suite runs on one thread, see conftest)."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("n_threads", [2, 3])
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_matvec_rows_equals_f_linear(threads, n_threads: int, rows: int) -> None:
+    threads(n_threads)
+    g = torch.Generator().manual_seed(rows)
+    weight = torch.randn(1001, 300, generator=g)  # 1001 rows: a remainder for 2 and for 3 threads
+    bias = torch.randn(1001, generator=g)
+    x = torch.randn(rows, 1, 300, generator=g)  # (B, T, in) as a decoding step has it
+    with torch.inference_mode():
+        for b in (bias, None):
+            got = matvec_rows(x, weight, b)
+            assert got.shape == (rows, 1, 1001)
+            torch.testing.assert_close(got, F.linear(x, weight, b), rtol=0, atol=1e-4)
+
+
+def test_row_blocks_are_used_for_float32_decoding_on_several_threads_only(threads) -> None:
+    weight = torch.zeros(1024, 256)  # 2**18 entries
+    one_row = torch.zeros(1, 1, 256)
+    threads(2)
+    with torch.inference_mode():
+        assert row_blocks_pay(one_row, weight)
+        assert row_blocks_pay(torch.zeros(4, 256), weight)
+        assert not row_blocks_pay(torch.zeros(5, 256), weight)  # a batch BLAS handles well itself
+        assert not row_blocks_pay(one_row, weight[:1000])  # a small matrix: the split costs more than it saves
+        assert not row_blocks_pay(one_row.bfloat16(), weight.bfloat16())  # bf16 kernels are threaded already
+    assert not row_blocks_pay(one_row, weight)  # autograd on: training keeps F.linear
+    threads(1)
+    with torch.inference_mode():
+        assert not row_blocks_pay(one_row, weight)
+
+
+def test_decoding_through_row_blocks_matches_the_uncached_model(threads) -> None:
+    """A model big enough for the row-block path, on 2 threads: the cache still gives the plain logits."""
+    threads(2)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=1101, block_size=24, n_layer=2, n_head=4, n_embd=256)).eval()
+    seq = torch.randint(0, 1101, (2, 24), generator=torch.Generator().manual_seed(3))
+    expected = model(seq).logits  # (B, T, V)
+    for rows in (1, 2):
+        cache = KVCache(model.config, rows, 24)
+        with torch.inference_mode():
+            assert row_blocks_pay(torch.zeros(rows, 1, 256), model.lm_head.weight)
+            got = [model.forward_cached(seq[:rows, :3], cache)]
+            got += [model.forward_cached(seq[:rows, t : t + 1], cache) for t in range(3, 24)]
+        torch.testing.assert_close(torch.stack(got, 1), expected[:rows, 2:], rtol=0, atol=1e-5)
