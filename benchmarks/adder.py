@@ -27,7 +27,7 @@ import torch
 from gptlab.config import build_train_config
 from gptlab.train import train
 
-MACHINE = "AMD EPYC, 2 cores (AVX2, no AVX-512), no GPU, torch 2.13.0 CPU"
+from machine import MACHINE  # benchmarks/machine.py: a script's own folder is on sys.path
 RESULTS = Path(__file__).resolve().parent / "results"
 GPTLAB = [sys.executable, "-m", "gptlab"]
 VARIANTS = [

@@ -27,7 +27,7 @@ from gptlab.config import model_preset
 from gptlab.generation import _Decoder, generate
 from gptlab.model import GPT
 
-MACHINE = "AMD EPYC, 2 cores (AVX2, no AVX-512), no GPU, torch 2.13.0 CPU"
+from machine import MACHINE  # benchmarks/machine.py: a script's own folder is on sys.path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -102,25 +102,6 @@ def measure(batch: int, dtype: torch.dtype, args: argparse.Namespace, directory:
     return row
 
 
-def bf16_row(args: argparse.Namespace, directory: Path) -> dict:
-    """bf16 at batch 1, if a short probe says the full run finishes within the time budget."""
-    ours, _ = load_both(directory, torch.bfloat16)
-    idx = torch.randint(0, ours.config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(1))
-    prefill_s, _ = timed(lambda: generate(ours, idx, 1, temperature=0))
-    probe_s, _ = timed(lambda: generate(ours, idx, 5, temperature=0))
-    per_token = max(probe_s - prefill_s, 0.0) / 4
-    projected = 2 * (prefill_s + (args.new_tokens - 1) * per_token)  # gptlab, then transformers at a like pace
-    if projected > args.bf16_budget:
-        return dict(batch=1, dtype="bfloat16", supported=False, prefill_seconds=prefill_s,
-                    seconds_per_token=per_token,
-                    reason=f"gptlab's bf16 prefill of {args.prompt_tokens} tokens took {prefill_s:.0f} s and each "
-                           f"new token {per_token:.1f} s, so one run of gptlab and transformers would take about "
-                           f"{projected / 60:.0f} min: this CPU has no bf16 units (AVX2 only) and bf16 matmuls "
-                           f"run ~150x slower than fp32 here")
-    bf16_args = argparse.Namespace(**{**vars(args), "repeats": 1, "uncached": []})
-    return dict(measure(1, torch.bfloat16, bf16_args, directory), supported=True)
-
-
 def markdown(report: dict) -> str:
     lines = [
         f"Machine: {report['machine']}; {report['threads']} threads; load average "
@@ -133,9 +114,6 @@ def markdown(report: dict) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in report["rows"]:
-        if not r.get("supported", True):
-            lines.append(f"| {r['batch']} | {r['dtype']} | - | not measured | - | - | - | - | - | - | - |")
-            continue
         uncached = "-"
         if "uncached_tok_s" in r:
             uncached = f"{r['uncached_tok_s']:.2f}"
@@ -149,9 +127,6 @@ def markdown(report: dict) -> str:
             f"| {r['cached_vs_transformers_median_round']:.2f}x | {ratio_un} | {same} "
             f"| {r['cache_vs_formula']:.3f} |"
         )
-    for r in report["rows"]:
-        if not r.get("supported", True):
-            lines += ["", f"bf16 not measured: {r['reason']}."]
     lines += ["", "tok/s = batch x new tokens / wall time of the whole call (prefill included), fastest of the "
                   "repeats. \"median round\" is the median over rounds of transformers' time / gptlab's time for "
                   "two runs back to back, whichever went first alternating: the figure least sensitive to other "
@@ -171,8 +146,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=4, help="alternating runs per contender; the fastest counts")
     parser.add_argument("--uncached", nargs="*", default=["1:128", "8:32"], metavar="BATCH:NEW_TOKENS",
                         help="batch sizes that also run without the cache, and for how many new tokens (one slow run)")
-    parser.add_argument("--bf16-budget", type=float, default=600.0, help="seconds a bf16 run may take, or skip it")
-    parser.add_argument("--no-bf16", action="store_true")
+    parser.add_argument("--dtypes", default="float32,bfloat16",
+                        help="comma-separated; bf16 is worth measuring only where the CPU has bf16 instructions")
     parser.add_argument("--name", default="generate", help="results/NAME.json and results/NAME.md")
     args = parser.parse_args()
 
@@ -183,21 +158,20 @@ def main() -> None:
         directory = Path(tmp)
         torch.manual_seed(0)
         save_model(GPT(model_preset("gpt2")), directory, require_hf=True)
-        for batch in args.batches:
-            row = measure(batch, torch.float32, args, directory)
-            print(json.dumps(row), flush=True)
-            report["rows"].append(row)
-        if not args.no_bf16:
-            row = bf16_row(args, directory)
-            print(json.dumps(row), flush=True)
-            report["rows"].append(row)
+        for dtype in args.dtypes.split(","):
+            # the uncached baseline is a float32 figure: bf16 rows compare with transformers only
+            dtype_args = args if dtype == "float32" else argparse.Namespace(**{**vars(args), "uncached": []})
+            for batch in args.batches:
+                row = measure(batch, getattr(torch, dtype), dtype_args, directory)
+                print(json.dumps(row), flush=True)
+                report["rows"].append(row)
     report["load_after"] = [round(x, 2) for x in os.getloadavg()]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
     (RESULTS / f"{args.name}.md").write_text(markdown(report))
     print(markdown(report))
     for r in report["rows"]:
-        if r.get("supported", True) and r["dtype"] == "float32":
+        if r["dtype"] == "float32":
             assert r["tokens_identical_to_transformers"], f"batch {r['batch']}: gptlab and transformers disagree"
             assert r.get("uncached_tokens_identical", True), f"batch {r['batch']}: cached and uncached disagree"
 

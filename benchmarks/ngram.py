@@ -23,7 +23,7 @@ import numpy as np
 
 from gptlab.ngram import KneserNey, NGramCounts
 
-MACHINE = "AMD EPYC, 2 cores (AVX2, no AVX-512), no GPU, torch 2.13.0 CPU"
+from machine import MACHINE  # benchmarks/machine.py: a script's own folder is on sys.path
 RESULTS = Path(__file__).resolve().parent / "results"
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 ORDERS = range(1, 8)

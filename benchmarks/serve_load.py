@@ -30,7 +30,7 @@ from gptlab.model import GPT
 from gptlab.server import create_app, running_server
 from gptlab.tokenizers import CharTokenizer, GPT2Tokenizer, Tokenizer
 
-MACHINE = "AMD EPYC, 2 cores (AVX2, no AVX-512), no GPU, torch 2.13.0 CPU"
+from machine import MACHINE  # benchmarks/machine.py: a script's own folder is on sys.path
 RESULTS = Path(__file__).resolve().parent / "results"
 TEXT = ("First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. First Citizen: "
         "You are all resolved rather to die than to famish? All: Resolved. resolved. ") * 4

@@ -31,7 +31,7 @@ from gptlab.data import TokenDataset, prepare
 from gptlab.generation import generate
 from gptlab.training_state import load_training_state
 
-MACHINE = "AMD EPYC, 2 cores (AVX2, no AVX-512), no GPU, torch 2.13.0 CPU"
+from machine import MACHINE  # benchmarks/machine.py: a script's own folder is on sys.path
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 RESULTS = REPO / "benchmarks" / "results"
@@ -97,7 +97,7 @@ def markdown(r: dict) -> str:
     verdict = "met" if r["val_loss_whole_split"] <= TARGET else f"missed by {r['val_loss_whole_split'] - TARGET:.3f}"
     lines = [
         f"`{PRESET}` on Tiny Shakespeare (characters), {r['machine']}, {r['threads']} threads; load average "
-        f"{r['load_before']} before / {r['load_after']} after (a machine shared with other work).",
+        f"{r['load_before']} before / {r['load_after']} after.",
         "",
         "| measure | value |",
         "| --- | --- |",
@@ -105,6 +105,7 @@ def markdown(r: dict) -> str:
         f"(target <= {TARGET}: {verdict}) |",
         f"| training loss, whole train split | {r['train_loss_whole_split']:.4f} |",
         f"| model | {r['model']} |",
+        f"| precision, batch | {r['dtype']}, {r['global_batch']} windows per step |",
         f"| steps, wall clock of the loop | {r['steps']:,} steps in {r['train_seconds']:.0f} s "
         f"(stopped by {r['stopped_by']}), {r['processes']} process(es) |",
         f"| tokens seen | {r['tokens_seen']:,} ({r['tokens_seen'] / SPLIT['train_tokens']:.1f} epochs) |",
@@ -166,7 +167,9 @@ def main() -> None:
         options={k: v for k, v in config.to_dict().items() if k in {**TRAIN_PRESETS[PRESET], **overrides}
                  and k not in ("data", "out")},
         model=f"{config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, context {config.block_size}, "
-              f"{model.num_parameters():,} parameters",
+              f"{model.num_parameters():,} parameters, dropout {config.dropout}",
+        dtype=json.loads((run_dir / "train_config.json").read_text())["dtype"],  # what --dtype auto chose
+        global_batch=config.batch_size * config.grad_accum,
         val_loss_whole_split=val_loss, val_tokens_scored=val_count, train_loss_whole_split=train_loss,
         target=TARGET, steps=state["step"], train_seconds=state["elapsed"], wall_seconds=wall,
         stopped_by="max_time" if state["step"] < config.max_iters else "max_iters", processes=config.nproc,

@@ -65,6 +65,23 @@ def test_sdpa_and_explicit_attention_agree() -> None:
     assert torch.allclose(fused, explicit, atol=1e-5, rtol=0)
 
 
+def test_bfloat16_on_a_cpu_takes_the_textbook_attention_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """There the formula's bf16 products beat the fused kernel; the numbers are float32's up to bf16 rounding."""
+    model = tiny_model(block_size=16)
+    idx = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
+    reference = model(idx).logits
+
+    def fused(*args, **kwargs):
+        raise AssertionError("the fused attention kernel was called")
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", fused)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(idx).logits
+    assert logits.dtype == torch.bfloat16
+    error = (logits.float() - reference).abs().max().item()
+    assert error < 0.02 * reference.abs().max().item(), error
+
+
 def test_attention_weights_are_causal_distributions() -> None:
     model = tiny_model(block_size=12)
     weights = model.attention_weights(torch.randint(0, 50, (1, 12)))
@@ -166,7 +183,7 @@ def threads():
 
 
 @pytest.mark.parametrize("n_threads", [2, 3])
-@pytest.mark.parametrize("rows", [1, 2, 4])
+@pytest.mark.parametrize("rows", [1, 2, 4, 7])
 def test_matvec_rows_equals_f_linear(threads, n_threads: int, rows: int) -> None:
     threads(n_threads)
     g = torch.Generator().manual_seed(rows)
@@ -186,8 +203,8 @@ def test_row_blocks_are_used_for_float32_decoding_on_several_threads_only(thread
     threads(2)
     with torch.inference_mode():
         assert row_blocks_pay(one_row, weight)
-        assert row_blocks_pay(torch.zeros(4, 256), weight)
-        assert not row_blocks_pay(torch.zeros(5, 256), weight)  # a batch BLAS handles well itself
+        assert row_blocks_pay(torch.zeros(8, 256), weight)
+        assert not row_blocks_pay(torch.zeros(9, 256), weight)  # a batch BLAS handles well itself
         assert not row_blocks_pay(one_row, weight[:1000])  # a small matrix: the split costs more than it saves
         assert not row_blocks_pay(one_row.bfloat16(), weight.bfloat16())  # bf16 kernels are threaded already
     assert not row_blocks_pay(one_row, weight)  # autograd on: training keeps F.linear
@@ -201,9 +218,9 @@ def test_decoding_through_row_blocks_matches_the_uncached_model(threads) -> None
     threads(2)
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=1101, block_size=24, n_layer=2, n_head=4, n_embd=256)).eval()
-    seq = torch.randint(0, 1101, (2, 24), generator=torch.Generator().manual_seed(3))
+    seq = torch.randint(0, 1101, (6, 24), generator=torch.Generator().manual_seed(3))
     expected = model(seq).logits  # (B, T, V)
-    for rows in (1, 2):
+    for rows in (1, 2, 6):
         cache = KVCache(model.config, rows, 24)
         with torch.inference_mode():
             assert row_blocks_pay(torch.zeros(rows, 1, 256), model.lm_head.weight)

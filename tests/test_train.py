@@ -24,7 +24,7 @@ from gptlab.errors import GptlabError
 from gptlab.model import GPT
 from gptlab.throughput import flops_per_token, matmul_parameters, matmul_peak
 from gptlab.optim import learning_rate
-from gptlab.train import Trainer, autocast_context, compile_unavailable, train
+from gptlab.train import Trainer, autocast_context, compile_unavailable, resolve_dtype, train
 from gptlab.training_state import load_training_state
 
 # dropout on, so that resuming must restore torch's random state too; two micro-batches per step
@@ -315,3 +315,20 @@ def test_decay_by_time_spreads_the_decay_over_the_time_budget(
 def test_decay_by_time_needs_a_time_budget() -> None:
     with pytest.raises(GptlabError, match="--decay-by-time needs --max-time"):
         build_train_config(overrides=dict(decay_by_time=True))
+
+
+@pytest.mark.parametrize("bf16_rate, expected", [(4.1e11, "bfloat16"), (1.5e9, "float32")])
+def test_dtype_auto_takes_bfloat16_only_where_its_matmuls_are_fast(
+    monkeypatch: pytest.MonkeyPatch, bf16_rate: float, expected: str
+) -> None:
+    rates = {torch.float32: 2.0e11, torch.bfloat16: bf16_rate}  # an AVX-512-bf16 CPU, then an AVX2 one
+    monkeypatch.setattr(train_module, "matmul_peak", lambda device, dtype, seconds: rates[dtype])
+    assert resolve_dtype("auto", torch.device("cpu")) == expected
+    assert resolve_dtype("float32", torch.device("cpu")) == "float32"  # an explicit choice is kept
+
+
+def test_dtype_auto_is_recorded_as_the_dtype_it_chose(char_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train(config_for(char_data, out, dtype="auto", max_iters=2, eval_interval=0), show_progress=False)
+    chosen = json.loads((out / "train_config.json").read_text())["dtype"]
+    assert chosen == resolve_dtype("auto", torch.device("cpu"))

@@ -24,11 +24,14 @@ class ModelOutput:
     loss: torch.Tensor | None = None  # mean cross-entropy over the targets that are not ignored
 
 
+ROWS_PER_PRODUCT = 4  # above this many rows CPU BLAS's float32 product slows down by half (measured)
+
+
 def row_blocks_pay(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `matvec_rows` beats `F.linear` for x @ weight^T: a large float32 weight, at most 4 rows of
+    """Whether `matvec_rows` beats `F.linear` for x @ weight^T: a large float32 weight, at most 8 rows of
     x, inference on a multi-core CPU. Training always takes F.linear."""
     return (
-        torch.get_num_threads() > 1 and x.numel() <= 4 * x.size(-1) and weight.numel() >= 2**18
+        torch.get_num_threads() > 1 and x.numel() <= 2 * ROWS_PER_PRODUCT * x.size(-1) and weight.numel() >= 2**18
         and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
     )
 
@@ -40,21 +43,29 @@ def matvec_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     weights and little else. CPU BLAS runs a float32 matrix-vector product on a single thread, i.e. at
     one core's memory bandwidth. Cutting the matrix into one block of rows per thread and multiplying
     the blocks as a batch lets torch give each thread its block: on a 2-core CPU this reads GPT-2's
-    weights about 2.3x faster. The numbers are those of F.linear up to float rounding.
+    weights about 2.3x faster. More than ROWS_PER_PRODUCT rows go through in groups of that many, which
+    reads the weights once per group and is still faster. The numbers are F.linear's up to rounding.
     """
-    threads = torch.get_num_threads()
     out_features, in_features = weight.shape
-    rows = x.numel() // in_features
-    split = out_features - out_features % threads  # the rows of `weight` that divide evenly
-    flat = x.reshape(rows, in_features)  # (R, in)
-    blocks = weight[:split].view(threads, split // threads, in_features)  # (threads, out/threads, in)
-    y = torch.bmm(blocks, flat.t().expand(threads, in_features, rows))  # (threads, out/threads, R)
-    y = y.reshape(split, rows).t()  # (R, split)
-    if split < out_features:
-        y = torch.cat([y, F.linear(flat, weight[split:])], dim=1)  # (R, out)
+    flat = x.reshape(-1, in_features)  # (R, in)
+    groups = [_row_block_product(rows, weight) for rows in flat.split(ROWS_PER_PRODUCT)]
+    y = groups[0] if len(groups) == 1 else torch.cat(groups)  # (R, out)
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], out_features)
+
+
+def _row_block_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(R, in) @ (out, in)^T with the weight's rows cut into one block per thread."""
+    threads = torch.get_num_threads()
+    (rows, in_features), out_features = x.shape, weight.size(0)
+    split = out_features - out_features % threads  # the rows of `weight` that divide evenly
+    blocks = weight[:split].view(threads, split // threads, in_features)  # (threads, out/threads, in)
+    y = torch.bmm(blocks, x.t().expand(threads, in_features, rows))  # (threads, out/threads, R)
+    y = y.reshape(split, rows).t()  # (R, split)
+    if split < out_features:
+        y = torch.cat([y, F.linear(x, weight[split:])], dim=1)  # (R, out)
+    return y
 
 
 class Linear(nn.Linear):
@@ -136,6 +147,16 @@ class KVCache:
         return (self._key_valid[..., :end] & causal) | (key == query)  # (B, 1, T, end)
 
 
+def fused_attention_is_slower(q: torch.Tensor) -> bool:
+    """True for bf16 on a CPU, where the textbook formula beats torch's fused causal kernel.
+
+    That kernel gains nothing from bf16 on a CPU (its backward runs slower than in float32), while the
+    formula's two products run at the bf16 matmul rate: forward and backward of one layer of the
+    6-layer, 384-wide benchmark model take about half as long on an AVX-512-bf16 CPU.
+    """
+    return q.dtype == torch.bfloat16 and q.device.type == "cpu"
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention where position t sees only positions <= t."""
 
@@ -163,7 +184,7 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         if cache is not None:
             y = self._cached_attention(q, k, v, cache, layer)
-        elif self.explicit or keep_weights:
+        elif self.explicit or keep_weights or fused_attention_is_slower(q):
             y = self._explicit_attention(q, k, v, keep_weights)
         else:
             p = self.dropout if self.training else 0.0
@@ -175,11 +196,14 @@ class CausalSelfAttention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep_weights: bool
     ) -> torch.Tensor:
         """softmax(Q K^T / sqrt(d_head) + M) V with M = -inf above the diagonal."""
-        T = q.size(-2)
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, nh, T, T)
-        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(future, float("-inf"))
-        weights = F.softmax(scores, dim=-1)  # (B, nh, T, T), each row sums to 1
+        B, nh, T, hs = q.shape
+        mask = torch.full((T, T), float("-inf"), device=q.device).triu(1)  # (T, T): M
+        # one batched product adds M and scales: no separate passes over the (T, T) scores
+        scores = torch.baddbmm(
+            mask.expand(B * nh, T, T), q.reshape(B * nh, T, hs), k.reshape(B * nh, T, hs).transpose(1, 2),
+            alpha=1.0 / math.sqrt(hs),
+        )  # (B * nh, T, T)
+        weights = F.softmax(scores, dim=-1).view(B, nh, T, T)  # each row sums to 1
         self.last_weights = weights.detach() if keep_weights else None
         return self.attn_dropout(weights) @ v  # (B, nh, T, hs)
 

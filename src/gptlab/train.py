@@ -104,6 +104,22 @@ def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
 
 
+def resolve_dtype(name: str, device: torch.device, group: Group = Group()) -> str:
+    """`auto` -> bfloat16 where this device multiplies bf16 matrices at least 1.5x as fast as float32.
+
+    That is a GPU with bf16 support, or a CPU with bf16 instructions (AVX-512-bf16, AMX), told apart by
+    the same matmul probe that MFU uses. Elsewhere bf16 is emulated and many times slower than float32,
+    so `auto` keeps float32. Rank 0 decides for every process.
+    """
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        fast = torch.cuda.is_bf16_supported()
+    else:
+        fast = matmul_peak(device, torch.bfloat16, seconds=0.1) >= 1.5 * matmul_peak(device, torch.float32, seconds=0.1)
+    return distributed.broadcast_from_main("bfloat16" if fast else "float32", group)
+
+
 def resolve_data(config: TrainConfig) -> Path:
     """The prepared data directory; with none given, the built-in Shakespeare corpus, prepared once."""
     if config.data:
@@ -611,6 +627,8 @@ class Trainer:
                 "data_rng": self.data_rng.bit_generator.state, "process_rng": rng_states,
             })
             save_model(self.model, self.run_dir)
+        # no process leaves before rank 0 has written: torchrun stops every worker once one has exited
+        distributed.barrier(self.group)
         self.saved_step = self.step
 
     def _log(self, row: dict[str, Any]) -> None:
@@ -645,10 +663,12 @@ def train(
     Under torchrun every process calls this; rank 0 alone shows progress and writes the run directory.
     """
     device = resolve_device(config.device)
-    autocast_context(device, config.dtype)  # refuse an impossible dtype before touching the run directory
+    if config.dtype != "auto":
+        autocast_context(device, config.dtype)  # refuse an impossible dtype before touching the run directory
     group = distributed.setup(device)
     try:
         device = distributed.process_device(device, group)
+        config.dtype = resolve_dtype(config.dtype, device, group)  # train_config.json records the choice
         trainer = Trainer(config, group, device, overwrite=overwrite, resume=resume, show_progress=show_progress)
         return trainer.run()
     finally:
