@@ -11,7 +11,7 @@ from conftest import tiny_model
 
 from gptlab.config import GPTConfig, model_preset
 from gptlab.errors import GptlabError
-from gptlab.model import GPT, KVCache, matvec_rows, row_blocks_pay
+from gptlab.model import GPT, KVCache, matvec_rows, row_blocks_pay, textbook_attention_is_faster
 
 
 def test_output_shapes_and_loss() -> None:
@@ -56,13 +56,26 @@ def test_causality(explicit: bool) -> None:
         assert not torch.allclose(logits[:, t + 1], base[:, t + 1])
 
 
-def test_sdpa_and_explicit_attention_agree() -> None:
-    model = tiny_model(block_size=16)
-    idx = torch.randint(0, 50, (4, 16))
-    fused = model(idx).logits
-    model.set_explicit_attention(True)
-    explicit = model(idx).logits
-    assert torch.allclose(fused, explicit, atol=1e-5, rtol=0)
+@pytest.mark.parametrize("T", [16, 300])
+def test_sdpa_and_explicit_attention_agree_forward_and_backward(T: int) -> None:
+    model = tiny_model(block_size=T).train()  # dropout is 0: both paths are deterministic
+    idx = torch.randint(0, 50, (3, T), generator=torch.Generator().manual_seed(T))
+    results = []
+    for explicit in (False, True):
+        model.set_explicit_attention(explicit)
+        model.zero_grad()
+        out = model(idx, idx)
+        out.loss.backward()
+        results.append((out.logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    (fused, fused_grads), (textbook, textbook_grads) = results
+    torch.testing.assert_close(textbook, fused, rtol=0, atol=1e-5)
+    for a, b in zip(textbook_grads, fused_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_the_default_attention_path_is_the_faster_one_for_the_device() -> None:
+    assert textbook_attention_is_faster(torch.zeros(1, 2, 64, 8, dtype=torch.bfloat16))
+    assert not textbook_attention_is_faster(torch.zeros(1, 2, 64, 8))  # float32: the fused kernel
 
 
 def test_bfloat16_on_a_cpu_takes_the_textbook_attention_path(monkeypatch: pytest.MonkeyPatch) -> None:
