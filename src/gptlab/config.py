@@ -195,9 +195,9 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # (where the CPU has bf16 instructions) adds a quarter to the tokens per second. The learning rate
     # decays over the time budget, so it reaches min_lr as the budget ends however busy the machine
     # is; max_iters only caps the run. Measured alternatives (whole validation split, 5 minutes):
-    # 16 windows a step 1.530, this 1.527; lr 5e-3 1.554; context 256 (12 windows) 1.552; dropout 0.1
-    # (at 16 windows) 1.623: it costs a fifth of the throughput, and in 5 minutes the model is still
-    # far from what it could fit.
+    # 16 windows a step 1.530, this 1.527; lr 5e-3 1.554, 2e-3 1.558; context 256 (12 windows) 1.552;
+    # dropout 0.1 (at 16 windows) 1.623: it costs a fifth of the throughput, and in 5 minutes the
+    # model is still far from what it could fit.
     "shakespeare-char-cpu": dict(
         n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=12, grad_accum=2, nproc=2, dropout=0.0,
         dtype="auto",
