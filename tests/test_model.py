@@ -11,7 +11,8 @@ from conftest import tiny_model
 
 from gptlab.config import GPTConfig, model_preset
 from gptlab.errors import GptlabError
-from gptlab.model import GPT, KVCache, matvec_rows, row_blocks_pay, textbook_attention_is_faster
+from gptlab.linear import matvec_rows, row_blocks_pay
+from gptlab.model import GPT, KVCache, textbook_attention_is_faster
 
 
 def test_output_shapes_and_loss() -> None:

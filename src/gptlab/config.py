@@ -195,11 +195,11 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # (where the CPU has bf16 instructions) adds a quarter to the tokens per second. The learning rate
     # decays over the time budget, so it reaches min_lr as the budget ends however busy the machine
     # is; max_iters only caps the run. Measured alternatives (whole validation split, 5 minutes):
-    # 16 windows a step 1.530, this 1.527; lr 5e-3 1.554, 2e-3 1.558; context 256 (12 windows) 1.552;
-    # dropout 0.1 (at 16 windows) 1.623: it costs a fifth of the throughput, and in 5 minutes the
-    # model is still far from what it could fit.
+    # this 1.519; 24 windows a step 1.523, 48 windows 1.536; at 24 windows, 4 layers 1.527 and 6
+    # layers 1.564; with 4 layers, lr 5e-3 1.554, 2e-3 1.558, context 256 (12 windows) 1.552, dropout
+    # 0.1 (16 windows) 1.623. Five minutes are compute-bound: a smaller model that sees more tokens does better.
     "shakespeare-char-cpu": dict(
-        n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=12, grad_accum=2, nproc=2, dropout=0.0,
+        n_layer=3, n_head=4, n_embd=128, block_size=128, batch_size=16, grad_accum=2, nproc=2, dropout=0.0,
         dtype="auto",
         max_iters=100_000, max_time=300.0, decay_by_time=True, lr=3e-3, min_lr=3e-4, warmup_iters=100,
         eval_interval=500, eval_iters=10, beta2=0.99,
