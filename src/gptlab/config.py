@@ -81,8 +81,8 @@ def model_preset(name: str, **overrides: Any) -> GPTConfig:
 OPTIMIZERS = ("adamw", "adam", "radam", "sgd")
 SCHEDULES = ("cosine", "noam", "linear", "constant")
 TASKS = ("text", "adder")
-DTYPES = ("float32", "bfloat16", "float16", "auto")
-FIELD_CHOICES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "task": TASKS, "dtype": DTYPES}  # closed sets
+PRECISIONS = ("float32", "bfloat16", "float16", "auto")
+FIELD_CHOICES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "task": TASKS, "dtype": PRECISIONS}  # closed sets
 
 
 @dataclass

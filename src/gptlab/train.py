@@ -113,11 +113,15 @@ def resolve_dtype(name: str, device: torch.device, group: Group = Group()) -> st
     """
     if name != "auto":
         return name
-    if device.type == "cuda":
-        fast = torch.cuda.is_bf16_supported()
-    else:
-        fast = matmul_peak(device, torch.bfloat16, seconds=0.1) >= 1.5 * matmul_peak(device, torch.float32, seconds=0.1)
-    return distributed.broadcast_from_main("bfloat16" if fast else "float32", group)
+    chosen = None
+    if group.is_main:  # the other processes wait rather than probe alongside and slow the probe down
+        if device.type == "cuda":
+            fast = torch.cuda.is_bf16_supported()
+        else:
+            bf16, fp32 = (matmul_peak(device, dtype, seconds=0.1) for dtype in (torch.bfloat16, torch.float32))
+            fast = bf16 >= 1.5 * fp32
+        chosen = "bfloat16" if fast else "float32"
+    return distributed.broadcast_from_main(chosen, group)
 
 
 def resolve_data(config: TrainConfig) -> Path:
@@ -348,7 +352,8 @@ class Trainer:
         run_dir = resolve_run_dir(config, overwrite, resume) if group.is_main else None
         self.run_dir: Path = distributed.broadcast_from_main(run_dir, group)
         if resume:
-            config = resumed_config(self.run_dir, config)
+            config = resumed_config(self.run_dir, config)  # its dtype was resolved when the run began
+        config.dtype = resolve_dtype(config.dtype, device, group)  # train_config.json records the choice
         self.config = config
         self._check_processes()
         self.accum = config.grad_accum // group.world_size  # micro-batches per process and step
@@ -668,7 +673,6 @@ def train(
     group = distributed.setup(device)
     try:
         device = distributed.process_device(device, group)
-        config.dtype = resolve_dtype(config.dtype, device, group)  # train_config.json records the choice
         trainer = Trainer(config, group, device, overwrite=overwrite, resume=resume, show_progress=show_progress)
         return trainer.run()
     finally:
