@@ -149,7 +149,9 @@ def main() -> None:
     wait_for_quiet(args.wait_quiet)
     load_before = round(os.getloadavg()[0], 2)
     start = time.perf_counter()
-    subprocess.run(command, check=True)  # --nproc in the preset: gptlab starts its processes itself
+    # an empty compiler cache: a compiled run pays for compiling inside its budget, as on a fresh machine
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor-cache")}
+    subprocess.run(command, check=True, env=env)  # --nproc in the preset: gptlab starts its processes itself
     wall = time.perf_counter() - start
     state = load_training_state(run_dir)
 

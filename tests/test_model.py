@@ -12,7 +12,8 @@ from conftest import tiny_model
 from gptlab.config import GPTConfig, model_preset
 from gptlab.errors import GptlabError
 from gptlab.linear import matvec_rows, row_blocks_pay
-from gptlab.model import GPT, KVCache, textbook_attention_is_faster
+from gptlab import model as model_module
+from gptlab.model import GPT, KVCache, TanhGELU, sigmoid_form_gelu, textbook_attention_is_faster
 
 
 def test_output_shapes_and_loss() -> None:
@@ -94,6 +95,39 @@ def test_bfloat16_on_a_cpu_takes_the_textbook_attention_path(monkeypatch: pytest
     assert logits.dtype == torch.bfloat16
     error = (logits.float() - reference).abs().max().item()
     assert error < 0.02 * reference.abs().max().item(), error
+
+
+def test_the_sigmoid_form_is_the_tanh_gelu_forward_and_backward() -> None:
+    x = torch.linspace(-12, 12, 4001, dtype=torch.float64, requires_grad=True)
+    expected = F.gelu(x, approximate="tanh")
+    (expected_grad,) = torch.autograd.grad(expected.sum(), x)
+    got = sigmoid_form_gelu(x)
+    (got_grad,) = torch.autograd.grad(got.sum(), x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got_grad, expected_grad, rtol=0, atol=1e-12)
+    erf = F.gelu(x)  # the control: the exact GELU is a different function at this tolerance
+    assert (erf - expected).abs().max().item() > 1e-4
+
+
+def test_a_compiled_gelu_takes_the_sigmoid_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    traced = []
+
+    def counting(x: torch.Tensor) -> torch.Tensor:
+        traced.append(x.shape)
+        return sigmoid_form_gelu(x)
+
+    monkeypatch.setattr(model_module, "sigmoid_form_gelu", counting)
+    gelu = TanhGELU()
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    eager = gelu(x)
+    (eager_grad,) = torch.autograd.grad(eager.sum(), x)
+    assert traced == []  # eager mode: torch's own tanh kernel
+    compiled = torch.compile(gelu)(x)
+    (compiled_grad,) = torch.autograd.grad(compiled.sum(), x)
+    assert traced == [x.shape]
+    # float32's default tolerances: a different formula rounds differently (the math is pinned above)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(compiled_grad, eager_grad)
 
 
 def test_attention_weights_are_causal_distributions() -> None:
