@@ -291,6 +291,21 @@ def test_compile_without_a_compiler_falls_back_to_eager_with_a_message(
     assert "--compile: torch.compile needs a C++ compiler" in capsys.readouterr().err
 
 
+def test_a_compiled_run_trains_like_an_eager_one(char_data: Path, tmp_path: Path) -> None:
+    """--compile changes the kernels (the GELU among them), not the numbers beyond rounding."""
+    reason = compile_unavailable(torch.device("cpu"))
+    if reason:
+        pytest.skip(reason)
+    eager = trace(train(config_for(char_data, tmp_path / "eager", max_iters=4, eval_interval=0, dropout=0.0),
+                        show_progress=False).run_dir)
+    compiled = trace(train(config_for(char_data, tmp_path / "compiled", compile=True, max_iters=4, eval_interval=0,
+                                      dropout=0.0),
+                           show_progress=False).run_dir)
+    assert list(compiled) == list(eager) == [1, 2, 3, 4]
+    for step in eager:
+        assert compiled[step] == pytest.approx(eager[step], abs=1e-4)
+
+
 def test_nproc_outside_torchrun_is_refused(char_data: Path, tmp_path: Path) -> None:
     with pytest.raises(GptlabError, match="gptlab train --nproc 2"):
         train(config_for(char_data, tmp_path / "run", nproc=2), show_progress=False)
