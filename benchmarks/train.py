@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -168,6 +169,8 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
     parser.add_argument("--out", default="train", help="results/<out>.json and .md")
     args = parser.parse_args()
+    # an empty compiler cache, so that "first 2 steps" of a compiled row is a fresh machine's compile
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="gptlab-inductor-")
     plan = {"a": (9, 20), "b": (7, 3)}  # rounds, steps per round
     results = dict(machine=MACHINE, torch=torch.__version__, threads=torch.get_num_threads(),
                    python=platform.python_version(), load_before=round(os.getloadavg()[0], 2), measurements=[])
