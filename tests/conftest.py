@@ -11,7 +11,7 @@ from gptlab.cli import main
 from gptlab.config import GPTConfig, build_train_config
 from gptlab.data import prepare
 from gptlab.model import GPT
-from gptlab.train import train
+from gptlab.train import compile_unavailable, train
 
 # The tests' tensors are tiny: one thread avoids two OpenMP threads stalling each other on them, which
 # made the suite several times slower whenever anything else was running on this 2-core machine.
@@ -70,6 +70,12 @@ def tiny_model(vocab_size: int = 50, block_size: int = 16, seed: int = 0, **over
 
 def needs_shakespeare() -> pytest.MarkDecorator:
     return pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"shared corpus not found at {SHAKESPEARE}")
+
+
+def needs_compile() -> pytest.MarkDecorator:
+    """Skip where torch.compile cannot work here (no C++ compiler, an unsupported Python), saying why."""
+    reason = compile_unavailable(torch.device("cpu"))
+    return pytest.mark.skipif(bool(reason), reason=reason or "torch.compile works here")
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import needs_compile, tiny_model
 
 from gptlab.config import GPTConfig, model_preset
 from gptlab.errors import GptlabError
@@ -109,6 +109,7 @@ def test_the_sigmoid_form_is_the_tanh_gelu_forward_and_backward() -> None:
     assert (erf - expected).abs().max().item() > 1e-4
 
 
+@needs_compile()
 def test_a_compiled_gelu_takes_the_sigmoid_form(monkeypatch: pytest.MonkeyPatch) -> None:
     traced = []
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
+from conftest import needs_compile
 
 from gptlab import train as train_module
 from gptlab.checkpoint import load_model
@@ -291,11 +292,9 @@ def test_compile_without_a_compiler_falls_back_to_eager_with_a_message(
     assert "--compile: torch.compile needs a C++ compiler" in capsys.readouterr().err
 
 
+@needs_compile()
 def test_a_compiled_run_trains_like_an_eager_one(char_data: Path, tmp_path: Path) -> None:
     """--compile changes the kernels (the GELU among them), not the numbers beyond rounding."""
-    reason = compile_unavailable(torch.device("cpu"))
-    if reason:
-        pytest.skip(reason)
     eager = trace(train(config_for(char_data, tmp_path / "eager", max_iters=4, eval_interval=0, dropout=0.0),
                         show_progress=False).run_dir)
     compiled = trace(train(config_for(char_data, tmp_path / "compiled", compile=True, max_iters=4, eval_interval=0,
