@@ -132,9 +132,27 @@ def test_signal_writes_a_checkpoint_and_resume_is_bit_identical(
     signame: str, char_data: Path, reference: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
+    stop_by_signal(char_data, out, signame)
+    result = train(config_for(char_data, out), resume=True, show_progress=False)
+    assert result.step == RUN["max_iters"] and not result.stopped_by
+    assert_same_run(out, reference)
+
+
+def test_a_muon_run_resumes_bit_identically(char_data: Path, tmp_path: Path) -> None:
+    """Muon's momentum and AdamW's moments both travel through the checkpoint."""
+    reference = tmp_path / "reference"
+    train(config_for(char_data, reference, optimizer="muon"), show_progress=False)
+    out = tmp_path / "run"
+    stop_by_signal(char_data, out, "SIGTERM", "--optimizer", "muon")
+    train(config_for(char_data, out, optimizer="muon"), resume=True, show_progress=False)
+    assert_same_run(out, reference)
+
+
+def stop_by_signal(data: Path, out: Path, signame: str, *options: str) -> None:
+    """Run `gptlab train` in a child that signals itself mid-step 11, and check the checkpoint it wrote."""
     stop_at = 11  # between the evaluations at steps 8 and 16
     child = subprocess.run(
-        [sys.executable, "-c", SIGNAL_CHILD, *cli_args(char_data, out)],
+        [sys.executable, "-c", SIGNAL_CHILD, *cli_args(data, out), *options],
         env={**CHILD_ENV, "STOP_AT_CALL": str(2 * stop_at - 1), "STOP_SIGNAL": signame},  # 2 micro-batches a step
         capture_output=True, text=True, timeout=300,
     )
@@ -143,10 +161,6 @@ def test_signal_writes_a_checkpoint_and_resume_is_bit_identical(
     assert "Traceback" not in child.stderr
     assert load_training_state(out)["step"] == stop_at
     assert max(trace(out)) == stop_at
-
-    result = train(config_for(char_data, out), resume=True, show_progress=False)
-    assert result.step == RUN["max_iters"] and not result.stopped_by
-    assert_same_run(out, reference)
 
 
 @pytest.mark.parametrize("hang_before", ["training_state.pt", "model.safetensors"])

@@ -78,7 +78,7 @@ def model_preset(name: str, **overrides: Any) -> GPTConfig:
     return GPTConfig(**base)
 
 
-OPTIMIZERS = ("adamw", "adam", "radam", "sgd")
+OPTIMIZERS = ("adamw", "adam", "radam", "sgd", "muon")
 SCHEDULES = ("cosine", "noam", "linear", "constant")
 TASKS = ("text", "adder")
 PRECISIONS = ("float32", "bfloat16", "float16", "auto")
@@ -114,7 +114,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0
-    optimizer: str = "adamw"  # adamw, adam, radam, sgd
+    optimizer: str = "adamw"  # adamw, adam, radam, sgd, muon (muon for the hidden matrices, adamw for the rest)
     schedule: str = "cosine"  # cosine, noam, linear, constant; each warms up to lr
     # evaluation and logging
     eval_interval: int = 250

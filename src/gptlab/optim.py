@@ -1,13 +1,15 @@
 """Optimizers and learning-rate schedules.
 
 Every optimizer is torch's own, built over the same two parameter groups, so a comparison between
-them changes one thing only. Every schedule warms up and peaks at `--lr`, so `--lr` means the same
-thing whichever schedule a run uses.
+them changes one thing only (muon splits the decayed group in two, see `MuonWithAdamW`). Every
+schedule warms up and peaks at `--lr`, so `--lr` means the same thing whichever schedule and
+optimizer a run uses.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -80,4 +82,57 @@ def configure_optimizer(model: GPT, config: TrainConfig, device: torch.device) -
         return torch.optim.RAdam(groups, lr=config.lr, betas=betas, foreach=True)
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.beta1, **speed)
+    if config.optimizer == "muon":
+        return MuonWithAdamW(model, config, speed)
     raise ValueError(f"unknown optimizer {config.optimizer!r}")
+
+
+def hidden_matrices(model: GPT) -> list[torch.nn.Parameter]:
+    """The weight matrices inside the transformer blocks: attention's and the MLP's projections.
+
+    The embeddings are lookups, not maps between hidden states, and the tied one is the output layer
+    too; Muon's orthogonalised update is meant for neither (Jordan et al., 2024).
+    """
+    return [p for p in model.transformer.h.parameters() if p.requires_grad and p.dim() == 2]
+
+
+class MuonWithAdamW:
+    """Muon (torch.optim.Muon) for the hidden matrices, AdamW for the rest, stepped as one optimizer.
+
+    Muon replaces each matrix's momentum by the nearest semi-orthogonal matrix (5 Newton-Schulz
+    iterations), so every direction of the update moves by the same amount; it takes fewer steps than
+    AdamW to a given loss, for a few small products per matrix and step. `adjust_lr_fn="match_rms_adamw"`
+    (Liu et al., 2025, "Muon is Scalable for LLM Training") scales its update to AdamW's RMS, so one
+    `--lr`, one schedule and one `--weight-decay` serve both halves. Muon keeps torch's momentum (0.95,
+    Nesterov); `beta1` and `beta2` are AdamW's. The training loop sees `param_groups`, `step`,
+    `zero_grad`, `state_dict` and `load_state_dict`, as for any torch optimizer.
+    """
+
+    def __init__(self, model: GPT, config: TrainConfig, speed: dict[str, bool]) -> None:
+        hidden = {id(p) for p in hidden_matrices(model)}
+        decayed, plain = parameter_groups(model, config.weight_decay)
+        self.muon = torch.optim.Muon(
+            [p for p in decayed["params"] if id(p) in hidden], lr=config.lr, weight_decay=config.weight_decay,
+            adjust_lr_fn="match_rms_adamw",
+        )
+        decayed["params"] = [p for p in decayed["params"] if id(p) not in hidden]  # the embeddings
+        self.adamw = torch.optim.AdamW([decayed, plain], lr=config.lr, betas=(config.beta1, config.beta2), **speed)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def step(self) -> None:
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
