@@ -100,6 +100,12 @@ def compiled(r: dict) -> str:
             else "yes, from a previous run's cache")
 
 
+def optimizer(options: dict) -> str:
+    config = build_train_config(PRESET, overrides=options)
+    name = "muon for the blocks' matrices, adamw for the rest" if config.optimizer == "muon" else config.optimizer
+    return f"{name}; lr {config.lr:g} to {config.min_lr:g}, weight decay {config.weight_decay:g}"
+
+
 def markdown(r: dict) -> str:
     verdict = "met" if r["val_loss_whole_split"] <= TARGET else f"missed by {r['val_loss_whole_split'] - TARGET:.3f}"
     lines = [
@@ -113,6 +119,7 @@ def markdown(r: dict) -> str:
         f"| training loss, whole train split | {r['train_loss_whole_split']:.4f} |",
         f"| model | {r['model']} |",
         f"| precision, batch | {r['dtype']}, {r['global_batch']} windows per step |",
+        f"| optimizer | {optimizer(r['options'])} |",
         f"| torch.compile | {compiled(r)} |",
         f"| steps, wall clock of the loop | {r['steps']:,} steps in {r['train_seconds']:.0f} s "
         f"(stopped by {r['stopped_by']}), {r['processes']} process(es) |",
