@@ -35,7 +35,7 @@ VARIANTS = [
     # adam and radam apply weight decay as an L2 term in the gradient: the preset's 0.1 with and without it
     dict(optimizer="adam"), dict(optimizer="adam", weight_decay=0.0),
     dict(optimizer="radam"), dict(optimizer="radam", weight_decay=0.0),
-    dict(optimizer="sgd"), dict(optimizer="sgd", lr=0.1, min_lr=0.01),
+    dict(optimizer="sgd"), dict(optimizer="sgd", lr=0.1, min_lr=0.01), dict(optimizer="muon"),
     dict(schedule="noam"), dict(schedule="linear"), dict(schedule="constant"),
 ]
 
