@@ -26,8 +26,21 @@ RUN = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, grad_acc
 # Imported by every Python process started with this directory first on PYTHONPATH, torchrun's workers
 # included: the worker of rank STOP_RANK sends itself SIGTERM in the forward pass of its
 # STOP_AT_CALL-th training micro-batch, i.e. in the middle of a step, while the other rank goes on.
+# Every worker also writes to DDP_COUNT_DIR/<rank> how many DDP wrappers are still alive when it
+# tears its process group down.
 SITECUSTOMIZE = r"""
 import os
+if os.environ.get("RANK") is not None and os.environ.get("DDP_COUNT_DIR"):
+    import gc
+    from pathlib import Path
+    from torch.nn.parallel import DistributedDataParallel
+    from gptlab import distributed
+    teardown = distributed.teardown
+    def counting_teardown(group):
+        alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+        Path(os.environ["DDP_COUNT_DIR"], os.environ["RANK"]).write_text(str(alive))
+        teardown(group)
+    distributed.teardown = counting_teardown
 if os.environ.get("RANK") == os.environ.get("STOP_RANK"):
     import signal
     from gptlab.model import GPT
@@ -115,11 +128,16 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step(
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
     out = tmp_path / "run"
+    counts = tmp_path / "ddp-alive"
+    counts.mkdir()
     env = {"PYTHONPATH": os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")]),
-           "STOP_RANK": "1", "STOP_AT_CALL": "8"}  # rank 1 has one micro-batch per step: step 8
+           "STOP_RANK": "1", "STOP_AT_CALL": "8", "DDP_COUNT_DIR": str(counts)}  # rank 1: one micro-batch a step
     result = gptlab_in_two_processes(char_data, out, env)
     assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
     assert "SIGTERM at step 8: checkpoint written" in result.stderr
+    # DDP sits in a reference cycle: it must be gone before the process group, not left to the
+    # collector, which may reach it in interpreter shutdown, where gloo's teardown can abort the process
+    assert {f.name: f.read_text() for f in counts.iterdir()} == {"0": "0", "1": "0"}
     assert load_training_state(out)["step"] == 8
     assert len(load_training_state(out)["process_rng"]) == 2  # both processes' random states
 

@@ -18,6 +18,7 @@ continues it with the same losses, bit for bit on a CPU, as if it had never stop
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
 import json
 import math
@@ -671,9 +672,16 @@ def train(
     if config.dtype != "auto":
         autocast_context(device, config.dtype)  # refuse an impossible dtype before touching the run directory
     group = distributed.setup(device)
+    trainer = None
     try:
         device = distributed.process_device(device, group)
         trainer = Trainer(config, group, device, overwrite=overwrite, resume=resume, show_progress=show_progress)
         return trainer.run()
     finally:
+        # DDP sits in a reference cycle of torch's own, so its reducer (and the gloo state it holds)
+        # would wait for the cyclic collector, perhaps until interpreter shutdown, after the process
+        # group is gone, where gloo's teardown can abort the process (seen once: exit 134 after a
+        # SIGTERM). Free it now, while the group is alive.
+        del trainer
+        gc.collect()
         distributed.teardown(group)
