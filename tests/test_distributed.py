@@ -59,8 +59,10 @@ def rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def gptlab_in_two_processes(char_data: Path, out: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    argv = ["train", "--data", str(char_data), "--out", str(out), "--no-progress", "--nproc", "2"]
+def gptlab_in_two_processes(
+    char_data: Path, out: Path, env: dict | None = None, *options: str
+) -> subprocess.CompletedProcess:
+    argv = ["train", "--data", str(char_data), "--out", str(out), "--no-progress", "--nproc", "2", *options]
     for name, value in RUN.items():
         argv += [f"--{name.replace('_', '-')}", str(value)]
     clean = {k: v for k, v in os.environ.items() if k not in distributed.TORCHRUN_VARIABLES}
@@ -119,6 +121,22 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
     assert_same_losses(two, one_process)  # one row per step: rank 0 alone writes
     assert [r["step"] for r in rows(two) if "loss" in r] == list(range(1, RUN["max_iters"] + 1))
     assert json.loads((two / "train_config.json").read_text())["nproc"] == 2
+
+
+def test_muon_in_two_processes_matches_one_process(char_data: Path, tmp_path: Path) -> None:
+    """Both processes orthogonalise the same all-reduced gradients, so they step as one process does."""
+    one = tmp_path / "one"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(build_train_config(overrides={**RUN, "data": str(char_data), "out": str(one), "optimizer": "muon"}),
+              show_progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    two = tmp_path / "two"
+    result = gptlab_in_two_processes(char_data, two, None, "--optimizer", "muon")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_losses(two, one)
 
 
 def test_a_signal_to_one_process_stops_both_at_the_same_step(
