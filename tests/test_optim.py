@@ -212,3 +212,31 @@ def test_a_run_trains_with_another_optimizer_and_schedule(char_data: Path, tmp_p
     assert result.step == 4 and math.isfinite(result.val_loss)
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert (saved["optimizer"], saved["schedule"]) == ("radam", "noam")
+
+
+def test_the_gradient_scaler_steps_muon_as_any_optimizer() -> None:
+    """fp16 on CUDA goes through GradScaler: unscaled steps equal plain ones, and an overflow skips both halves.
+
+    torch's CPU GradScaler runs the same code, so the check needs no GPU."""
+    x = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(0))
+    c = build_train_config(overrides=dict(optimizer="muon"))
+    weights = []
+    for enabled in (False, True):
+        model = tiny_model().train()
+        optimizer = configure_optimizer(model, c, torch.device("cpu"))
+        scaler = torch.amp.GradScaler("cpu", enabled=enabled, init_scale=1024.0)
+        for _ in range(3):
+            scaler.scale(model(x[:, :-1], x[:, 1:]).loss).backward()
+            scaler.unscale_(optimizer)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+        weights.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
+
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.scale(model(x[:, :-1], x[:, 1:]).loss).backward()
+    next(iter(optimizer.muon.param_groups[0]["params"])).grad[0, 0] = float("inf")  # an fp16 overflow
+    scaler.unscale_(optimizer)
+    scaler.step(optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # neither half stepped
