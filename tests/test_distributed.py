@@ -81,17 +81,23 @@ def assert_same_losses(run: Path, reference: Path) -> None:
                 assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
 
 
-@pytest.fixture(scope="module")
-def one_process(char_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The reference: one process, the same global batch (its 2 micro-batches in turn)."""
-    out = tmp_path_factory.mktemp("one") / "run"
+def train_in_one_process(char_data: Path, out: Path, **overrides) -> Path:
+    """RUN in this process on one thread, as each of the 2 processes runs: the same global batch, its 2
+    micro-batches in turn."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each of the 2 processes
+    torch.set_num_threads(1)
     try:
-        train(build_train_config(overrides={**RUN, "data": str(char_data), "out": str(out)}), show_progress=False)
+        train(build_train_config(overrides={**RUN, "data": str(char_data), "out": str(out), **overrides}),
+              show_progress=False)
     finally:
         torch.set_num_threads(threads)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_process(char_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference for the 2-process runs."""
+    return train_in_one_process(char_data, tmp_path_factory.mktemp("one") / "run")
 
 
 def test_share_gives_each_rank_its_own_contiguous_micro_batches() -> None:
@@ -125,14 +131,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
 
 def test_muon_in_two_processes_matches_one_process(char_data: Path, tmp_path: Path) -> None:
     """Both processes orthogonalise the same all-reduced gradients, so they step as one process does."""
-    one = tmp_path / "one"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(build_train_config(overrides={**RUN, "data": str(char_data), "out": str(one), "optimizer": "muon"}),
-              show_progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    one = train_in_one_process(char_data, tmp_path / "one", optimizer="muon")
     two = tmp_path / "two"
     result = gptlab_in_two_processes(char_data, two, None, "--optimizer", "muon")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -83,7 +83,7 @@ def configure_optimizer(model: GPT, config: TrainConfig, device: torch.device) -
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.beta1, **speed)
     if config.optimizer == "muon":
-        return MuonWithAdamW(model, config, speed)
+        return MuonWithAdamW(groups, hidden_matrices(model), config, speed)
     raise ValueError(f"unknown optimizer {config.optimizer!r}")
 
 
@@ -108,9 +108,12 @@ class MuonWithAdamW:
     `zero_grad`, `state_dict` and `load_state_dict`, as for any torch optimizer.
     """
 
-    def __init__(self, model: GPT, config: TrainConfig, speed: dict[str, bool]) -> None:
-        hidden = {id(p) for p in hidden_matrices(model)}
-        decayed, plain = parameter_groups(model, config.weight_decay)
+    def __init__(
+        self, groups: list[dict], hidden: list[torch.nn.Parameter], config: TrainConfig, speed: dict[str, bool]
+    ) -> None:
+        """`groups` as `parameter_groups` makes them; `hidden`, the decayed matrices that Muon takes."""
+        hidden = {id(p) for p in hidden}
+        decayed, plain = groups
         self.muon = torch.optim.Muon(
             [p for p in decayed["params"] if id(p) in hidden], lr=config.lr, weight_decay=config.weight_decay,
             adjust_lr_fn="match_rms_adamw",

@@ -683,5 +683,6 @@ def train(
         # group is gone, where gloo's teardown can abort the process (seen once: exit 134 after a
         # SIGTERM). Free it now, while the group is alive.
         del trainer
-        gc.collect()
+        if group.active:
+            gc.collect()
         distributed.teardown(group)
