@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -88,3 +91,19 @@ def gptlab(capsys: pytest.CaptureFixture):
         return code, captured.out, captured.err
 
     return run
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A directory on a 256 KiB tmpfs, for what a full disk does; skipped (saying why) where it cannot mount."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a full-disk test mounts a small tmpfs, which needs root and mount(8)")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -170,3 +170,13 @@ def test_contradictory_and_invalid_options(tmp_path: Path, tiny_run: Path, capsy
     assert_one_line_error(code, err, "divisible by n_head")
     code, _, err = run(["sample", str(tiny_run), "--top-p", "1.5"], capsys)
     assert_one_line_error(code, err, "top_p")
+
+
+def test_version_and_plain_gptlab_print_help(gptlab, capsys: pytest.CaptureFixture) -> None:
+    from gptlab import __version__
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out == f"gptlab {__version__}\n"
+    code, out, err = gptlab()
+    assert code == 0 and "usage: gptlab" in out and "train" in out and err == ""

@@ -14,8 +14,6 @@ numbers: another architecture or option, a shape that disagrees with `config.jso
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import GPTConfig
 from .errors import GptlabError
+from .fileio import atomic_write_json, atomic_write_via
 from .model import GPT
 from .tokenizers import GPT2_VOCAB_SIZE, TOKENIZER_FILE, GPT2Tokenizer, Tokenizer, load_tokenizer
 
@@ -46,25 +45,6 @@ GPT2_CONFIG_DEFAULTS: dict[str, Any] = dict(
 )
 # GPT-2's GELU is the tanh approximation; these names all compute it (an exact-erf GELU differs by ~1e-4).
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write, fsync, rename: a crash mid-write leaves the previous file, never half a new one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 # --- config.json ------------------------------------------------------------------------------
@@ -414,11 +394,7 @@ def save_model(model: GPT, directory: str | Path, *, require_hf: bool = False) -
         config = {"architectures": ["GptlabGPT"], "model_type": "gptlab", "gptlab": model.config.to_dict()}
     else:
         config = hf_config(model.config, model.transformer.wte.weight.dtype)
-    weights_tmp = directory / f".{WEIGHTS_FILE}.tmp"
-    save_file(state, str(weights_tmp), metadata={"format": "pt"})
-    with open(weights_tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(weights_tmp, directory / WEIGHTS_FILE)
+    atomic_write_via(directory / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     atomic_write_json(directory / CONFIG_FILE, config)
 
 

@@ -11,6 +11,7 @@ from typing import Callable
 
 from .config import FIELD_CHOICES, TRAIN_PRESETS, ServerLimits, TrainConfig
 from .errors import GptlabError
+from .fileio import describe_os_error
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -366,11 +367,14 @@ def _run_attention(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="gptlab",
         description="A from-scratch GPT-2: prepare a corpus, train, sample, evaluate, serve.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"gptlab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_add_prepare, _add_train, _add_sample, _add_serve, _add_export, _add_eval, _add_ngram,
                 _add_attention):
         add(sub)
@@ -378,13 +382,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a user's mistake exits 2, a refusal of the machine (disk, permission) 3."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:  # plain `gptlab`: what it can do, rather than an error
+        parser.print_help()
+        return 0
     try:
         return args.handler(args)
     except GptlabError as exc:
         print(f"gptlab {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
+    except OSError as exc:  # the environment said no where no library code expected it: still one line
+        print(f"gptlab {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"gptlab {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -1,10 +1,20 @@
-"""The one exception type the command line turns into a one-line message.
+"""The exceptions the command line turns into a one-line message and an exit status.
 
 Library code raises `GptlabError` for anything the *user* got wrong (a missing file, an empty corpus,
-a checkpoint that does not match its config). Programming errors stay ordinary exceptions, so a bug
-still shows its traceback while a typo in a path never does.
+a checkpoint that does not match its config, a value out of range): exit status 2, like a usage
+error. `EnvironmentProblem` is for what the machine refuses (a full disk, a directory without write
+permission, a device torch does not have): exit status 3. Programming errors stay ordinary
+exceptions, so a bug still shows its traceback while a typo in a path never does.
 """
 
 
 class GptlabError(Exception):
     """A user-facing error: the message alone must say what went wrong and what to do."""
+
+    exit_code = 2
+
+
+class EnvironmentProblem(GptlabError):
+    """The machine cannot do what was asked: no space, no permission, no such device."""
+
+    exit_code = 3

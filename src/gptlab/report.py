@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from .adder import AdderDataset
-from .checkpoint import atomic_write_bytes, atomic_write_json
+from .fileio import atomic_write_json, atomic_write_text
 from .config import TrainConfig
 from .data import TokenDataset
 from .evaluate import Score, markdown_table, score, score_ngram
@@ -81,7 +81,7 @@ def write_report(
               "| option | value |", "| --- | --- |"]
     lines += [f"| `{name}` | `{value!r}` |" for name, value in config.to_dict().items()]
     path = run_dir / REPORT_FILE
-    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    atomic_write_text(path, "\n".join(lines) + "\n")
     atomic_write_json(run_dir / REPORT_JSON, headline)
     return path
 

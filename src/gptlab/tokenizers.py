@@ -17,6 +17,7 @@ from pathlib import Path
 import tiktoken
 
 from gptlab.errors import GptlabError
+from gptlab.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 TOKENIZER_FILE = "gptlab_tokenizer.json"
 """Our own marker file; deliberately not `tokenizer.json`, which means a Hugging Face fast tokenizer."""
@@ -121,7 +122,7 @@ class CharTokenizer(Tokenizer):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         payload = {"type": "char", "chars": self._chars}
-        (directory / TOKENIZER_FILE).write_text(json.dumps(payload), encoding="utf-8")
+        atomic_write_text(directory / TOKENIZER_FILE, json.dumps(payload))
 
 
 class GPT2Tokenizer(Tokenizer):
@@ -152,9 +153,9 @@ class GPT2Tokenizer(Tokenizer):
         """Also writes Hugging Face's slow-tokenizer files, so `AutoTokenizer` can read the directory."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / TOKENIZER_FILE).write_text(json.dumps({"type": "gpt2"}), encoding="utf-8")
-        (directory / "vocab.json").write_bytes(_asset_bytes(_VOCAB_ASSET))
-        (directory / "merges.txt").write_bytes(_asset_bytes(_MERGES_ASSET))
+        atomic_write_text(directory / TOKENIZER_FILE, json.dumps({"type": "gpt2"}))
+        atomic_write_bytes(directory / "vocab.json", _asset_bytes(_VOCAB_ASSET))
+        atomic_write_bytes(directory / "merges.txt", _asset_bytes(_MERGES_ASSET))
         special = {"bos_token": GPT2_EOT, "eos_token": GPT2_EOT, "unk_token": GPT2_EOT}
         config = {
             "tokenizer_class": "GPT2Tokenizer",
@@ -163,8 +164,8 @@ class GPT2Tokenizer(Tokenizer):
             "add_prefix_space": False,
             "clean_up_tokenization_spaces": False,
         }
-        _write_json(directory / "tokenizer_config.json", config)
-        _write_json(directory / "special_tokens_map.json", special)
+        atomic_write_json(directory / "tokenizer_config.json", config)
+        atomic_write_json(directory / "special_tokens_map.json", special)
 
 
 def load_tokenizer(name_or_dir: str | Path) -> Tokenizer:
@@ -273,10 +274,6 @@ def _read_json(file: Path) -> object:
         return json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise GptlabError(f"cannot read {file}: {exc}") from None
-
-
-def _write_json(file: Path, payload: dict) -> None:
-    file.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
 
 def document_start_ids(tokenizer: Tokenizer) -> list[int]:

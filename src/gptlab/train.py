@@ -39,18 +39,18 @@ from tqdm import tqdm
 
 from . import distributed
 from .adder import AdderDataset
-from .checkpoint import atomic_write_bytes, atomic_write_json, load_model, save_model
+from .checkpoint import load_model, save_model
 from .config import GPTConfig, TrainConfig
 from .data import TokenDataset, default_corpus_files, prepare
 from .distributed import Group
 from .errors import GptlabError
+from .fileio import atomic_write_bytes, atomic_write_json, remove_temporaries
 from .model import GPT
 from .optim import configure_optimizer, learning_rate
 from .report import write_report
 from .throughput import ThroughputMeter, flops_per_token, matmul_peak
 from .training_state import (
-    STATE_FILE, load_training_state, process_rng_state, remove_temporaries, restore_process_rng_state,
-    save_training_state,
+    STATE_FILE, load_training_state, process_rng_state, restore_process_rng_state, save_training_state,
 )
 
 TRAIN_CONFIG_FILE = "train_config.json"

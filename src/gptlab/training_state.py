@@ -12,9 +12,7 @@ Hugging Face checkpoint; resuming never depends on it.
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,57 +20,14 @@ import numpy as np
 import torch
 
 from .errors import GptlabError
+from .fileio import atomic_write
 
 STATE_FILE = "training_state.pt"
 STATE_VERSION = 1
-TEMPORARY_PATTERN = ".*.tmp"  # what atomic writers leave behind when killed mid-write
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save into a temporary file beside `path`, fsync, rename, fsync the directory.
-
-    A process killed at any point leaves either the previous file or the complete new one.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename durable: the directory entry itself must reach the disk."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. a platform that cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def remove_temporaries(directory: Path) -> list[Path]:
-    """Delete half-written files that a killed save left in `directory`; returns what was removed."""
-    removed = []
-    for leftover in Path(directory).glob(TEMPORARY_PATTERN):
-        if leftover.is_file():
-            leftover.unlink()
-            removed.append(leftover)
-    return removed
 
 
 def save_training_state(run_dir: Path, state: dict[str, Any]) -> None:
-    atomic_torch_save({"version": STATE_VERSION, **state}, Path(run_dir) / STATE_FILE)
+    atomic_write(Path(run_dir) / STATE_FILE, lambda handle: torch.save({"version": STATE_VERSION, **state}, handle))
 
 
 def load_training_state(run_dir: Path) -> dict[str, Any]:
