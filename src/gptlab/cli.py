@@ -204,7 +204,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from .server import is_loopback, serve
+    from .serve import is_loopback, serve
     from .train import resolve_device
 
     for name in ("port", "max_tokens_limit", "max_body_bytes", "max_choices", "max_batch"):
