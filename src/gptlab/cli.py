@@ -315,7 +315,7 @@ def _run_ngram(args: argparse.Namespace) -> int:
 
     from .data import TokenDataset
     from .evaluate import markdown_table, score_ngram
-    from .ngram import KneserNey, NGramCounts
+    from .evaluate.ngram import KneserNey, NGramCounts
 
     if args.sample_tokens < 0:
         raise GptlabError("--sample-tokens must not be negative")

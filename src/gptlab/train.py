@@ -44,6 +44,7 @@ from .config import GPTConfig, TrainConfig
 from .data import TokenDataset, default_corpus_files, prepare
 from .distributed import Group
 from .errors import GptlabError
+from .evaluate.scorer import token_nll
 from .fileio import atomic_write_bytes, atomic_write_json, remove_temporaries
 from .model import GPT
 from .optim import configure_optimizer, learning_rate
@@ -196,7 +197,7 @@ def estimate_loss(
             x, y = dataset.get_batch(split, config.batch_size, config.block_size, rng)
             if i % group.world_size == group.rank:
                 with autocast_context(device, config.dtype):
-                    total += model(x.to(device), y.to(device)).loss.double()
+                    total += token_nll(model, x.to(device), y.to(device)).double().mean()
         losses[split] = distributed.all_reduce_sum(total, group).item() / config.eval_iters
     model.train(was_training)
     return losses
