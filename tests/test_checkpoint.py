@@ -78,7 +78,7 @@ def test_save_then_load_is_exact(tmp_path: Path, bias: bool) -> None:
 
 def test_a_model_huggingface_cannot_represent_is_refused_on_export(tmp_path: Path) -> None:
     with pytest.raises(GptlabError, match=r"bias=False.*Hugging Face GPT-2 always has biases"):
-        tiny_model(bias=False).save_pretrained(tmp_path / "out")
+        save_model(tiny_model(bias=False), tmp_path / "out", require_hf=True)
     assert not (tmp_path / "out").exists()
     # a run directory of such a model is marked as gptlab's own, which transformers refuses to read
     save_model(tiny_model(bias=False), tmp_path / "run")
@@ -89,16 +89,16 @@ def test_a_model_huggingface_cannot_represent_is_refused_on_export(tmp_path: Pat
         AutoConfig.from_pretrained(tmp_path / "run")
 
 
-def test_save_pretrained_writes_what_from_pretrained_reads(tmp_path: Path) -> None:
+def test_save_model_for_hf_writes_what_load_model_reads(tmp_path: Path) -> None:
     model = tiny_model()
-    model.save_pretrained(tmp_path)
+    save_model(model, tmp_path, require_hf=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "gpt2" and config["n_positions"] == 16 and config["eos_token_id"] is None
     stored = load_file(str(tmp_path / "model.safetensors"))
     assert "lm_head.weight" not in stored  # tied, as transformers writes it
     assert stored["transformer.h.0.mlp.c_fc.weight"].shape == (32, 128)  # Conv1D: (in, out)
-    assert same_weights(model, GPT.from_pretrained(tmp_path))
+    assert same_weights(model, load_model(tmp_path))
 
 
 # --- every Hugging Face layout reads to the same model ---------------------------------------------
@@ -151,7 +151,7 @@ def test_a_local_directory_wins_over_a_hub_name(tmp_path: Path, monkeypatch: pyt
     model = tiny_model()
     save_model(model, tmp_path / "gpt2")
     monkeypatch.chdir(tmp_path)
-    assert same_weights(model, GPT.from_pretrained("gpt2"))
+    assert same_weights(model, load_model("gpt2"))
 
 
 def test_a_named_size_offline_fails_fast_with_the_local_alternative(tmp_path: Path) -> None:

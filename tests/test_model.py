@@ -11,9 +11,10 @@ from conftest import needs_compile, tiny_model
 
 from gptlab.config import GPTConfig, model_preset
 from gptlab.errors import GptlabError
-from gptlab.linear import matvec_rows, row_blocks_pay
-from gptlab import model as model_module
-from gptlab.model import GPT, KVCache, TanhGELU, sigmoid_form_gelu, textbook_attention_is_faster
+from gptlab import generate, kernels
+from gptlab.generation import KVCache
+from gptlab.kernels import attention_path, gelu, matvec_rows, row_blocks_pay, sigmoid_form_gelu
+from gptlab.model import GPT
 
 
 def test_output_shapes_and_loss() -> None:
@@ -43,19 +44,19 @@ def test_longer_than_context_is_refused() -> None:
         model(torch.zeros(1, 9, dtype=torch.long))
 
 
-@pytest.mark.parametrize("explicit", [False, True])
-def test_causality(explicit: bool) -> None:
+@pytest.mark.parametrize("path", kernels.ATTENTION_PATHS)
+def test_causality(path: str) -> None:
     """Changing the token at position t+1 leaves the logits at positions <= t unchanged."""
     model = tiny_model(block_size=16)
-    model.set_explicit_attention(explicit)
     idx = torch.randint(0, 50, (2, 16))
-    base = model(idx).logits
-    for t in (0, 5, 14):
-        changed = idx.clone()
-        changed[:, t + 1] = (changed[:, t + 1] + 1) % 50
-        logits = model(changed).logits
-        assert torch.equal(logits[:, : t + 1], base[:, : t + 1])
-        assert not torch.allclose(logits[:, t + 1], base[:, t + 1])
+    with kernels.force(attention=path):
+        base = model(idx).logits
+        for t in (0, 5, 14):
+            changed = idx.clone()
+            changed[:, t + 1] = (changed[:, t + 1] + 1) % 50
+            logits = model(changed).logits
+            assert torch.equal(logits[:, : t + 1], base[:, : t + 1])
+            assert not torch.allclose(logits[:, t + 1], base[:, t + 1])
 
 
 @pytest.mark.parametrize("T", [16, 300])
@@ -63,10 +64,10 @@ def test_sdpa_and_explicit_attention_agree_forward_and_backward(T: int) -> None:
     model = tiny_model(block_size=T).train()  # dropout is 0: both paths are deterministic
     idx = torch.randint(0, 50, (3, T), generator=torch.Generator().manual_seed(T))
     results = []
-    for explicit in (False, True):
-        model.set_explicit_attention(explicit)
+    for path in ("fused", "textbook"):
         model.zero_grad()
-        out = model(idx, idx)
+        with kernels.force(attention=path):
+            out = model(idx, idx)
         out.loss.backward()
         results.append((out.logits.detach(), [p.grad.clone() for p in model.parameters()]))
     (fused, fused_grads), (textbook, textbook_grads) = results
@@ -76,8 +77,8 @@ def test_sdpa_and_explicit_attention_agree_forward_and_backward(T: int) -> None:
 
 
 def test_the_default_attention_path_is_the_faster_one_for_the_device() -> None:
-    assert textbook_attention_is_faster(torch.zeros(1, 2, 64, 8, dtype=torch.bfloat16))
-    assert not textbook_attention_is_faster(torch.zeros(1, 2, 64, 8))  # float32: the fused kernel
+    assert attention_path(torch.zeros(1, 2, 64, 8, dtype=torch.bfloat16)) == "textbook"
+    assert attention_path(torch.zeros(1, 2, 64, 8)) == "fused"  # float32: the fused kernel
 
 
 def test_bfloat16_on_a_cpu_takes_the_textbook_attention_path(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -117,8 +118,7 @@ def test_a_compiled_gelu_takes_the_sigmoid_form(monkeypatch: pytest.MonkeyPatch)
         traced.append(x.shape)
         return sigmoid_form_gelu(x)
 
-    monkeypatch.setattr(model_module, "sigmoid_form_gelu", counting)
-    gelu = TanhGELU()
+    monkeypatch.setattr(kernels, "sigmoid_form_gelu", counting)
     x = torch.randn(64, 32, generator=torch.Generator().manual_seed(0), requires_grad=True)
     eager = gelu(x)
     (eager_grad,) = torch.autograd.grad(eager.sum(), x)
@@ -129,16 +129,6 @@ def test_a_compiled_gelu_takes_the_sigmoid_form(monkeypatch: pytest.MonkeyPatch)
     # float32's default tolerances: a different formula rounds differently (the math is pinned above)
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(compiled_grad, eager_grad)
-
-
-def test_attention_weights_are_causal_distributions() -> None:
-    model = tiny_model(block_size=12)
-    weights = model.attention_weights(torch.randint(0, 50, (1, 12)))
-    assert len(weights) == 2
-    for w in weights:
-        assert w.shape == (1, 2, 12, 12)
-        assert torch.allclose(w.sum(-1), torch.ones(1, 2, 12), atol=1e-6)
-        assert torch.all(w.triu(1) == 0)
 
 
 def test_gpt2_initialisation_statistics() -> None:
@@ -205,10 +195,10 @@ def test_dropout_is_active_only_in_training() -> None:
 def test_generate_shape_and_greedy_is_deterministic() -> None:
     model = tiny_model(block_size=8)
     idx = torch.randint(0, 50, (2, 5))
-    out = model.generate(idx, max_new_tokens=12, temperature=0)  # runs past the context of 8
+    out = generate(model, idx, max_new_tokens=12, temperature=0)  # runs past the context of 8
     assert out.shape == (2, 17)
     assert torch.equal(out[:, :5], idx)
-    assert torch.equal(out, model.generate(idx, max_new_tokens=12, temperature=0))
+    assert torch.equal(out, generate(model, idx, max_new_tokens=12, temperature=0))
 
 
 def test_crop_block_size_keeps_the_first_positions() -> None:
@@ -273,6 +263,35 @@ def test_decoding_through_row_blocks_matches_the_uncached_model(threads) -> None
         cache = KVCache(model.config, rows, 24)
         with torch.inference_mode():
             assert row_blocks_pay(torch.zeros(rows, 1, 256), model.lm_head.weight)
-            got = [model.forward_cached(seq[:rows, :3], cache)]
-            got += [model.forward_cached(seq[:rows, t : t + 1], cache) for t in range(3, 24)]
+            got = [cached_step(model, seq[:rows, :3], cache)]
+            got += [cached_step(model, seq[:rows, t : t + 1], cache) for t in range(3, 24)]
         torch.testing.assert_close(torch.stack(got, 1), expected[:rows, 2:], rtol=0, atol=1e-5)
+
+
+def cached_step(model: GPT, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """(B, T) tokens after the cache's contents -> (B, V) logits of the last one, as decoding runs it."""
+    h = model.hidden_states(idx, cache)
+    cache.advance()
+    return model.lm_head(h[:, -1])
+
+
+def test_the_old_method_names_still_work_and_say_what_replaces_them(tmp_path) -> None:
+    model = tiny_model(block_size=8)
+    idx = torch.randint(0, 50, (1, 3))
+    with pytest.warns(DeprecationWarning, match=r"gptlab.generate\("):
+        out = model.generate(idx, 4, temperature=0)
+    assert torch.equal(out, generate(model, idx, 4, temperature=0))
+    with pytest.warns(DeprecationWarning, match=r"gptlab.save_model"):
+        model.save_pretrained(tmp_path)
+    with pytest.warns(DeprecationWarning, match=r"gptlab.load_model"):
+        loaded = GPT.from_pretrained(tmp_path)
+    assert torch.equal(loaded(idx).logits, model(idx).logits)
+
+
+def test_model_py_imports_nothing_above_it() -> None:
+    import ast
+    import gptlab.model
+
+    tree = ast.parse(open(gptlab.model.__file__).read())
+    local = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
+    assert local == {"config", "kernels"}

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
 from conftest import needs_compile
 
+from gptlab import kernels
 from gptlab import train as train_module
 from gptlab.checkpoint import load_model
 from gptlab.config import GPTConfig, build_train_config
@@ -264,11 +265,11 @@ def test_flops_formula_matches_torch_flop_counter(T: int) -> None:
     """6 N_matmul + 12 L T C per token is what torch counts for a real forward + backward step."""
     config = GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=32)
     model = GPT(config)
-    model.set_explicit_attention(True)  # torch's counter sees its matmuls, not inside the fused kernel
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert matmul_parameters(config) == linear  # the tied head counted once, as a matmul
     x = torch.randint(0, 50, (3, T))
-    with FlopCounterMode(display=False) as counter:
+    # the textbook path: torch's counter sees its matmuls, not inside the fused kernel
+    with kernels.force(attention="textbook"), FlopCounterMode(display=False) as counter:
         model(x, x).loss.backward()
     assert counter.get_total_flops() == pytest.approx(flops_per_token(config, T) * 3 * T, rel=1e-12)
 

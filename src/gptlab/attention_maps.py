@@ -1,7 +1,8 @@
 """Attention heatmaps: which earlier tokens each position of a prompt reads from.
 
-The weights come from the model's explicit attention path (softmax(QK^T/sqrt(d) + M), the formula the
-fused kernel computes without ever materialising), so what is drawn is exactly what the model uses.
+The weights are softmax(Q K^T / sqrt(d) + M) computed from the queries and keys each layer's projection
+actually produces (caught by a forward hook on `c_attn`), the matrix a fused attention kernel never
+materialises; a test checks that they reproduce the layer's attention output.
 Figures are drawn on matplotlib's Agg canvas directly: no display, no global pyplot state.
 """
 
@@ -54,11 +55,33 @@ def attention_map(
     was_training = model.training
     model.eval()
     try:
-        weights = model.attention_weights(torch.tensor([ids], device=device))[layer][0]  # (nh, T, T)
+        weights = attention_weights(model, torch.tensor([ids], device=device))[layer][0]  # (nh, T, T)
     finally:
         model.train(was_training)
     heads = list(range(n_head)) if head is None else [head]
     return AttentionMap(layer, heads, token_labels(tokenizer, ids), weights[heads].float().cpu().numpy())
+
+
+@torch.no_grad()
+def attention_weights(model: GPT, idx: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, the attention weights (B, nh, T, T) of the prompt `idx` (B, T)."""
+    projections: list[torch.Tensor] = []
+    hooks = [block.attn.c_attn.register_forward_hook(lambda _m, _i, out: projections.append(out))
+             for block in model.transformer.h]
+    try:
+        model(idx)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    B, T = idx.shape
+    nh, hs = model.config.n_head, model.config.head_dim
+    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()  # (T, T)
+    weights = []
+    for qkv in projections:  # (B, T, 3C)
+        q, k, _ = (t.view(B, T, nh, hs).transpose(1, 2).float() for t in qkv.split(nh * hs, dim=2))
+        scores = (q @ k.transpose(-2, -1) / math.sqrt(hs)).masked_fill(~causal, float("-inf"))  # (B, nh, T, T)
+        weights.append(scores.softmax(-1))
+    return weights
 
 
 def plot_attention(amap: AttentionMap, out: str | Path) -> Path:
