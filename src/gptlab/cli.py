@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import FIELD_CHOICES, TRAIN_PRESETS, ServerLimits, TrainConfig
+from .data import DEFAULT_SHARD_TOKENS
 from .errors import GptlabError
 from .fileio import describe_os_error
 
@@ -17,22 +18,50 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("prepare", help="tokenize a text corpus into train.bin / val.bin",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="text files, directories or glob patterns")
+    p = sub.add_parser(
+        "prepare", help="tokenize a corpus into token shards for training",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Tokenize a corpus, streamed through every core, into a data directory: token shards per "
+                    "split, meta.json and the tokenizer. A file's format comes from its suffix: .jsonl/.json, "
+                    ".csv, .tsv, .parquet (one document per record) or anything else as plain text (one document "
+                    "per file); .gz, .zst, .xz and .bz2 are decompressed. Validation is a set of whole documents, "
+                    "or the last fraction of tokens of a single-document corpus.",
+    )
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="files, directories or glob patterns")
+    p.add_argument("--hf-dataset", metavar="NAME", help="a Hugging Face dataset: a save_to_disk directory, a "
+                   "directory of data files or a Hub name (needs pip install 'gptlab[datasets]')")
+    p.add_argument("--hf-config", metavar="C", help="the dataset's configuration (subset)")
+    p.add_argument("--split", default="train", help="the Hugging Face dataset's split to read")
+    p.add_argument("--text-field", default="text", help="the field or column holding the text in records")
     p.add_argument("--tokenizer", choices=["char", "gpt2"], default="char", help="character-level or GPT-2 BPE")
-    p.add_argument("--out", required=True, help="the data directory to write")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="the last fraction of tokens kept for validation")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing data directory")
+    p.add_argument("--out", required=True, help="the data directory to write (new, empty, or a dataset to "
+                   "replace with --overwrite)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="the share of tokens kept for validation")
+    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard file")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: every core)")
+    p.add_argument("--skip-binary", action="store_true",
+                   help="skip plain-text inputs that are not UTF-8 text (NUL bytes, invalid bytes) and count them")
+    p.add_argument("--overwrite", action="store_true", help="replace the gptlab dataset in --out (only that)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_run_prepare)
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
     from .data import prepare
 
-    meta = prepare(args.inputs, args.tokenizer, args.out, val_fraction=args.val_fraction, overwrite=args.overwrite)
+    if not args.inputs and not args.hf_dataset:
+        raise GptlabError("give input files, directories or patterns, or --hf-dataset NAME")
+    meta = prepare(args.inputs, args.tokenizer, args.out, val_fraction=args.val_fraction, overwrite=args.overwrite,
+                   text_field=args.text_field, hf_dataset=args.hf_dataset, hf_config=args.hf_config,
+                   hf_split=args.split, skip_binary=args.skip_binary, shard_tokens=args.shard_tokens,
+                   workers=args.workers, show_progress=False if args.no_progress else None)
+    documents = meta["documents"]
+    val = ("the last part of its one document" if meta["val_split"] == "tail"
+           else f"{documents['val']:,} of {sum(documents.values()):,} documents")
     print(f"wrote {args.out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} validation tokens "
-          f"({meta['tokenizer']} tokenizer, vocabulary {meta['vocab_size']:,})")
+          f"(validation: {val}; {meta['tokenizer']} tokenizer, vocabulary {meta['vocab_size']:,})")
+    if meta["skipped"]:
+        print(f"skipped {len(meta['skipped']):,} files that are not text, e.g. {meta['skipped'][0]}")
     return 0
 
 
