@@ -12,7 +12,7 @@ from conftest import needs_compile, tiny_model
 from gptlab.config import GPTConfig, model_preset
 from gptlab.errors import GptlabError
 from gptlab import generate, kernels
-from gptlab.generation import KVCache
+from gptlab.inference.cache import SlotCache
 from gptlab.kernels import attention_path, gelu, matvec_rows, row_blocks_pay, sigmoid_form_gelu
 from gptlab.model import GPT
 
@@ -260,19 +260,14 @@ def test_decoding_through_row_blocks_matches_the_uncached_model(threads) -> None
     seq = torch.randint(0, 1101, (6, 24), generator=torch.Generator().manual_seed(3))
     expected = model(seq).logits  # (B, T, V)
     for rows in (1, 2, 6):
-        cache = KVCache(model.config, rows, 24)
+        cache = SlotCache(model.config, device=torch.device("cpu"), dtype=torch.float32)
+        cache.ensure(rows, 24)
         with torch.inference_mode():
             assert row_blocks_pay(torch.zeros(rows, 1, 256), model.lm_head.weight)
-            got = [cached_step(model, seq[:rows, :3], cache)]
-            got += [cached_step(model, seq[:rows, t : t + 1], cache) for t in range(3, 24)]
+            got = [model.lm_head(model.hidden_states(seq[:rows, :3], cache.prefill(0, rows))[:, -1])]
+            got += [model.lm_head(model.hidden_states(seq[:rows, t : t + 1], cache.decode([t] * rows))[:, -1])
+                    for t in range(3, 24)]
         torch.testing.assert_close(torch.stack(got, 1), expected[:rows, 2:], rtol=0, atol=1e-5)
-
-
-def cached_step(model: GPT, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """(B, T) tokens after the cache's contents -> (B, V) logits of the last one, as decoding runs it."""
-    h = model.hidden_states(idx, cache)
-    cache.advance()
-    return model.lm_head(h[:, -1])
 
 
 def test_the_old_method_names_still_work_and_say_what_replaces_them(tmp_path) -> None:

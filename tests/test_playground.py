@@ -15,7 +15,7 @@ import pytest
 
 from gptlab.checkpoint import load_model
 from gptlab.config import ServerLimits
-from gptlab.generation import SamplingParams, complete
+from gptlab.inference import SamplingParams, complete
 from gptlab.serve import create_app, running_server
 from gptlab.tokenizers import load_tokenizer
 

@@ -24,7 +24,7 @@ import gptlab.serve.worker as server_module
 from gptlab.checkpoint import load_model, save_model
 from gptlab.cli import main
 from gptlab.config import GPTConfig, ServerLimits
-from gptlab.generation import Completion, SamplingParams, TextStream, complete
+from gptlab.inference import Completion, SamplingParams, TextStream, complete
 from gptlab.model import GPT
 from gptlab.serve import create_app, running_server
 from gptlab.tokenizers import GPT2Tokenizer, Tokenizer, load_tokenizer

@@ -154,7 +154,7 @@ def _print_stream(model_dir: Path, prompt: str, max_new_tokens: int, temperature
     import torch
 
     from .checkpoint import load_pretrained
-    from .generation import SamplingParams, TextStream
+    from .inference import SamplingParams, TextStream
     from .tokenizers import document_start_ids
     from .train import resolve_device
 

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..config import ServerLimits
 from ..errors import GptlabError
-from ..generation import SamplingParams
+from ..inference import SamplingParams
 from ..tokenizers import Tokenizer, document_start_ids
 from .errors import ApiError
 from .schemas import (

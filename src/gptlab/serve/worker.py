@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..generation import Completion, SamplingParams, TextStream, complete
+from ..inference import Completion, SamplingParams, TextStream, complete
 from ..tokenizers import Tokenizer
 from .schemas import ServerStats
 
