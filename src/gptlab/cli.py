@@ -183,7 +183,7 @@ def _print_stream(model_dir: Path, prompt: str, max_new_tokens: int, temperature
     import torch
 
     from .checkpoint import load_pretrained
-    from .generation import SamplingParams, TextStream
+    from .inference import SamplingParams, TextStream
     from .tokenizers import document_start_ids
     from .train import resolve_device
 
@@ -212,13 +212,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API, with a playground at /",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Serve a run or a Hugging Face GPT-2 directory: POST /v1/completions (streaming too), "
-                    "GET /v1/models, GET /health, POST /tokenize, API docs at /docs, a playground at /.",
+        description="Serve a run or a Hugging Face GPT-2 directory: POST /v1/completions (streaming, logprobs, "
+                    "echo), GET /v1/models, GET /health, GET /metrics (Prometheus), POST /tokenize and "
+                    "/detokenize, API docs at /docs, a playground at /. One engine advances every request "
+                    "together (continuous batching).",
     )
     p.add_argument("model", metavar="MODEL", help="a run directory or a Hugging Face GPT-2 directory")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind; anything but loopback lets other machines use the model (no auth)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--port", type=int, default=8000, help="TCP port, 1-65535")
     p.add_argument("--model-name", default=None, help="the model id clients send; None: the MODEL directory's name")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--max-tokens-limit", type=int, default=limits.max_tokens,
@@ -228,7 +230,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-choices", type=int, default=limits.max_choices,
                    help="the most choices (prompts x n) one request may ask for")
     p.add_argument("--max-batch", type=int, default=limits.max_batch,
-                   help="rows per batched generation across waiting requests; 1 turns batching off")
+                   help="sequences advanced together in one step; 1 runs them one at a time")
+    p.add_argument("--max-queue", type=int, default=limits.max_queue,
+                   help="sequences that may wait for a place in the batch; beyond, requests get 429")
+    p.add_argument("--kv-cache-mb", type=int, default=limits.kv_cache_mb,
+                   help="MiB the KV cache may hold (sequences wait while the running ones fill it)")
     p.set_defaults(handler=_run_serve)
 
 
@@ -236,14 +242,17 @@ def _run_serve(args: argparse.Namespace) -> int:
     from .serve import is_loopback, serve
     from .train import resolve_device
 
-    for name in ("port", "max_tokens_limit", "max_body_bytes", "max_choices", "max_batch"):
+    if not 1 <= args.port <= 65535:
+        raise GptlabError(f"--port must be in 1-65535, got {args.port}")
+    for name in ("max_tokens_limit", "max_body_bytes", "max_choices", "max_batch", "max_queue", "kv_cache_mb"):
         if getattr(args, name) < 1:
             raise GptlabError(f"--{name.replace('_', '-')} must be at least 1")
     if not is_loopback(args.host):
         print(f"gptlab serve: warning: binding to {args.host}: anyone who can reach this address can use "
               f"the model, without authentication", file=sys.stderr)
     limits = ServerLimits(max_tokens=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
-                          max_choices=args.max_choices, max_batch=args.max_batch)
+                          max_choices=args.max_choices, max_batch=args.max_batch, max_queue=args.max_queue,
+                          kv_cache_mb=args.kv_cache_mb)
     serve(args.model, host=args.host, port=args.port, device=resolve_device(args.device),
           model_id=args.model_name, limits=limits)
     return 0
