@@ -107,3 +107,26 @@ def small_disk(tmp_path: Path):
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def read_only():
+    """A function that makes a directory read-only (a read-only bind mount over itself), for what an
+    unwritable output path does; skipped (saying why) where it cannot mount. Root ignores permission bits,
+    so chmod alone would not do."""
+    mounted: list[Path] = []
+
+    def make(directory: Path) -> Path:
+        if os.geteuid() != 0 or shutil.which("mount") is None:
+            pytest.skip("a read-only test bind-mounts a directory read-only, which needs root and mount(8)")
+        for options in (["--bind"], ["-o", "remount,bind,ro"]):
+            done = subprocess.run(["mount", *options, str(directory), str(directory)], capture_output=True, text=True)
+            if done.returncode:
+                pytest.skip(f"cannot mount {directory} read-only here: {done.stderr.strip()}")
+            if options == ["--bind"]:
+                mounted.append(directory)
+        return directory
+
+    yield make
+    for directory in reversed(mounted):
+        subprocess.run(["umount", "-l", str(directory)], check=False)
