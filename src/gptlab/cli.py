@@ -282,24 +282,35 @@ def _run_export(args: argparse.Namespace) -> int:
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "eval", help="loss, perplexity and bits per token/char/byte of a model on a whole split or text",
+        "eval", help="perplexity on a whole split or text, or lm-evaluation-harness tasks (--tasks)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Score every token of a data split (or a text file) once, reading texts longer than the "
-                    "context through a sliding window. With --baselines, Kneser-Ney n-grams fitted on the "
-                    "data's train split are scored on the same tokens.",
+        description="With --data or --text: score every token of a data split (or a text file) once, reading "
+                    "texts longer than the context through a sliding window; with --baselines, Kneser-Ney "
+                    "n-grams fitted on the data's train split are scored on the same tokens. With --tasks: run "
+                    "lm-evaluation-harness tasks (e.g. hellaswag,lambada_openai,wikitext) on the model through "
+                    "lm-eval's API, print lm-eval's table and write its results to RUN/lm_eval/ (needs the "
+                    "eval extra: pip install 'gptlab[eval]').",
     )
     p.add_argument("model", metavar="MODEL", help="a run directory or a Hugging Face GPT-2 directory")
-    source = p.add_mutually_exclusive_group(required=True)
+    source = p.add_mutually_exclusive_group()
     source.add_argument("--data", metavar="DATA_DIR", help="a prepared data directory (gptlab prepare)")
     source.add_argument("--text", metavar="FILE", help="a UTF-8 text file, tokenized with the model's tokenizer")
+    source.add_argument("--tasks", metavar="TASK,...", help="lm-eval task names, comma-separated")
     p.add_argument("--split", choices=["val", "train"], default="val", help="the split of --data to score")
     p.add_argument("--stride", type=int, default=None,
                    help="new tokens scored per window; every token then sees at least context-stride+1 "
                         "tokens of context (None: half the context)")
     p.add_argument("--context", type=int, default=None, help="window length (None: the model's context)")
-    p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (None: automatic)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="windows per forward pass, or lm-eval requests per batch (None: automatic, 16 for tasks)")
     p.add_argument("--baselines", action="store_true", help="also score unigram, bigram and the best n-gram")
     p.add_argument("--max-order", type=int, default=6, help="the highest n-gram order tried by --baselines")
+    p.add_argument("--num-fewshot", type=int, default=None, help="--tasks: examples in each prompt (None: the task's)")
+    p.add_argument("--limit", type=float, default=None,
+                   help="--tasks: at most this many documents per task (below 1: a fraction of them)")
+    p.add_argument("--include-path", metavar="DIR", default=None, help="--tasks: a directory of extra task YAML files")
+    p.add_argument("--output", metavar="FILE.json", default=None,
+                   help="--tasks: where to write lm-eval's results (None: MODEL/lm_eval/TIME-TASKS.json)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=_run_eval)
@@ -314,6 +325,10 @@ def _run_eval(args: argparse.Namespace) -> int:
     for name in ("stride", "context", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise GptlabError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.tasks is not None:
+        return _run_eval_tasks(args, resolve_device(args.device))
+    if args.data is None and args.text is None:
+        raise GptlabError("give one of --data DATA_DIR, --text FILE or --tasks TASK,...")
     result = evaluate_model(
         args.model, data=args.data, split=args.split, text=args.text, stride=args.stride, context=args.context,
         batch_size=args.batch_size, device=resolve_device(args.device),
@@ -325,6 +340,28 @@ def _run_eval(args: argparse.Namespace) -> int:
     print(f"{args.model} on {result.source}: {result.model.tokens:,} tokens scored, "
           f"context {result.context}, stride {result.stride}\n")
     print(markdown_table(result.rows(str(args.model))))
+    return 0
+
+
+def _run_eval_tasks(args: argparse.Namespace, device) -> int:
+    import json
+
+    from .evaluate.tasks import parse_tasks, results_path, run_tasks
+
+    for flag in ("baselines", "stride", "context"):
+        if getattr(args, flag) not in (None, False):
+            raise GptlabError(f"--{flag} scores a whole split (--data/--text), not lm-eval tasks")
+    tasks = parse_tasks(args.tasks)
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    results = run_tasks(tasks, model_path=args.model, num_fewshot=args.num_fewshot, limit=limit,
+                        batch_size=args.batch_size, device=device, include_path=args.include_path)
+    path = results.write(Path(args.output) if args.output else results_path(args.model, tasks))
+    if args.json:
+        print(json.dumps({"model_path": str(args.model), "results_file": str(path), "results": results.raw["results"]},
+                         indent=2, default=str))
+        return 0
+    print(results.table())
+    print(f"results: {path}")
     return 0
 
 
