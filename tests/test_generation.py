@@ -17,10 +17,10 @@ from conftest import tiny_model
 from gptlab.cli import main
 from gptlab.config import GPTConfig
 from gptlab.generation import (
-    Completion, SamplingParams, TextStream, _Decoder, _Sampler, complete, filter_logits, generate,
+    Completion, KVCache, SamplingParams, TextStream, _Decoder, _Sampler, complete, filter_logits, generate,
     penalize_repetition,
 )
-from gptlab.model import GPT, KVCache
+from gptlab.model import GPT
 from gptlab.tokenizers import CharTokenizer, GPT2Tokenizer
 
 CHARS = CharTokenizer(list(string.ascii_letters[:50]))  # one character per id of a 50-token tiny model
@@ -58,14 +58,21 @@ def generate_from_logits(logits: torch.Tensor, params: SamplingParams, n: int) -
 # --- the KV cache --------------------------------------------------------------------------------
 
 
+def cached_step(model: GPT, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """(B, T) tokens after the cache's contents -> (B, V) logits of the last one, as decoding runs it."""
+    h = model.hidden_states(idx, cache)
+    cache.advance()
+    return model.lm_head(h[:, -1])
+
+
 def test_cached_logits_match_the_uncached_model_over_the_whole_context() -> None:
     model = tiny_model(block_size=16)
     seq = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(1))
     expected = model(seq).logits  # (B, T, V)
     cache = KVCache(model.config, 3, 16)
     with torch.inference_mode():
-        got = [model.forward_cached(seq[:, :5], cache)]  # a 5-token prefill, then one token per step
-        got += [model.forward_cached(seq[:, t : t + 1], cache) for t in range(5, 16)]
+        got = [cached_step(model, seq[:, :5], cache)]  # a 5-token prefill, then one token per step
+        got += [cached_step(model, seq[:, t : t + 1], cache) for t in range(5, 16)]
     torch.testing.assert_close(torch.stack(got, 1), expected[:, 4:], rtol=0, atol=1e-5)
     assert cache.length == 16
 
@@ -106,12 +113,12 @@ def test_cache_memory_is_two_tensors_of_the_used_context() -> None:
     assert decoder.cache.nbytes() == 2 * c.n_layer * 3 * T * c.n_embd * 4
 
 
-def test_gpt_generate_keeps_its_shape_and_signature() -> None:
+def test_generate_keeps_its_shape_and_signature() -> None:
     model = tiny_model()
-    out = model.generate(torch.zeros(2, 3, dtype=torch.long), 5, temperature=1.0, top_k=5, top_p=0.9,
-                         generator=torch.Generator().manual_seed(0))
+    out = generate(model, torch.zeros(2, 3, dtype=torch.long), 5, temperature=1.0, top_k=5, top_p=0.9,
+                   generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 8)
-    assert model.generate(torch.zeros(1, 3, dtype=torch.long), 0).shape == (1, 3)
+    assert generate(model, torch.zeros(1, 3, dtype=torch.long), 0).shape == (1, 3)
 
 
 def test_generation_leaves_the_training_mode_as_it_was() -> None:
@@ -309,13 +316,16 @@ class Scripted(GPT):
         super().__init__(GPTConfig(vocab_size=50257, block_size=64, n_layer=1, n_head=1, n_embd=4))
         self.script = script
         self.calls = 0
+        self.lm_head = torch.nn.Identity()  # hidden_states already yields the logits
 
-    def forward_cached(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        cache.length += idx.size(1)
-        logits = torch.zeros(idx.size(0), self.config.vocab_size)
-        logits[:, self.script[self.calls]] = 1.0
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The script's next token, as a one-hot vector that `lm_head` below passes through."""
+        if cache is not None:
+            cache.positions(idx.size(1))
+        h = torch.zeros(idx.size(0), idx.size(1), self.config.vocab_size)
+        h[:, -1, self.script[self.calls]] = 1.0
         self.calls += 1
-        return logits
+        return h
 
 
 @pytest.mark.parametrize("text", ["a🙂b", "你好 world", " 🤖!é"])

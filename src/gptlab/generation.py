@@ -2,7 +2,7 @@
 
 The public surface is `SamplingParams` (what to generate), `complete` (a batch of prompts to finished
 `Completion`s), `TextStream` (one prompt, decoded text as it arrives) and `generate` (token ids in,
-token ids out, like `GPT.generate`).
+token ids out; `gptlab.generate`).
 
 Context window: the model sees at most `block_size` tokens. A longer prompt is cut to its last
 `block_size` tokens. When generation fills the window, the window slides: the context restarts from its
@@ -25,7 +25,105 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .model import GPT, KVCache
+from .config import GPTConfig
+from .model import GPT
+
+
+class KVCache:
+    """Every layer's keys and values, allocated once for a whole generation, filled slot by slot.
+
+    Generation then costs one position per new token instead of the whole context. Rows of a batch
+    may be left-padded so that prompts of different lengths decode together: row b's first `pad[b]`
+    slots hold no token, no query attends to them, and positions count from the row's first real
+    token, so each row computes what it would compute alone. It is the model's `Cache`: a forward pass
+    calls `positions` and each layer's `update`; `advance` then commits the new slots.
+    """
+
+    def __init__(
+        self, config: GPTConfig, batch_size: int, capacity: int, *,
+        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if not 1 <= capacity <= config.block_size:
+            raise ValueError(f"cache capacity must be in [1, {config.block_size}], got {capacity}")
+        shape = (config.n_layer, batch_size, config.n_head, capacity, config.head_dim)
+        self.keys = torch.empty(shape, device=device, dtype=dtype)  # (L, B, nh, S, hs)
+        self.values = torch.empty(shape, device=device, dtype=dtype)  # (L, B, nh, S, hs)
+        self.length = 0  # slots filled so far, the same for every row
+        self.pad: torch.Tensor | None = None  # (B,) padding slots per row; None when no row is padded
+        self._pending = 0  # tokens of the forward pass in progress
+        self._mask: torch.Tensor | None = None  # its attention mask
+        self._slots = torch.arange(capacity, device=device)  # (S,)
+        self._key_valid: torch.Tensor | None = None  # (B, 1, 1, S): False on padding slots
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.size(3)
+
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    def reset(self, pad: torch.Tensor | None = None) -> None:
+        """Empty the cache for new rows, row b starting with `pad[b]` padding slots."""
+        self.length = 0
+        self.pad = pad if pad is not None and bool(pad.any()) else None
+        if self.pad is None:
+            self._key_valid = None
+        else:
+            self._key_valid = (self._slots >= self.pad[:, None])[:, None, None, :]  # (B, 1, 1, S)
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Drop every row not in `rows` (e.g. sequences that finished), keeping the others' contents."""
+        length = self.length
+        self.keys = self.keys.index_select(1, rows)
+        self.values = self.values.index_select(1, rows)
+        self.reset(None if self.pad is None else self.pad.index_select(0, rows))
+        self.length = length
+
+    def positions(self, T: int) -> torch.Tensor:
+        """Begin a forward pass of T tokens: their position ids, (T,) when no row is padded, else (B, T)."""
+        if self.length + T > self.capacity:
+            raise ValueError(f"{T} more tokens overflow the cache ({self.length}/{self.capacity} slots used)")
+        self._pending = T
+        self._mask = self._attention_mask(T)
+        slots = self._slots[self.length : self.length + T]  # (T,)
+        if self.pad is None:
+            return slots
+        return (slots - self.pad[:, None]).clamp_(min=0)  # (B, T); padding slots get position 0
+
+    def layer(self, index: int) -> _LayerSlots:
+        return _LayerSlots(self, index)
+
+    def advance(self) -> None:
+        """Commit the slots the forward pass just filled."""
+        self.length += self._pending
+        self._pending, self._mask = 0, None
+
+    def _attention_mask(self, T: int) -> torch.Tensor | None:
+        """Which cached keys each of the next T queries may see; None when the causal rule suffices."""
+        start, end = self.length, self.length + T
+        if self.pad is None:
+            return None  # queries at the end of the keys: the model's default causal rule
+        if T == 1:
+            return self._key_valid[..., :end]  # (B, 1, 1, end): a view, nothing allocated per step
+        query, key = self._slots[start:end, None], self._slots[:end]
+        causal = key <= query  # (T, end)
+        # a padding query may see itself only, so that its softmax row is never empty (NaN)
+        return (self._key_valid[..., :end] & causal) | (key == query)  # (B, 1, T, end)
+
+
+class _LayerSlots:
+    """One layer's view of a KVCache: writes this pass's keys and values after the cached ones."""
+
+    def __init__(self, cache: KVCache, index: int) -> None:
+        self.cache, self.index = cache, index
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        cache = self.cache
+        start, end = cache.length, cache.length + k.size(-2)
+        keys, values = cache.keys[self.index], cache.values[self.index]  # (B, nh, S, hs) views into the buffers
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        return keys[:, :, :end], values[:, :, :end], cache._mask
 
 
 @dataclass
@@ -188,7 +286,7 @@ class _Decoder:
         self.windows = [list(p[-self.block_size:]) for p in prompts]
         # the last token is never fed back, so the longest row needs len + max_new_tokens - 1 slots
         capacity = min(self.block_size, max(map(len, self.windows)) + max_new_tokens - 1)
-        weight = model.lm_head.weight
+        weight = model.transformer.wte.weight
         self.device = weight.device
         self.cache = KVCache(model.config, len(prompts), capacity, device=weight.device, dtype=weight.dtype)
         self.logits = self._prefill()  # (B, V)
@@ -199,7 +297,13 @@ class _Decoder:
         pad = [longest - len(w) for w in self.windows]
         rows = [[0] * n + w for n, w in zip(pad, self.windows)]
         self.cache.reset(torch.tensor(pad, device=self.device))
-        return self.model.forward_cached(torch.tensor(rows, device=self.device), self.cache)
+        return self._forward(torch.tensor(rows, device=self.device))
+
+    def _forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, T) tokens that follow the cache -> (B, V) logits of the last one; only it needs the head."""
+        h = self.model.hidden_states(idx, self.cache)  # (B, T, C)
+        self.cache.advance()
+        return self.model.lm_head(h[:, -1])  # (B, V)
 
     def advance(self, tokens: list[int]) -> None:
         """Append one token to every row and compute the logits that follow it."""
@@ -207,7 +311,7 @@ class _Decoder:
             window.append(token)
         if self.use_cache and self.cache.length < self.cache.capacity:
             idx = torch.tensor(tokens, device=self.device)[:, None]  # (B, 1)
-            self.logits = self.model.forward_cached(idx, self.cache)
+            self.logits = self._forward(idx)
         else:
             self.windows = [w if len(w) <= self.block_size else slide_window(w, self.block_size) for w in self.windows]
             self.logits = self._prefill()
