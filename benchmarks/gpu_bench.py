@@ -218,9 +218,10 @@ def phase_peak(args: argparse.Namespace) -> dict:
     """The machine, and the two matmul peaks MFU is reported against."""
     import torch
 
+    from gptlab import GPTConfig
     from gptlab.throughput import matmul_peak
 
-    device = device_of(args)
+    device, size = device_of(args), shapes(args.tiny)
     facts: dict[str, Any] = dict(torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
                                  cpu_cores=os.cpu_count(), gpu_count=torch.cuda.device_count())
     for name in ("transformers", "tiktoken", "safetensors", "numpy", "triton"):
@@ -239,7 +240,7 @@ def phase_peak(args: argparse.Namespace) -> dict:
             facts["driver"] = query.stdout.strip().splitlines()[0] if query.returncode == 0 and query.stdout else None
     else:
         facts["gpu"] = None
-    n = shapes(args.tiny)["matmul"]
+    n = size["matmul"]
     g = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=g)  # random data: zeros run faster
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=g)
@@ -251,9 +252,11 @@ def phase_peak(args: argparse.Namespace) -> dict:
         synchronize(device)
         if i >= 3:
             times.append(time.perf_counter() - start)
+    # gptlab's probe times the model's own weight products at the training phases' batch
+    probe = matmul_peak(device, torch.bfloat16, config=GPTConfig(vocab_size=size["vocab"], **size["model"]),
+                        rows=size["batch"] * size["model"]["block_size"])
     facts.update(matmul_n=n, matmul_bf16_tflops=2 * n**3 / statistics.median(times) / 1e12,
-                 matmul_bf16_tflops_best=2 * n**3 / min(times) / 1e12,
-                 gptlab_probe_bf16_tflops=matmul_peak(device, torch.bfloat16) / 1e12)
+                 matmul_bf16_tflops_best=2 * n**3 / min(times) / 1e12, gptlab_probe_bf16_tflops=probe / 1e12)
     return facts
 
 
@@ -378,8 +381,7 @@ def phase_generate(args: argparse.Namespace) -> dict:
     import torch
     from transformers import GPT2LMHeadModel
 
-    from gptlab import GPT, GPTConfig, load_model, save_model
-    from gptlab.generation import generate
+    from gptlab import GPT, GPTConfig, generate, load_model, save_model
 
     device, size = device_of(args), shapes(args.tiny)
     dtype = torch.bfloat16
@@ -573,8 +575,8 @@ def markdown(results: dict) -> str:
         ds = f"{p['datasheet_bf16_tflops']:.0f} TFLOP/s ({p['datasheet_source']})" if p["datasheet_bf16_tflops"] \
             else p["datasheet_source"]
         lines += [f"Peaks: datasheet {ds}; measured {m['matmul_n']}^3 bf16 matmul {p['measured_bf16_tflops']:.1f} "
-                  f"TFLOP/s (median of 10, random data); gptlab's own probe (what `gptlab train` logs MFU "
-                  f"against) {p['gptlab_probe_bf16_tflops']:.1f} TFLOP/s.", ""]
+                  f"TFLOP/s (median of 10, random data); gptlab's own probe of the model's weight products at "
+                  f"this batch (what `gptlab train` logs MFU against) {p['gptlab_probe_bf16_tflops']:.1f} TFLOP/s.", ""]
     train = phases.get("train", {})
     shape = results["shape"]
     lines += [f"## Training step: {shape['n_layer']} layers, {shape['n_embd']} wide, context {shape['block_size']}, "
