@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # gptlab on a CUDA GPU in one bounded run: the 124M training step (gptlab and transformers, bf16,
 # torch.compile, MFU), fp16 with the grad scaler, resume, DDP (2+ GPUs), generation against
-# transformers, and the whole `gptlab train` loop. Sized for about 4 minutes on an H200 (an estimate:
+# transformers, and the whole `gptlab train` loop. Sized for about 5 minutes on an H200 (an estimate:
 # no GPU has run it yet); no phase starts after 8 minutes and the run is killed at 9 (`timeout`).
 # Needs only the working tree and the machine's torch, transformers, tiktoken, safetensors, tqdm and
 # matplotlib: no install, no network. Writes benchmarks/results/gpu.json, gpu.md (printed at the end)
