@@ -31,6 +31,13 @@ TINY_TEXT = (
 ) * 40
 
 
+@pytest.fixture(scope="session", autouse=True)
+def kernel_choices(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The kernel choices the tests measure stay in the session's temporary directory, not ~/.cache;
+    child processes inherit it, so a resumed run chooses as the run it resumes did."""
+    os.environ["GPTLAB_KERNEL_CACHE"] = str(tmp_path_factory.mktemp("kernels") / "kernels.json")
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
@@ -115,3 +122,26 @@ def small_disk(tmp_path: Path):
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def read_only():
+    """A function that makes a directory read-only (a read-only bind mount over itself), for what an
+    unwritable output path does; skipped (saying why) where it cannot mount. Root ignores permission bits,
+    so chmod alone would not do."""
+    mounted: list[Path] = []
+
+    def make(directory: Path) -> Path:
+        if os.geteuid() != 0 or shutil.which("mount") is None:
+            pytest.skip("a read-only test bind-mounts a directory read-only, which needs root and mount(8)")
+        for options in (["--bind"], ["-o", "remount,bind,ro"]):
+            done = subprocess.run(["mount", *options, str(directory), str(directory)], capture_output=True, text=True)
+            if done.returncode:
+                pytest.skip(f"cannot mount {directory} read-only here: {done.stderr.strip()}")
+            if options == ["--bind"]:
+                mounted.append(directory)
+        return directory
+
+    yield make
+    for directory in reversed(mounted):
+        subprocess.run(["umount", "-l", str(directory)], check=False)

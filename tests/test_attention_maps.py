@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gptlab.attention_maps import attention_map, plot_attention, token_labels
+from gptlab.attention_maps import attention_map, attention_weights, plot_attention, token_labels
 from gptlab.checkpoint import load_model
 from gptlab.cli import main
 from gptlab.errors import GptlabError
@@ -38,12 +38,30 @@ def test_drawn_weights_are_causal_rows_that_sum_to_one(tiny_run: Path, tmp_path:
     assert out.read_bytes()[:8] == PNG_MAGIC and out.stat().st_size > 5_000
 
 
-def test_the_weights_are_those_of_the_models_explicit_path(tiny_run: Path) -> None:
+def test_the_weights_reproduce_each_layers_attention_output(tiny_run: Path) -> None:
+    """weights @ V equals what every layer's attention hands its output projection: they are the model's."""
     import torch
 
     model, tokenizer = load_model(tiny_run), load_tokenizer(tiny_run)
     ids = torch.tensor([tokenizer.encode(PROMPT)])
-    expected = model.attention_weights(ids)[0][0, 1].numpy()  # layer 0, head 1
+    mixed, values = [], []
+    hooks = []
+    for block in model.transformer.h:
+        hooks.append(block.attn.c_proj.register_forward_pre_hook(lambda _m, args: mixed.append(args[0])))
+        hooks.append(block.attn.c_attn.register_forward_hook(lambda _m, _i, out: values.append(out)))
+    with torch.no_grad():
+        model(ids)
+    for hook in hooks:
+        hook.remove()
+    B, T = ids.shape
+    nh, C = model.config.n_head, model.config.n_embd
+    for layer, weights in enumerate(attention_weights(model, ids)):
+        assert weights.shape == (1, nh, T, T)
+        assert torch.allclose(weights.sum(-1), torch.ones(1, nh, T), atol=1e-6) and torch.all(weights.triu(1) == 0)
+        v = values[layer][..., 2 * C:].view(B, T, nh, C // nh).transpose(1, 2)  # (B, nh, T, hs)
+        expected = mixed[layer].view(B, T, nh, C // nh).transpose(1, 2)
+        torch.testing.assert_close(weights @ v, expected, rtol=0, atol=1e-5)
+    expected = attention_weights(model, ids)[0][0, 1].numpy()  # layer 0, head 1
     assert np.array_equal(attention_map(model, tokenizer, PROMPT, layer=0, head=1).weights[0], expected)
 
 
@@ -81,3 +99,17 @@ def test_cli_errors_are_one_line(tiny_run: Path, tmp_path: Path, capsys: pytest.
 def test_library_refuses_a_bad_layer(tiny_run: Path) -> None:
     with pytest.raises(GptlabError, match="--layer"):
         attention_map(load_model(tiny_run), load_tokenizer(tiny_run), PROMPT, layer=-1)
+
+
+def test_cli_never_replaces_an_existing_file_unasked(tiny_run: Path, tmp_path: Path, capsys) -> None:
+    mine = tmp_path / "thesis.pdf"
+    mine.write_bytes(b"%PDF my thesis")
+    code = main(["attention", str(tiny_run), "--prompt", PROMPT, "--out", str(mine)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "already exists; pass --overwrite" in err
+    assert mine.read_bytes() == b"%PDF my thesis"
+    code = main(["attention", str(tiny_run), "--prompt", PROMPT, "--out", str(tmp_path / "notes.txt")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "not an image format" in err
+    assert main(["attention", str(tiny_run), "--prompt", PROMPT, "--out", str(mine), "--overwrite"]) == 0
+    assert mine.read_bytes()[:4] == b"%PDF" and mine.stat().st_size > 1000

@@ -6,14 +6,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import needs_compile, tiny_model
+from conftest import tiny_model
 
 from gptlab.config import GPTConfig, model_preset
 from gptlab.errors import GptlabError
-from gptlab.linear import matvec_rows, row_blocks_pay
-from gptlab import model as model_module
-from gptlab.model import GPT, KVCache, TanhGELU, sigmoid_form_gelu, textbook_attention_is_faster
+from gptlab import generate, kernels
+from gptlab.model import GPT
 
 
 def test_output_shapes_and_loss() -> None:
@@ -43,19 +41,19 @@ def test_longer_than_context_is_refused() -> None:
         model(torch.zeros(1, 9, dtype=torch.long))
 
 
-@pytest.mark.parametrize("explicit", [False, True])
-def test_causality(explicit: bool) -> None:
+@pytest.mark.parametrize("path", kernels.ATTENTION_PATHS)
+def test_causality(path: str) -> None:
     """Changing the token at position t+1 leaves the logits at positions <= t unchanged."""
     model = tiny_model(block_size=16)
-    model.set_explicit_attention(explicit)
     idx = torch.randint(0, 50, (2, 16))
-    base = model(idx).logits
-    for t in (0, 5, 14):
-        changed = idx.clone()
-        changed[:, t + 1] = (changed[:, t + 1] + 1) % 50
-        logits = model(changed).logits
-        assert torch.equal(logits[:, : t + 1], base[:, : t + 1])
-        assert not torch.allclose(logits[:, t + 1], base[:, t + 1])
+    with kernels.force(attention=path):
+        base = model(idx).logits
+        for t in (0, 5, 14):
+            changed = idx.clone()
+            changed[:, t + 1] = (changed[:, t + 1] + 1) % 50
+            logits = model(changed).logits
+            assert torch.equal(logits[:, : t + 1], base[:, : t + 1])
+            assert not torch.allclose(logits[:, t + 1], base[:, t + 1])
 
 
 @pytest.mark.parametrize("T", [16, 300])
@@ -63,82 +61,16 @@ def test_sdpa_and_explicit_attention_agree_forward_and_backward(T: int) -> None:
     model = tiny_model(block_size=T).train()  # dropout is 0: both paths are deterministic
     idx = torch.randint(0, 50, (3, T), generator=torch.Generator().manual_seed(T))
     results = []
-    for explicit in (False, True):
-        model.set_explicit_attention(explicit)
+    for path in ("fused", "textbook"):
         model.zero_grad()
-        out = model(idx, idx)
+        with kernels.force(attention=path):
+            out = model(idx, idx)
         out.loss.backward()
         results.append((out.logits.detach(), [p.grad.clone() for p in model.parameters()]))
     (fused, fused_grads), (textbook, textbook_grads) = results
     torch.testing.assert_close(textbook, fused, rtol=0, atol=1e-5)
     for a, b in zip(textbook_grads, fused_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-
-
-def test_the_default_attention_path_is_the_faster_one_for_the_device() -> None:
-    assert textbook_attention_is_faster(torch.zeros(1, 2, 64, 8, dtype=torch.bfloat16))
-    assert not textbook_attention_is_faster(torch.zeros(1, 2, 64, 8))  # float32: the fused kernel
-
-
-def test_bfloat16_on_a_cpu_takes_the_textbook_attention_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """There the formula's bf16 products beat the fused kernel; the numbers are float32's up to bf16 rounding."""
-    model = tiny_model(block_size=16)
-    idx = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
-    reference = model(idx).logits
-
-    def fused(*args, **kwargs):
-        raise AssertionError("the fused attention kernel was called")
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", fused)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = model(idx).logits
-    assert logits.dtype == torch.bfloat16
-    error = (logits.float() - reference).abs().max().item()
-    assert error < 0.02 * reference.abs().max().item(), error
-
-
-def test_the_sigmoid_form_is_the_tanh_gelu_forward_and_backward() -> None:
-    x = torch.linspace(-12, 12, 4001, dtype=torch.float64, requires_grad=True)
-    expected = F.gelu(x, approximate="tanh")
-    (expected_grad,) = torch.autograd.grad(expected.sum(), x)
-    got = sigmoid_form_gelu(x)
-    (got_grad,) = torch.autograd.grad(got.sum(), x)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
-    torch.testing.assert_close(got_grad, expected_grad, rtol=0, atol=1e-12)
-    erf = F.gelu(x)  # the control: the exact GELU is a different function at this tolerance
-    assert (erf - expected).abs().max().item() > 1e-4
-
-
-@needs_compile()
-def test_a_compiled_gelu_takes_the_sigmoid_form(monkeypatch: pytest.MonkeyPatch) -> None:
-    traced = []
-
-    def counting(x: torch.Tensor) -> torch.Tensor:
-        traced.append(x.shape)
-        return sigmoid_form_gelu(x)
-
-    monkeypatch.setattr(model_module, "sigmoid_form_gelu", counting)
-    gelu = TanhGELU()
-    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(0), requires_grad=True)
-    eager = gelu(x)
-    (eager_grad,) = torch.autograd.grad(eager.sum(), x)
-    assert traced == []  # eager mode: torch's own tanh kernel
-    compiled = torch.compile(gelu)(x)
-    (compiled_grad,) = torch.autograd.grad(compiled.sum(), x)
-    assert traced == [x.shape]
-    # float32's default tolerances: a different formula rounds differently (the math is pinned above)
-    torch.testing.assert_close(compiled, eager)
-    torch.testing.assert_close(compiled_grad, eager_grad)
-
-
-def test_attention_weights_are_causal_distributions() -> None:
-    model = tiny_model(block_size=12)
-    weights = model.attention_weights(torch.randint(0, 50, (1, 12)))
-    assert len(weights) == 2
-    for w in weights:
-        assert w.shape == (1, 2, 12, 12)
-        assert torch.allclose(w.sum(-1), torch.ones(1, 2, 12), atol=1e-6)
-        assert torch.all(w.triu(1) == 0)
 
 
 def test_gpt2_initialisation_statistics() -> None:
@@ -205,10 +137,10 @@ def test_dropout_is_active_only_in_training() -> None:
 def test_generate_shape_and_greedy_is_deterministic() -> None:
     model = tiny_model(block_size=8)
     idx = torch.randint(0, 50, (2, 5))
-    out = model.generate(idx, max_new_tokens=12, temperature=0)  # runs past the context of 8
+    out = generate(model, idx, max_new_tokens=12, temperature=0)  # runs past the context of 8
     assert out.shape == (2, 17)
     assert torch.equal(out[:, :5], idx)
-    assert torch.equal(out, model.generate(idx, max_new_tokens=12, temperature=0))
+    assert torch.equal(out, generate(model, idx, max_new_tokens=12, temperature=0))
 
 
 def test_crop_block_size_keeps_the_first_positions() -> None:
@@ -220,59 +152,23 @@ def test_crop_block_size_keeps_the_first_positions() -> None:
     assert torch.allclose(model(idx).logits, before)
 
 
-# --- decoding's matrix-vector products ------------------------------------------------------------
+def test_the_old_method_names_still_work_and_say_what_replaces_them(tmp_path) -> None:
+    model = tiny_model(block_size=8)
+    idx = torch.randint(0, 50, (1, 3))
+    with pytest.warns(DeprecationWarning, match=r"gptlab.generate\("):
+        out = model.generate(idx, 4, temperature=0)
+    assert torch.equal(out, generate(model, idx, 4, temperature=0))
+    with pytest.warns(DeprecationWarning, match=r"gptlab.save_model"):
+        model.save_pretrained(tmp_path)
+    with pytest.warns(DeprecationWarning, match=r"gptlab.load_model"):
+        loaded = GPT.from_pretrained(tmp_path)
+    assert torch.equal(loaded(idx).logits, model(idx).logits)
 
 
-@pytest.fixture
-def threads():
-    """Set torch's thread count for one test (the suite runs on one thread, see conftest)."""
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
+def test_model_py_imports_nothing_above_it() -> None:
+    import ast
+    import gptlab.model
 
-
-@pytest.mark.parametrize("n_threads", [2, 3])
-@pytest.mark.parametrize("rows", [1, 2, 4, 7])
-def test_matvec_rows_equals_f_linear(threads, n_threads: int, rows: int) -> None:
-    threads(n_threads)
-    g = torch.Generator().manual_seed(rows)
-    weight = torch.randn(1001, 300, generator=g)  # 1001 rows: a remainder for 2 and for 3 threads
-    bias = torch.randn(1001, generator=g)
-    x = torch.randn(rows, 1, 300, generator=g)  # (B, T, in) as a decoding step has it
-    with torch.inference_mode():
-        for b in (bias, None):
-            got = matvec_rows(x, weight, b)
-            assert got.shape == (rows, 1, 1001)
-            torch.testing.assert_close(got, F.linear(x, weight, b), rtol=0, atol=1e-4)
-
-
-def test_row_blocks_are_used_for_float32_decoding_on_several_threads_only(threads) -> None:
-    weight = torch.zeros(1024, 256)  # 2**18 entries
-    one_row = torch.zeros(1, 1, 256)
-    threads(2)
-    with torch.inference_mode():
-        assert row_blocks_pay(one_row, weight)
-        assert row_blocks_pay(torch.zeros(8, 256), weight)
-        assert not row_blocks_pay(torch.zeros(9, 256), weight)  # a batch BLAS handles well itself
-        assert not row_blocks_pay(one_row, weight[:1000])  # a small matrix: the split costs more than it saves
-        assert not row_blocks_pay(one_row.bfloat16(), weight.bfloat16())  # bf16 kernels are threaded already
-    assert not row_blocks_pay(one_row, weight)  # autograd on: training keeps F.linear
-    threads(1)
-    with torch.inference_mode():
-        assert not row_blocks_pay(one_row, weight)
-
-
-def test_decoding_through_row_blocks_matches_the_uncached_model(threads) -> None:
-    """A model big enough for the row-block path, on 2 threads: the cache still gives the plain logits."""
-    threads(2)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=1101, block_size=24, n_layer=2, n_head=4, n_embd=256)).eval()
-    seq = torch.randint(0, 1101, (6, 24), generator=torch.Generator().manual_seed(3))
-    expected = model(seq).logits  # (B, T, V)
-    for rows in (1, 2, 6):
-        cache = KVCache(model.config, rows, 24)
-        with torch.inference_mode():
-            assert row_blocks_pay(torch.zeros(rows, 1, 256), model.lm_head.weight)
-            got = [model.forward_cached(seq[:rows, :3], cache)]
-            got += [model.forward_cached(seq[:rows, t : t + 1], cache) for t in range(3, 24)]
-        torch.testing.assert_close(torch.stack(got, 1), expected[:rows, 2:], rtol=0, atol=1e-5)
+    tree = ast.parse(open(gptlab.model.__file__).read())
+    local = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
+    assert local == {"config", "kernels"}

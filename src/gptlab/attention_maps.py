@@ -1,7 +1,8 @@
 """Attention heatmaps: which earlier tokens each position of a prompt reads from.
 
-The weights come from the model's explicit attention path (softmax(QK^T/sqrt(d) + M), the formula the
-fused kernel computes without ever materialising), so what is drawn is exactly what the model uses.
+The weights are softmax(Q K^T / sqrt(d) + M) computed from the queries and keys each layer's projection
+actually produces (caught by a forward hook on `c_attn`), the matrix a fused attention kernel never
+materialises; a test checks that they reproduce the layer's attention output.
 Figures are drawn on matplotlib's Agg canvas directly: no display, no global pyplot state.
 """
 
@@ -17,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .errors import GptlabError
+from .fileio import atomic_write
 from .model import GPT
 from .tokenizers import Tokenizer
 
@@ -54,18 +56,51 @@ def attention_map(
     was_training = model.training
     model.eval()
     try:
-        weights = model.attention_weights(torch.tensor([ids], device=device))[layer][0]  # (nh, T, T)
+        weights = attention_weights(model, torch.tensor([ids], device=device))[layer][0]  # (nh, T, T)
     finally:
         model.train(was_training)
     heads = list(range(n_head)) if head is None else [head]
     return AttentionMap(layer, heads, token_labels(tokenizer, ids), weights[heads].float().cpu().numpy())
 
 
-def plot_attention(amap: AttentionMap, out: str | Path) -> Path:
-    """Draw one heatmap per head in a near-square grid and save it (format from the file suffix)."""
+@torch.no_grad()
+def attention_weights(model: GPT, idx: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, the attention weights (B, nh, T, T) of the prompt `idx` (B, T)."""
+    projections: list[torch.Tensor] = []
+    hooks = [block.attn.c_attn.register_forward_hook(lambda _m, _i, out: projections.append(out))
+             for block in model.transformer.h]
+    try:
+        model(idx)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    B, T = idx.shape
+    nh, hs = model.config.n_head, model.config.head_dim
+    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()  # (T, T)
+    weights = []
+    for qkv in projections:  # (B, T, 3C)
+        q, k, _ = (t.view(B, T, nh, hs).transpose(1, 2).float() for t in qkv.split(nh * hs, dim=2))
+        scores = (q @ k.transpose(-2, -1) / math.sqrt(hs)).masked_fill(~causal, float("-inf"))  # (B, nh, T, T)
+        weights.append(scores.softmax(-1))
+    return weights
+
+
+def plot_attention(amap: AttentionMap, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Draw one heatmap per head in a near-square grid and save it (format from the file suffix).
+
+    An existing file is replaced only with `overwrite`: the path may name someone's own document.
+    """
     out = Path(out)
     if out.parent and not out.parent.is_dir():
         raise GptlabError(f"--out {out}: the directory {out.parent} does not exist")
+    formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    image_format = out.suffix.lstrip(".").lower()
+    if image_format not in formats:
+        raise GptlabError(f"--out {out}: {out.suffix or 'no suffix'} is not an image format; use .png, .svg or .pdf")
+    if out.is_dir():
+        raise GptlabError(f"--out {out} is a directory; name the image file to write")
+    if out.exists() and not overwrite:
+        raise GptlabError(f"--out {out} already exists; pass --overwrite to replace it")
     n = len(amap.heads)
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
@@ -87,5 +122,5 @@ def plot_attention(amap: AttentionMap, out: str | Path) -> Path:
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
     fig.colorbar(image, ax=axes, shrink=0.8, label="attention weight")
-    fig.savefig(out, dpi=120)
+    atomic_write(out, lambda handle: fig.savefig(handle, format=image_format, dpi=120))
     return out
