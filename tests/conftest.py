@@ -100,6 +100,14 @@ def gptlab(capsys: pytest.CaptureFixture):
     return run
 
 
+def one_line_error(code: int, err: str, expected_code: int, *fragments: str) -> None:
+    """The command failed with `expected_code` and said so in one line holding every fragment, no traceback."""
+    lines = err.strip().splitlines()
+    assert code == expected_code and len(lines) == 1 and "Traceback" not in err, (code, err)
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path):
     """A directory on a 256 KiB tmpfs, for what a full disk does; skipped (saying why) where it cannot mount."""
