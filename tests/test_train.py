@@ -325,20 +325,42 @@ def test_nproc_outside_torchrun_is_refused(char_data: Path, tmp_path: Path) -> N
         train(config_for(char_data, tmp_path / "run", nproc=2), show_progress=False)
 
 
-def test_decay_by_time_spreads_the_decay_over_the_time_budget(
-    char_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("first_step", [0.0, 30.0], ids=["eager", "compiling"])
+def test_decay_by_time_runs_the_warmup_and_the_decay_on_the_clock(
+    char_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first_step: float
 ) -> None:
     out = tmp_path / "run"
-    monkeypatch.setattr(Trainer, "elapsed", lambda self: 0.25 * self.step)  # each step uses 0.25 s of budget
-    config = config_for(char_data, out, max_iters=1000, max_time=5.0, decay_by_time=True, warmup_iters=4,
-                        eval_interval=0, dropout=0.0)
+    # the first step takes `first_step` seconds (compiling), every later one 0.25 s
+    monkeypatch.setattr(Trainer, "elapsed", lambda self: first_step + 0.25 * self.step)
+    config = config_for(char_data, out, max_iters=1000, max_time=first_step + 5.0, decay_by_time=True,
+                        warmup_fraction=0.2, eval_interval=0, dropout=0.0)
     result = train(config, show_progress=False)
-    assert result.step == 21  # the budget, not max_iters, ended the run: step 21 ended at 5.0 s
-    # step k (from 0) reads the clock as it stood at the end of step k - 1: 0.25 * (k - 1) seconds
-    position = [k if k < 4 else 4 + min(1.0, 0.25 * (k - 1) / 5.0) * (1000 - 4) for k in range(21)]
+    assert result.step == 21  # the budget, not max_iters, ended the run: step 21 ended at 5.0 s of schedule
+    # step k (from 0) reads the clock as it stood at the end of step k - 1, and the schedule's clock
+    # starts when the first step ends: 0.25 * (k - 1) seconds of its 5 (none before step 1 has ended)
+    position = [0.0 if k == 0 else min(1.0, 0.25 * (k - 1) / 5.0) * 1000 for k in range(21)]
     logged = [row["lr"] for row in rows(out) if "loss" in row]
     assert logged == pytest.approx([learning_rate(p, config) for p in position])
+    assert logged.index(max(logged)) == 5  # the warm-up is a fifth of the time: 1 s, 4 steps after the first
     assert logged[-1] < config.min_lr + 0.01 * (config.lr - config.min_lr)  # decayed as the budget ends
+
+
+def test_a_slow_time_limited_run_warms_up_briefly_and_decays_smoothly(
+    char_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demo on a loaded machine: 120 steps in 4 minutes. Counted in steps, a 100-step warm-up
+    took most of the budget and the decay then dropped the lr to its floor in one step."""
+    out = tmp_path / "run"
+    monkeypatch.setattr(Trainer, "elapsed", lambda self: 2.0 * self.step)
+    config = config_for(char_data, out, max_iters=100_000, max_time=240.0, decay_by_time=True,
+                        warmup_iters=100, warmup_fraction=0.05, eval_interval=0, dropout=0.0, log_interval=1)
+    train(config, show_progress=False)
+    logged = [row["lr"] for row in rows(out) if "loss" in row]
+    assert len(logged) == 121
+    peak = logged.index(max(logged))
+    assert 5 <= peak <= 8  # 5% of 240 s at 2 s a step
+    assert all(b >= a for a, b in zip(logged[:peak], logged[1:peak + 1])) and logged[peak] > 10 * logged[0]
+    assert max(a - b for a, b in zip(logged[peak:], logged[peak + 1:])) < 0.02 * config.lr  # no cliff
 
 
 def test_decay_by_time_needs_a_time_budget() -> None:
@@ -356,8 +378,12 @@ def test_dtype_auto_takes_bfloat16_only_where_its_matmuls_are_fast(
     assert resolve_dtype("float32", torch.device("cpu")) == "float32"  # an explicit choice is kept
 
 
-def test_dtype_auto_is_recorded_as_the_dtype_it_chose(char_data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("bf16_rate, expected", [(4.1e11, "bfloat16"), (1.5e9, "float32")])
+def test_dtype_auto_is_recorded_as_the_dtype_it_chose(
+    char_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bf16_rate: float, expected: str
+) -> None:
+    rates = {torch.float32: 2.0e11, torch.bfloat16: bf16_rate}  # the probe, made deterministic
+    monkeypatch.setattr(train_module, "matmul_peak", lambda device, dtype, seconds=0.25: rates[dtype])
     out = tmp_path / "run"
     train(config_for(char_data, out, dtype="auto", max_iters=2, eval_interval=0), show_progress=False)
-    chosen = json.loads((out / "train_config.json").read_text())["dtype"]
-    assert chosen == resolve_dtype("auto", torch.device("cpu"))
+    assert json.loads((out / "train_config.json").read_text())["dtype"] == expected

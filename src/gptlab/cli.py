@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from dataclasses import MISSING, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Callable
 
@@ -44,23 +44,22 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                     "character-level model of the complete works of Shakespeare, within 5 minutes on a CPU.",
     )
     p.add_argument("--config", metavar="FILE", help="a JSON file of option: value pairs")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--overwrite", action="store_true", help="replace the gptlab run in --out (a run only, once every check of the new run has passed)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    for f in fields(TrainConfig):
-        default = f.default if f.default is not MISSING else None
+    for f in fields(TrainConfig):  # every option's help line is the field's, in config.py
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"default: {default!r}"
-        if f.name in FIELD_CHOICES:
-            help_text += f"; one of {', '.join(FIELD_CHOICES[f.name])}"
-        if f.name == "preset":
-            p.add_argument(flag, choices=sorted(TRAIN_PRESETS), default=None,
-                           help="named settings (default: shakespeare-char-default when no --data is given)")
-        elif f.type in (bool, "bool"):
+        choices = sorted(TRAIN_PRESETS) if f.name == "preset" else FIELD_CHOICES.get(f.name)
+        default = "shakespeare-char-default when no --data, --config or --resume is given" if f.name == "preset" \
+            else repr(f.default)
+        help_text = f.metadata["help"] + (f"; one of {', '.join(choices)}" if choices else "") + f" (default: {default})"
+        help_text = help_text.replace("%", "%%")  # argparse formats help lines with %
+        if f.type == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            kind = {"int": int, "float": float, "str": str}.get(str(f.type), type(default))
-            p.add_argument(flag, type=kind, default=None, dest=f.name, metavar=f.name.upper(), help=help_text)
+            kind = {"int": int, "float": float, "str": str}[f.type]
+            p.add_argument(flag, type=kind, default=None, dest=f.name, metavar=f.name.upper(), help=help_text,
+                           choices=choices if f.name == "preset" else None)
     p.set_defaults(handler=_run_train)
 
 

@@ -28,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -40,16 +41,16 @@ from tqdm import tqdm
 from . import distributed
 from .adder import AdderDataset
 from .checkpoint import load_model, save_model
-from .config import GPTConfig, TrainConfig
+from .config import GPTConfig, TrainConfig, checked_train_config
 from .data import TokenDataset, default_corpus_files, prepare
 from .distributed import Group
-from .errors import GptlabError
+from .errors import EnvironmentProblem, GptlabError
 from .fileio import atomic_write_bytes, atomic_write_json, remove_temporaries
 from .model import GPT
-from .optim import configure_optimizer, learning_rate
+from .optim import configure_optimizer, learning_rate, schedule_position
 from .report import write_report
 from .run_dir import METRICS_FILE, TRAIN_CONFIG_FILE, RunDirectory, check_run_dir, claim_run_dir
-from .throughput import ThroughputMeter, flops_per_token, matmul_peak
+from .throughput import ThroughputMeter, flops_per_token, matmul_parameters, matmul_peak
 from .training_state import (
     STATE_FILE, load_training_state, process_rng_state, restore_process_rng_state, save_training_state,
 )
@@ -74,14 +75,26 @@ class TrainResult:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device `name` names: auto, cpu, cuda, cuda:N or mps; one that this machine lacks is an
+    EnvironmentProblem (exit 3), a name that is no device a GptlabError (exit 2)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise GptlabError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GptlabError(f"--device {name}: CUDA is not available on this machine")
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise GptlabError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EnvironmentProblem(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise EnvironmentProblem(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
+                f"cuda:{torch.cuda.device_count() - 1}"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise EnvironmentProblem(f"--device {name}: this torch has no MPS (Apple GPU) support here; use --device cpu")
     return device
 
 
@@ -173,7 +186,10 @@ def resumed_config(run_dir: Path, given: TrainConfig) -> TrainConfig:
     if ignored and distributed.is_main_process():
         print(f"--resume keeps the run's saved options; ignoring {', '.join(sorted(ignored))}", file=sys.stderr)
     values.update(out=str(run_dir), nproc=given.nproc)  # nproc says how this invocation was launched
-    return TrainConfig(**values)
+    try:
+        return checked_train_config(values)
+    except GptlabError as exc:
+        raise GptlabError(f"{path}: {exc}") from None
 
 
 @torch.no_grad()
@@ -247,6 +263,48 @@ def _logged_step(line: str) -> float:
         return math.inf
 
 
+def check_memory(model: GPTConfig, config: TrainConfig, device: torch.device) -> None:
+    """Refuse, before allocating anything, a run that cannot fit in this device's memory at all.
+
+    The estimate is a lower bound: the weights, their gradients and one optimizer moment (12 bytes a
+    parameter), the logits of one micro-batch and their gradient, and each block's input (what even
+    activation checkpointing keeps). A run it lets through can still run out of memory (see `train`).
+    """
+    parameters = matmul_parameters(model) + model.block_size * model.n_embd
+    tokens = config.batch_size * config.block_size
+    activation_bytes = 4 if config.dtype in ("float32", "auto") else 2
+    need = 12 * parameters + tokens * activation_bytes * (2 * model.vocab_size + model.n_layer * model.n_embd)
+    if device.type == "cuda":
+        have, what = torch.cuda.get_device_properties(device).total_memory, f"{device}'s memory"
+    else:
+        have, what = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+    if need > have:
+        raise GptlabError(
+            f"this run needs at least {need / 2**30:,.1f} GiB ({parameters:,} parameters with their gradients and "
+            f"optimizer state, and micro-batches of {tokens:,} tokens), more than {what} ({have / 2**30:,.1f} GiB); "
+            f"choose a smaller model, --batch-size or --block-size"
+        )
+
+
+@contextlib.contextmanager
+def unusable_state(run_dir: Path) -> Iterator[None]:
+    """A training state whose entries do not fit this gptlab's model or optimizer: one line, not a traceback."""
+    try:
+        yield
+    except (GptlabError, KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+        if out_of_memory(exc):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise GptlabError(f"{run_dir / STATE_FILE}: cannot resume from this training state ({first})") from None
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether torch failed to allocate memory (CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError)."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    )
+
+
 def build_model(config: TrainConfig, vocab_size: int, device: torch.device) -> GPT:
     """A fresh GPT, or with --init-from a run, a Hugging Face GPT-2 directory or a GPT-2 size to fine-tune.
 
@@ -254,9 +312,11 @@ def build_model(config: TrainConfig, vocab_size: int, device: torch.device) -> G
     overwritten with the checkpoint's, so train_config.json records the network actually trained.
     """
     if not config.init_from:
+        check_memory(config.model_config(vocab_size), config, device)
         return GPT(config.model_config(vocab_size)).to(device)
     model = load_model(config.init_from, dropout=config.dropout)
     source = model.config
+    check_memory(source, config, device)
     if source.vocab_size != vocab_size:
         hint = "; prepare the data with --tokenizer gpt2" if source.vocab_size == 50257 else ""
         raise GptlabError(
@@ -350,14 +410,18 @@ class Trainer:
         state = load_training_state(Path(config.out)) if resume and group.is_main else None
         state = distributed.broadcast_from_main(state, group)
         if state is not None:
-            self.model = GPT(GPTConfig(**state["model_config"]))
-            self.model.load_state_dict(state["model"])
+            with unusable_state(Path(config.out)):
+                model_config = GPTConfig(**state["model_config"])
+                check_memory(model_config, config, device)
+                self.model = GPT(model_config)
+                self.model.load_state_dict(state["model"])
             self.model.to(device)
         else:
             self.model = build_model(config, self.tokenizer.vocab_size, device)
         self.optimizer = configure_optimizer(self.model, config, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.dtype == "float16")
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
+        self.schedule_start: float | None = None  # the run's clock when its first step ended
         self.best_val, self.last_eval_step, self.saved_step = math.inf, 0, -1
         self.losses = {"train": math.nan, "val": math.nan}
         self.metrics = None
@@ -412,10 +476,15 @@ class Trainer:
             )
 
     def _restore(self, state: dict[str, Any]) -> None:
+        with unusable_state(self.run_dir):
+            self._restore_state(state)
+
+    def _restore_state(self, state: dict[str, Any]) -> None:
         group = self.group
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.tokens_seen, self.elapsed_before = state["step"], state["tokens_seen"], state["elapsed"]
+        self.schedule_start = state["schedule_start"]
         self.best_val, self.last_eval_step = state["best_val_loss"], state["last_eval_step"]
         self.saved_step = self.step
         self.data_rng.bit_generator.state = state["data_rng"]
@@ -496,7 +565,8 @@ class Trainer:
         """One optimizer step; returns why the run must stop now ("" to go on)."""
         config, group, device = self.config, self.group, self.device
         self.meter.start()
-        lr = learning_rate(self._schedule_position(), config)
+        # the clock as agreed at the end of the previous step
+        lr = learning_rate(schedule_position(self.step, self.clock, self.schedule_start, config), config)
         for param_group in self.optimizer.param_groups:
             param_group["lr"] = lr
         x, y = self.dataset.get_batch("train", config.batch_size * config.grad_accum, config.block_size, self.data_rng)
@@ -529,6 +599,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += x.numel()
+        if self.schedule_start is None:
+            self.schedule_start = self.clock
         if self.session_steps == 0:
             self.meter.cancel()  # the first step pays for warm-up (and compilation): not counted
         else:
@@ -543,20 +615,6 @@ class Trainer:
         if sigint or sigterm:
             return "SIGINT" if sigint else "SIGTERM"
         return "max_time" if time_up else ""
-
-    def _schedule_position(self) -> float:
-        """The step the learning-rate schedule is at: this step, or with decay_by_time, the share of
-        the time budget used, mapped onto the decay's steps.
-
-        Warmup always counts steps. A wall-clock decay ends exactly when the budget does, however fast
-        the machine runs; the price is that such a run cannot be repeated (or resumed) step for step.
-        """
-        config = self.config
-        if not config.decay_by_time or self.step < config.warmup_iters:
-            return self.step
-        used = min(1.0, self.clock / config.max_time)  # as agreed at the end of the previous step
-        decay_end = config.lr_decay_iters or config.max_iters
-        return config.warmup_iters + used * (decay_end - config.warmup_iters)
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not self.config.compile or self.session_steps > 0:
@@ -619,17 +677,25 @@ class Trainer:
         if improved:
             self.best_val = losses["val"]
         if self.group.is_main:
-            if improved:
-                save_model(self.model, self.run_dir / "best")
-                self.tokenizer.save(self.run_dir / "best")
-            save_training_state(self.run_dir, {
-                "step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed(),
-                "best_val_loss": self.best_val, "last_eval_step": self.last_eval_step,
-                "model_config": self.model.config.to_dict(), "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "data_rng": self.data_rng.bit_generator.state, "process_rng": rng_states,
-            })
-            save_model(self.model, self.run_dir)
+            kept = self.saved_step
+            try:
+                if improved:
+                    save_model(self.model, self.run_dir / "best")
+                    self.tokenizer.save(self.run_dir / "best")
+                save_training_state(self.run_dir, {
+                    "step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed(),
+                    "schedule_start": self.schedule_start,
+                    "best_val_loss": self.best_val, "last_eval_step": self.last_eval_step,
+                    "model_config": self.model.config.to_dict(), "model": self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                    "data_rng": self.data_rng.bit_generator.state, "process_rng": rng_states,
+                })
+                kept = self.step
+                save_model(self.model, self.run_dir)
+            except EnvironmentProblem as exc:
+                where = (f"--resume continues from the checkpoint of step {kept} once that is mended" if kept >= 0
+                         else "no checkpoint had been written yet")
+                raise EnvironmentProblem(f"{exc} (saving step {self.step}); {where}") from None
         # no process leaves before rank 0 has written: torchrun stops every worker once one has exited
         distributed.barrier(self.group)
         self.saved_step = self.step
@@ -674,6 +740,13 @@ def train(
         device = distributed.process_device(device, group)
         trainer = Trainer(config, group, device, overwrite=overwrite, resume=resume, show_progress=show_progress)
         return trainer.run()
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not out_of_memory(exc):
+            raise
+        raise EnvironmentProblem(
+            f"out of memory on {device}; choose a smaller --batch-size (a larger --grad-accum keeps the batch), "
+            f"--block-size or model"
+        ) from None
     finally:
         if trainer is not None:
             trainer.close()

@@ -23,7 +23,12 @@ from .errors import GptlabError
 from .fileio import atomic_write
 
 STATE_FILE = "training_state.pt"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: schedule_start
+# What the trainer saves (train.py's _checkpoint) and needs back to resume.
+STATE_KEYS = (
+    "step", "tokens_seen", "elapsed", "schedule_start", "best_val_loss", "last_eval_step", "model_config", "model", "optimizer",
+    "scaler", "data_rng", "process_rng",
+)
 
 
 def save_training_state(run_dir: Path, state: dict[str, Any]) -> None:
@@ -43,6 +48,9 @@ def load_training_state(run_dir: Path) -> dict[str, Any]:
         raise GptlabError(
             f"{path}: training state format {found!r}, expected {STATE_VERSION}; this gptlab cannot resume it"
         )
+    missing = [key for key in STATE_KEYS if key not in state]
+    if missing:
+        raise GptlabError(f"{path}: the training state lacks {', '.join(missing)}; it is damaged and cannot be resumed")
     return state
 
 
