@@ -16,7 +16,7 @@ from gptlab import distributed
 from gptlab.cli import _train_argv, build_parser, main
 from gptlab.config import build_train_config
 from gptlab.distributed import Group
-from gptlab.train import train
+from gptlab.train import saved_options, train
 from gptlab.training_state import load_training_state
 
 # dropout off: the 2 processes draw their own dropout masks, which 1 process cannot reproduce
@@ -159,7 +159,8 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step(
     assert len(load_training_state(out)["process_rng"]) == 2  # both processes' random states
 
     # the run continues in one process: the same batches, so the same losses as the reference
-    resumed = train(build_train_config(overrides={"out": str(out)}), resume=True, show_progress=False)
+    resumed = train(build_train_config(base=saved_options(out), overrides={"nproc": 1}), resume=True,
+                    show_progress=False)
     assert resumed.step == RUN["max_iters"]
     assert_same_losses(out, one_process)
 

@@ -67,9 +67,9 @@ def _run_train(args: argparse.Namespace) -> int:
     from .config import build_train_config
     from .distributed import is_main_process, launch, launched_by_torchrun
     from .report import headline
-    from .train import train
+    from .train import saved_options, train
 
-    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}  # None: not given
     preset = overrides.pop("preset")
     if preset is None and not overrides["data"] and not args.config and not args.resume:
         preset = "shakespeare-char-default"
@@ -77,7 +77,9 @@ def _run_train(args: argparse.Namespace) -> int:
         raise GptlabError("--resume needs --out RUN_DIR, the run to continue")
     if args.resume and args.overwrite:
         raise GptlabError("--resume and --overwrite contradict each other; choose one")
-    config = build_train_config(preset, args.config, overrides)
+    # resuming starts from the run's own options: every option typed changes one, even to its default
+    base = saved_options(Path(overrides["out"])) if args.resume else None
+    config = build_train_config(preset, args.config, overrides, base=base)
     if config.nproc > 1 and not launched_by_torchrun():
         return launch(config.nproc, _train_argv(args))  # the same command in nproc processes, DDP
     result = train(config, overwrite=args.overwrite, resume=args.resume, show_progress=not args.no_progress)

@@ -272,9 +272,11 @@ def build_train_config(
     preset: str | None = None,
     config_file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
+    base: dict[str, Any] | None = None,
 ) -> TrainConfig:
-    """Defaults, then the preset, then a JSON config file, then command-line overrides: later wins."""
-    values: dict[str, Any] = {}
+    """Defaults, then `base` (a resumed run's saved options), the preset, a JSON config file, then
+    command-line overrides (None: not given): later wins."""
+    values: dict[str, Any] = dict(base or {})
     if preset:
         if preset not in TRAIN_PRESETS:
             raise GptlabError(f"unknown preset {preset!r}; known presets: {', '.join(TRAIN_PRESETS)}")

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from . import distributed
 from .adder import AdderDataset
 from .checkpoint import load_model, save_model
-from .config import GPTConfig, TrainConfig, checked_train_config
+from .config import GPTConfig, TrainConfig, check_type, checked_train_config
 from .data import TokenDataset, default_corpus_files, prepare
 from .distributed import Group
 from .errors import EnvironmentProblem, GptlabError
@@ -57,9 +57,11 @@ from .training_state import (
 
 DEFAULT_DATA_DIR = Path("data/shakespeare-char")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# What a resumed run may change from its saved options: how long, where and how fast it runs.
+# What a resumed run may change from its saved options: how long, where and how fast it runs, how it
+# is watched, and where its data now lives (a moved dataset, which must have the model's vocabulary).
 # (A new max_iters also moves the end of the learning-rate decay unless --lr-decay-iters was set.)
-RESUME_OPTIONS = ("max_iters", "max_time", "device", "compile", "on_nonfinite", "log_interval", "sample_tokens")
+RESUME_OPTIONS = ("max_iters", "max_time", "device", "compile", "on_nonfinite", "log_interval", "sample_tokens",
+                  "eval_interval", "eval_iters", "data")
 
 
 @dataclass
@@ -153,43 +155,54 @@ def open_dataset(config: TrainConfig) -> TokenDataset | AdderDataset:
         dataset: TokenDataset | AdderDataset = AdderDataset()
     else:
         data_dir = resolve_data(config)
-        config.data = str(data_dir)
+        config.data = str(data_dir.resolve())  # train_config.json: a resume from any directory finds it
         dataset = TokenDataset(data_dir)
     for split in ("train", "val"):
         dataset.check_length(split, config.block_size)
     return dataset
 
 
-def resumed_config(run_dir: Path, given: TrainConfig) -> TrainConfig:
-    """The saved options of the run in `run_dir`, with the RESUME_OPTIONS `given` sets explicitly.
-
-    An option counts as set when it differs from TrainConfig's default; any other difference is
-    reported and ignored, because it would change what the resumed run computes.
-    """
-    path = run_dir / TRAIN_CONFIG_FILE
+def saved_options(run_dir: Path) -> dict[str, Any]:
+    """The options a run was last trained with (its train_config.json), for `--resume` to start from."""
+    path = Path(run_dir) / TRAIN_CONFIG_FILE
+    if not (Path(run_dir) / STATE_FILE).is_file():
+        raise GptlabError(f"{run_dir}: no {STATE_FILE} to resume from")
     try:
         saved = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise GptlabError(f"{path}: cannot read the run's options ({exc})") from None
-    known = {f.name for f in fields(TrainConfig)}
-    values = {k: v for k, v in saved.items() if k in known}
-    defaults = TrainConfig()
+    if not isinstance(saved, dict):
+        raise GptlabError(f"{path}: cannot read the run's options (not a JSON object)")
+    kinds = {f.name: f.type for f in fields(TrainConfig)}
+    for name, value in saved.items():
+        if name in kinds:
+            check_type(f"{path}: --{name.replace('_', '-')}", value, kinds[name])
+    return {k: v for k, v in saved.items() if k in kinds}
+
+
+def resumed_config(run_dir: Path, given: TrainConfig) -> TrainConfig:
+    """`given`, except where it differs from the run's saved options in a way that would change what
+    the resumed run computes: those differences are reported and the saved values kept.
+
+    The command line builds `given` from the saved options and the options typed with --resume, so
+    every option typed (even one equal to its default) counts; RESUME_OPTIONS may change.
+    """
+    values = saved_options(run_dir)
     ignored = []
-    for name in known - {"out", "nproc"}:
-        value = getattr(given, name)
-        if value == getattr(defaults, name) or value == values.get(name):
+    for name, value in given.to_dict().items():
+        if name in values and value == values[name]:
             continue
-        if name in RESUME_OPTIONS:
+        if name in RESUME_OPTIONS or name in ("out", "nproc") or name not in values:
             values[name] = value
         else:
             ignored.append(f"--{name.replace('_', '-')}")
     if ignored and distributed.is_main_process():
         print(f"--resume keeps the run's saved options; ignoring {', '.join(sorted(ignored))}", file=sys.stderr)
-    values.update(out=str(run_dir), nproc=given.nproc)  # nproc says how this invocation was launched
+    values["out"] = str(run_dir)
     try:
         return checked_train_config(values)
     except GptlabError as exc:
-        raise GptlabError(f"{path}: {exc}") from None
+        raise GptlabError(f"{Path(run_dir) / TRAIN_CONFIG_FILE}: {exc}") from None
 
 
 @torch.no_grad()
@@ -412,6 +425,12 @@ class Trainer:
         if state is not None:
             with unusable_state(Path(config.out)):
                 model_config = GPTConfig(**state["model_config"])
+            if model_config.vocab_size != self.tokenizer.vocab_size:
+                raise GptlabError(
+                    f"--data {config.data}: its tokenizer has {self.tokenizer.vocab_size} tokens, the run's model "
+                    f"{model_config.vocab_size}; resume with the data the run was trained on"
+                )
+            with unusable_state(Path(config.out)):
                 check_memory(model_config, config, device)
                 self.model = GPT(model_config)
                 self.model.load_state_dict(state["model"])
@@ -436,8 +455,9 @@ class Trainer:
                 if group.rank > 0:
                     torch.manual_seed(config.seed + group.rank)  # each process its own dropout draws
                 if group.is_main:
-                    atomic_write_json(self.run_dir / TRAIN_CONFIG_FILE, config.to_dict())
                     self.tokenizer.save(self.run_dir)
+            if group.is_main:  # the options this session trains with, a resumed one's included
+                atomic_write_json(self.run_dir / TRAIN_CONFIG_FILE, config.to_dict())
             self.model.train()
             self.step_model = self._prepare_for_training(self.model)
             self.metrics = open(self.run_dir / METRICS_FILE, "a") if group.is_main else None
