@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gptlab.ngram import KneserNey, NGramCounts
+from gptlab.evaluate.ngram import KneserNey, NGramCounts
 
 from machine import MACHINE  # benchmarks/machine.py: a script's own folder is on sys.path
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -31,6 +31,13 @@ TINY_TEXT = (
 ) * 40
 
 
+@pytest.fixture(scope="session", autouse=True)
+def kernel_choices(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The kernel choices the tests measure stay in the session's temporary directory, not ~/.cache;
+    child processes inherit it, so a resumed run chooses as the run it resumes did."""
+    os.environ["GPTLAB_KERNEL_CACHE"] = str(tmp_path_factory.mktemp("kernels") / "kernels.json")
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "tiny.txt"

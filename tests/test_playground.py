@@ -16,7 +16,7 @@ import pytest
 from gptlab.checkpoint import load_model
 from gptlab.config import ServerLimits
 from gptlab.generation import SamplingParams, complete
-from gptlab.server import create_app, running_server
+from gptlab.serve import create_app, running_server
 from gptlab.tokenizers import load_tokenizer
 
 CHROMIUM = Path("/usr/bin/chromium")

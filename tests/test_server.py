@@ -20,13 +20,13 @@ import httpx
 import pytest
 import torch
 
-import gptlab.server as server_module
+import gptlab.serve.worker as server_module
 from gptlab.checkpoint import load_model, save_model
 from gptlab.cli import main
 from gptlab.config import GPTConfig, ServerLimits
 from gptlab.generation import Completion, SamplingParams, TextStream, complete
 from gptlab.model import GPT
-from gptlab.server import create_app, running_server
+from gptlab.serve import create_app, running_server
 from gptlab.tokenizers import GPT2Tokenizer, Tokenizer, load_tokenizer
 
 # tiny_run's context is 32 tokens; max_tokens may go far beyond it (the window slides), which the

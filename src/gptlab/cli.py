@@ -205,7 +205,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from .server import is_loopback, serve
+    from .serve import is_loopback, serve
     from .train import resolve_device
 
     for name in ("port", "max_tokens_limit", "max_body_bytes", "max_choices", "max_batch"):
@@ -316,7 +316,7 @@ def _run_ngram(args: argparse.Namespace) -> int:
 
     from .data import TokenDataset
     from .evaluate import markdown_table, score_ngram
-    from .ngram import KneserNey, NGramCounts
+    from .evaluate.ngram import KneserNey, NGramCounts
 
     if args.sample_tokens < 0:
         raise GptlabError("--sample-tokens must not be negative")
@@ -350,6 +350,7 @@ def _add_attention(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layer", type=int, default=0, help="the layer (0 is the first)")
     p.add_argument("--head", type=int, default=None, help="one head; None: a grid of all heads of the layer")
     p.add_argument("--out", required=True, metavar="FILE.png", help="the image to write (format from the suffix)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.set_defaults(handler=_run_attention)
 
@@ -361,7 +362,7 @@ def _run_attention(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_pretrained(args.model, resolve_device(args.device))
     amap = attention_map(model, tokenizer, args.prompt, layer=args.layer, head=args.head)
-    out = plot_attention(amap, args.out)
+    out = plot_attention(amap, args.out, overwrite=args.overwrite)
     heads = f"head {args.head}" if args.head is not None else f"all {len(amap.heads)} heads"
     print(f"wrote {out}: layer {args.layer}, {heads}, {len(amap.labels)} tokens")
     return 0

@@ -45,6 +45,7 @@ from .config import GPTConfig, TrainConfig, check_type, checked_train_config
 from .data import TokenDataset, default_corpus_files, prepare
 from .distributed import Group
 from .errors import EnvironmentProblem, GptlabError
+from .evaluate.scorer import token_nll
 from .fileio import atomic_write_bytes, atomic_write_json, remove_temporaries
 from .model import GPT
 from .optim import configure_optimizer, learning_rate, schedule_position
@@ -119,12 +120,15 @@ def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
 
 
-def resolve_dtype(name: str, device: torch.device, group: Group = Group()) -> str:
+def resolve_dtype(
+    name: str, device: torch.device, group: Group = Group(), model: GPTConfig | None = None, rows: int | None = None
+) -> str:
     """`auto` -> bfloat16 where this device multiplies bf16 matrices at least 1.5x as fast as float32.
 
     That is a GPU with bf16 support, or a CPU with bf16 instructions (AVX-512-bf16, AMX), told apart by
-    the same matmul probe that MFU uses. Elsewhere bf16 is emulated and many times slower than float32,
-    so `auto` keeps float32. Rank 0 decides for every process.
+    the same probe of the model's products (`model` at `rows` tokens a micro-batch) that MFU uses.
+    Elsewhere bf16 is emulated and many times slower than float32, so `auto` keeps float32. Rank 0
+    decides for every process.
     """
     if name != "auto":
         return name
@@ -133,7 +137,8 @@ def resolve_dtype(name: str, device: torch.device, group: Group = Group()) -> st
         if device.type == "cuda":
             fast = torch.cuda.is_bf16_supported()
         else:
-            bf16, fp32 = (matmul_peak(device, dtype, seconds=0.1) for dtype in (torch.bfloat16, torch.float32))
+            bf16, fp32 = (matmul_peak(device, dtype, seconds=0.1, config=model, rows=rows)
+                          for dtype in (torch.bfloat16, torch.float32))
             fast = bf16 >= 1.5 * fp32
         chosen = "bfloat16" if fast else "float32"
     return distributed.broadcast_from_main(chosen, group)
@@ -225,7 +230,7 @@ def estimate_loss(
             x, y = dataset.get_batch(split, config.batch_size, config.block_size, rng)
             if i % group.world_size == group.rank:
                 with autocast_context(device, config.dtype):
-                    total += model(x.to(device), y.to(device)).loss.double()
+                    total += token_nll(model, x.to(device), y.to(device)).double().mean()
         losses[split] = distributed.all_reduce_sum(total, group).item() / config.eval_iters
     model.train(was_training)
     return losses
@@ -406,7 +411,6 @@ class Trainer:
             check_run_dir(config.out, overwrite=overwrite, resume=resume)
         if resume:
             config = resumed_config(Path(config.out), config)  # its dtype was resolved when the run began
-        config.dtype = resolve_dtype(config.dtype, device, group)  # train_config.json records the choice
         self.config = config
         self._check_processes()
         self.accum = config.grad_accum // group.world_size  # micro-batches per process and step
@@ -437,6 +441,9 @@ class Trainer:
             self.model.to(device)
         else:
             self.model = build_model(config, self.tokenizer.vocab_size, device)
+        # train_config.json records the choice; the probe runs the model's products at one micro-batch
+        rows = config.batch_size * config.block_size
+        config.dtype = resolve_dtype(config.dtype, device, group, self.model.config, rows)
         self.optimizer = configure_optimizer(self.model, config, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.dtype == "float16")
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
@@ -461,7 +468,7 @@ class Trainer:
             self.model.train()
             self.step_model = self._prepare_for_training(self.model)
             self.metrics = open(self.run_dir / METRICS_FILE, "a") if group.is_main else None
-            self.meter = ThroughputMeter(self._peak_flops())
+            self.meter = ThroughputMeter(self._peak_flops(), warn=self._warn_once_on_main)
         except BaseException:
             self.close()
             raise
@@ -539,10 +546,16 @@ class Trainer:
             step_model = DistributedDataParallel(step_model, device_ids=device_ids, gradient_as_bucket_view=True)
         return step_model
 
+    def _warn_once_on_main(self, message: str) -> None:
+        if self.group.is_main:
+            tqdm.write(message, file=sys.stderr)
+
     def _peak_flops(self) -> float:
         """The matmul peak of all processes together, each probed while the others probe too."""
         distributed.barrier(self.group)
-        peak = torch.tensor([matmul_peak(self.device, DTYPES[self.config.dtype])], dtype=torch.float64)
+        rows = self.config.batch_size * self.config.block_size  # one micro-batch
+        peak = matmul_peak(self.device, DTYPES[self.config.dtype], config=self.model.config, rows=rows)
+        peak = torch.tensor([peak], dtype=torch.float64)
         total = distributed.all_reduce_sum(peak.to(self.device), self.group).item()
         if self.show:
             print(f"matmul peak ({self.config.dtype}, {self.group.world_size} process(es)): {total / 1e9:,.1f} GFLOP/s")

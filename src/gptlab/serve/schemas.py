@@ -1,6 +1,6 @@
 """The request and response bodies of `gptlab serve`, in the shapes the OpenAI completions API uses.
 
-Kept apart from `server.py` so the wire format can be read on its own: these classes are what the
+Kept apart from the app and the service so the wire format can be read on its own: these classes are what the
 automatic OpenAPI document shows. Requests are strict (a string is never silently turned into a
 number, unknown fields are refused) so a client's mistake comes back as a 422 naming the field,
 instead of a generation with settings the client did not ask for. Ranges are *not* checked here:
