@@ -19,15 +19,18 @@ from torch.utils.flop_counter import FlopCounterMode
 from conftest import needs_compile
 
 from gptlab import kernels
-from gptlab import train as train_module
+from gptlab.train import device as device_module
 from gptlab.checkpoint import load_model
-from gptlab.config import GPTConfig, build_train_config
+from gptlab.config import GPTConfig
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
 from gptlab.throughput import flops_per_token, matmul_parameters, matmul_peak
-from gptlab.optim import learning_rate
-from gptlab.train import Trainer, autocast_context, compile_unavailable, resolve_dtype, train
-from gptlab.training_state import load_training_state
+from gptlab.train.optim import learning_rate
+from gptlab.train import build_train_config, train
+from gptlab.train import loop as loop_module
+from gptlab.train.device import autocast_context, compile_unavailable, resolve_dtype
+from gptlab.train.loop import Loop
+from gptlab.train.state import load_checkpoint
 
 # dropout on, so that resuming must restore torch's random state too; two micro-batches per step
 RUN = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, grad_accum=2, dropout=0.1,
@@ -163,7 +166,7 @@ def stop_by_signal(data: Path, out: Path, signame: str, *options: str) -> None:
     assert child.returncode == 128 + getattr(signal, signame), child.stderr
     assert f"{signame} at step {stop_at}: checkpoint written" in child.stderr
     assert "Traceback" not in child.stderr
-    assert load_training_state(out)["step"] == stop_at
+    assert load_checkpoint(out)["step"] == stop_at
     assert max(trace(out)) == stop_at
 
 
@@ -193,7 +196,7 @@ def test_sigkill_during_a_save_keeps_a_good_checkpoint(
     # killed in the checkpoint of step 16: the new state is either not in place yet, or complete
     assert list(out.glob(".*.tmp")), "the kill should have left the half-finished write behind"
     expected_step = 8 if hang_before == "training_state.pt" else 16
-    assert load_training_state(out)["step"] == expected_step
+    assert load_checkpoint(out)["step"] == expected_step
     assert load_model(out).config.n_layer == RUN["n_layer"]  # the Hugging Face files still load
 
     result = train(config_for(char_data, out), resume=True, show_progress=False)
@@ -234,7 +237,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
     monkeypatch.setattr(GPT, "forward", poisoned_forward(at=25))
     with pytest.raises(GptlabError, match=r"training loss is nan at step 13.*last good checkpoint \(step 8\)"):
         train(config_for(char_data, out), show_progress=False)
-    state = load_training_state(out)
+    state = load_checkpoint(out)
     assert state["step"] == 8
     assert all(torch.isfinite(t).all() for t in state["model"].values())
     assert max(trace(out)) == 12
@@ -287,7 +290,7 @@ def test_bfloat16_autocast_trains_float32_weights(char_data: Path, tmp_path: Pat
                    show_progress=False)
     assert math.isfinite(result.val_loss)
     assert all(p.dtype == torch.float32 for p in load_model(out).parameters())
-    assert load_training_state(out)["optimizer"]["state"][0]["exp_avg"].dtype == torch.float32
+    assert load_checkpoint(out)["optimizer"]["state"][0]["exp_avg"].dtype == torch.float32
 
 
 def test_float16_needs_cuda_and_says_so(char_data: Path, tmp_path: Path) -> None:
@@ -301,7 +304,7 @@ def test_float16_needs_cuda_and_says_so(char_data: Path, tmp_path: Path) -> None
 def test_compile_without_a_compiler_falls_back_to_eager_with_a_message(
     char_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    monkeypatch.setattr(train_module.shutil, "which", lambda name: None)
+    monkeypatch.setattr(device_module.shutil, "which", lambda name: None)
     monkeypatch.delenv("CXX", raising=False)
     assert "C++ compiler" in compile_unavailable(torch.device("cpu"))
     result = train(config_for(char_data, tmp_path / "run", compile=True, max_iters=2, eval_interval=0),
@@ -334,7 +337,7 @@ def test_decay_by_time_runs_the_warmup_and_the_decay_on_the_clock(
 ) -> None:
     out = tmp_path / "run"
     # the first step takes `first_step` seconds (compiling), every later one 0.25 s
-    monkeypatch.setattr(Trainer, "elapsed", lambda self: first_step + 0.25 * self.step)
+    monkeypatch.setattr(Loop, "elapsed", lambda self: first_step + 0.25 * self.state.step)
     config = config_for(char_data, out, max_iters=1000, max_time=first_step + 5.0, decay_by_time=True,
                         warmup_fraction=0.2, eval_interval=0, dropout=0.0)
     result = train(config, show_progress=False)
@@ -354,7 +357,7 @@ def test_a_slow_time_limited_run_warms_up_briefly_and_decays_smoothly(
     """The demo on a loaded machine: 120 steps in 4 minutes. Counted in steps, a 100-step warm-up
     took most of the budget and the decay then dropped the lr to its floor in one step."""
     out = tmp_path / "run"
-    monkeypatch.setattr(Trainer, "elapsed", lambda self: 2.0 * self.step)
+    monkeypatch.setattr(Loop, "elapsed", lambda self: 2.0 * self.state.step)
     config = config_for(char_data, out, max_iters=100_000, max_time=240.0, decay_by_time=True,
                         warmup_iters=100, warmup_fraction=0.05, eval_interval=0, dropout=0.0, log_interval=1)
     train(config, show_progress=False)
@@ -376,7 +379,7 @@ def test_dtype_auto_takes_bfloat16_only_where_its_matmuls_are_fast(
     monkeypatch: pytest.MonkeyPatch, bf16_rate: float, expected: str
 ) -> None:
     rates = {torch.float32: 2.0e11, torch.bfloat16: bf16_rate}  # an AVX-512-bf16 CPU, then an AVX2 one
-    monkeypatch.setattr(train_module, "matmul_peak", lambda device, dtype, seconds, **shapes: rates[dtype])
+    monkeypatch.setattr(device_module, "matmul_peak", lambda device, dtype, seconds, **shapes: rates[dtype])
     assert resolve_dtype("auto", torch.device("cpu")) == expected
     assert resolve_dtype("float32", torch.device("cpu")) == "float32"  # an explicit choice is kept
 
@@ -390,9 +393,21 @@ def test_dtype_auto_is_recorded_as_the_dtype_it_chose(
         probed.append(shapes)
         return {torch.float32: 2.0e11, torch.bfloat16: 4.1e11}[dtype]  # an AVX-512-bf16 CPU
 
-    monkeypatch.setattr(train_module, "matmul_peak", probe)
+    monkeypatch.setattr(device_module, "matmul_peak", probe)  # for the dtype
+    monkeypatch.setattr(loop_module, "matmul_peak", probe)  # for MFU
     out = tmp_path / "run"
     train(config_for(char_data, out, dtype="auto", max_iters=2, eval_interval=0), show_progress=False)
     assert json.loads((out / "train_config.json").read_text())["dtype"] == "bfloat16"
     # every probe ran the run's own model at one micro-batch (4 windows of 32 tokens)
     assert all(s["config"].n_embd == 32 and s["rows"] == 4 * 32 for s in probed) and len(probed) == 3
+
+
+def test_a_fine_tuned_run_records_the_pretrained_models_shape(tiny_run: Path, char_data: Path, tmp_path: Path) -> None:
+    """The config is frozen: set-up puts what it learns (the shape, the data path) in a new one."""
+    out = tmp_path / "run"
+    config = config_for(char_data, out, init_from=str(tiny_run), n_layer=7, n_embd=64, max_iters=2, eval_interval=0)
+    train(config, show_progress=False)
+    recorded = json.loads((out / "train_config.json").read_text())
+    assert (recorded["n_layer"], recorded["n_embd"], recorded["out"]) == (2, 32, str(out))
+    assert recorded["data"] == str(char_data.resolve())
+    assert (config.n_layer, config.n_embd, config.data) == (7, 64, str(char_data))  # the caller's is untouched

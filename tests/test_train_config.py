@@ -11,7 +11,7 @@ import pytest
 from conftest import TINY_RUN
 
 from gptlab.cli import build_parser
-from gptlab.config import FIELD_CHOICES, TrainConfig, build_train_config
+from gptlab.train.config import FIELD_CHOICES, TrainConfig, build_train_config
 
 TINY = [f"--{name.replace('_', '-')}={value}" for name, value in TINY_RUN.items()]
 

@@ -12,7 +12,7 @@ import torch
 from conftest import TINY_RUN
 
 from gptlab.model import GPT
-from gptlab.training_state import STATE_KEYS, load_training_state
+from gptlab.train.state import checkpoint_keys, load_checkpoint
 
 TINY = [f"--{name.replace('_', '-')}={value}" for name, value in TINY_RUN.items()]
 # small enough that a whole run (checkpoint, best/, report, loss plot) fits on the 256 KiB disk
@@ -67,12 +67,12 @@ def test_a_disk_that_fills_during_a_checkpoint_is_one_line_and_keeps_the_last_ch
     after = snapshot(out)
     for name in ("training_state.pt", "model.safetensors", "config.json"):
         assert after[name] == before[name], name  # the checkpoint of step 4, whole
-    assert load_training_state(out)["step"] == 4
+    assert load_checkpoint(out)["step"] == 4
     assert not list(out.rglob(".*.tmp"))  # no half-written temporary left to fill the disk further
     (small_disk / "ballast").unlink()
     code, _, err = gptlab("train", "--out", str(out), "--resume", "--max-iters=8", "--no-progress")
     assert code == 0, err
-    assert load_training_state(out)["step"] == 8
+    assert load_checkpoint(out)["step"] == 8
 
 
 def test_running_out_of_memory_is_one_line_with_exit_3(
@@ -111,7 +111,7 @@ def finished_run(char_data: Path, tmp_path: Path, gptlab) -> Path:
 @pytest.mark.parametrize("missing", ["optimizer", "data_rng", "step"])
 def test_a_training_state_missing_keys_is_one_line(finished_run: Path, gptlab, missing: str) -> None:
     state = torch.load(finished_run / "training_state.pt", weights_only=True)
-    assert set(STATE_KEYS) <= set(state)  # what the trainer saves is what it checks for
+    assert set(checkpoint_keys()) <= set(state)  # what the trainer saves is what it checks for
     del state[missing]
     torch.save(state, finished_run / "training_state.pt")
     code, _, err = gptlab("train", "--out", str(finished_run), "--resume", "--max-iters=12", "--no-progress")

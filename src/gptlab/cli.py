@@ -9,7 +9,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Callable
 
-from .config import FIELD_CHOICES, TRAIN_PRESETS, ServerLimits, TrainConfig
+from .config import ServerLimits
+from .train.config import FIELD_CHOICES, TRAIN_PRESETS, TrainConfig
 from .errors import GptlabError
 from .fileio import describe_os_error
 
@@ -64,8 +65,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .config import build_train_config
-    from .distributed import is_main_process, launch, launched_by_torchrun
+    from .train.config import build_train_config
+    from .train.distributed import is_main_process, launch, launched_by_torchrun
     from .report import headline
     from .train import saved_options, train
 
@@ -89,8 +90,11 @@ def _run_train(args: argparse.Namespace) -> int:
         print(f"gptlab train: {result.stopped_by} at step {result.step}: checkpoint written; continue with "
               f"gptlab train --resume --out {result.run_dir}", file=sys.stderr)
         return 128 + signal.Signals[result.stopped_by].value
-    print(f"run {result.run_dir}: {result.step} steps in {result.seconds:.0f}s, "
-          f"train loss {result.train_loss:.4f}, val loss {result.val_loss:.4f}")
+    print(f"run {result.run_dir}: {result.step:,} steps in {result.seconds:,.0f} s of training (what --max-time "
+          f"counts: steps, evaluations, checkpoints), then {result.finish_seconds:,.0f} s for the final evaluation "
+          f"and report; train loss {result.train_loss:.4f}, val loss {result.val_loss:.4f}")
+    if result.warning:
+        print(f"gptlab train: warning: {result.warning}", file=sys.stderr)
     summary = headline(result.run_dir)
     if summary:
         print(summary)
@@ -98,7 +102,23 @@ def _run_train(args: argparse.Namespace) -> int:
         print("--- sample ---")
         _print_stream(result.run_dir, prompt="", max_new_tokens=config.sample_tokens, temperature=0.8,
                       top_k=None, top_p=None, seed=config.seed, device=config.device)
+    print(_next_commands(result.run_dir, result.config))
     return 0
+
+
+def _next_commands(run_dir: Path, config: TrainConfig) -> str:
+    """What to try with a trained run, as commands to copy (spelled as this command was run)."""
+    import shlex
+
+    program = shlex.quote(sys.argv[0]) if Path(sys.argv[0]).name == "gptlab" else "gptlab"
+    run = shlex.quote(str(run_dir))
+    lines = ["next:",
+             f"  {program} sample {run} --max-new-tokens 500    # more text",
+             f"  {program} serve {run}    # an OpenAI-compatible API, and a playground at http://127.0.0.1:8000/"]
+    if config.task == "text":
+        lines.append(f"  {program} eval {run} --data {shlex.quote(config.data)} --baselines    "
+                     f"# the whole validation split, against n-gram baselines")
+    return "\n".join(lines)
 
 
 def _train_argv(args: argparse.Namespace) -> list[str]:

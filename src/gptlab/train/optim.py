@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .config import TrainConfig
-from .model import GPT
+from ..model import GPT
 
 
 def learning_rate(step: float, config: TrainConfig) -> float:
