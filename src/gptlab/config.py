@@ -121,10 +121,6 @@ class TrainConfig:
     eval_iters: int = 20
     log_interval: int = 10
     sample_tokens: int = 300  # characters/tokens of text printed at the end (0: none)
-    eval_tasks: str = ""  # lm-eval tasks scored during training, comma-separated, e.g. hellaswag (the eval extra)
-    eval_tasks_every: int = 0  # steps between task scores, at evaluations whose step it divides (0: every evaluation)
-    eval_tasks_limit: int = 0  # documents per task (0: all)
-    eval_tasks_path: str = ""  # a directory of extra task YAML files (lm-eval's include_path)
     # system
     seed: int = 1337
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
@@ -154,8 +150,6 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise GptlabError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.eval_tasks_every < 0 or self.eval_tasks_limit < 0:
-            raise GptlabError("--eval-tasks-every and --eval-tasks-limit must not be negative")
         if self.eval_interval < 0 or self.warmup_iters < 0 or self.max_time < 0:
             raise GptlabError("--eval-interval, --warmup-iters and --max-time must not be negative")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:

@@ -45,7 +45,6 @@ from .data import TokenDataset, default_corpus_files, prepare
 from .distributed import Group
 from .errors import GptlabError
 from .evaluate.scorer import token_nll
-from .evaluate.tasks import task_scores, tasks_due
 from .fileio import atomic_write_bytes, atomic_write_json, remove_temporaries
 from .model import GPT
 from .optim import configure_optimizer, learning_rate
@@ -610,8 +609,6 @@ class Trainer:
         self.losses = estimate_loss(self.model, self.dataset, self.config, self.device, self.step, self.group)
         self.last_eval_step = self.step
         self._log({"step": self.step, "val_loss": self.losses["val"], "train_eval_loss": self.losses["train"]})
-        if self.group.is_main and tasks_due(self.config, self.step):
-            self._log({"step": self.step, "task_scores": task_scores(self.model, self.tokenizer, self.config, self.device)})
         if not math.isfinite(self.losses["val"]):
             self._raise_nonfinite(f"the validation loss is {self.losses['val']} at step {self.step}")
         return self.losses
