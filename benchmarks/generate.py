@@ -24,7 +24,7 @@ import torch
 
 from gptlab.checkpoint import load_model, save_model
 from gptlab.config import model_preset
-from gptlab.generation import _Decoder, generate
+from gptlab.inference import Engine, SamplingParams, generate
 from gptlab.model import GPT
 
 from machine import MACHINE  # benchmarks/machine.py: a script's own folder is on sys.path
@@ -94,11 +94,13 @@ def measure(batch: int, dtype: torch.dtype, args: argparse.Namespace, directory:
             timed(lambda: generate(ours, idx, un, temperature=0))[0] for _ in range(args.repeats))
         row["cached_vs_uncached"] = t / t_same
 
-    with torch.inference_mode():
-        cache = _Decoder(ours, idx.tolist(), n, use_cache=True).cache
-    c = ours.config
-    formula = 2 * c.n_layer * batch * (args.prompt_tokens + n) * c.n_embd * cache.keys.element_size()
-    row.update(cache_bytes=cache.nbytes(), cache_formula_bytes=formula, cache_vs_formula=cache.nbytes() / formula)
+    engine = Engine(ours, max_batch=batch, prefill_tokens=None)  # what generate() runs, stopped after its prefill
+    for prompt in idx.tolist():
+        engine.submit(prompt, SamplingParams(max_new_tokens=n, temperature=0, stop_at_eos=False))
+    engine.step()
+    c, cache_bytes = ours.config, engine.cache.nbytes()
+    formula = 2 * c.n_layer * batch * (args.prompt_tokens + n) * c.n_embd * engine.cache.kv.element_size()
+    row.update(cache_bytes=cache_bytes, cache_formula_bytes=formula, cache_vs_formula=cache_bytes / formula)
     return row
 
 

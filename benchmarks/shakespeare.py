@@ -29,7 +29,7 @@ from gptlab.checkpoint import load_model
 from gptlab.config import TRAIN_PRESETS, build_train_config
 from gptlab.data import TokenDataset, prepare
 from gptlab.evaluate import score_tokens
-from gptlab.generation import generate
+from gptlab.inference import generate
 from gptlab.training_state import load_training_state
 
 from machine import MACHINE  # benchmarks/machine.py: a script's own folder is on sys.path

@@ -31,6 +31,13 @@ TINY_TEXT = (
 ) * 40
 
 
+@pytest.fixture(scope="session", autouse=True)
+def kernel_choices(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The kernel choices the tests measure stay in the session's temporary directory, not ~/.cache;
+    child processes inherit it, so a resumed run chooses as the run it resumes did."""
+    os.environ["GPTLAB_KERNEL_CACHE"] = str(tmp_path_factory.mktemp("kernels") / "kernels.json")
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
@@ -91,6 +98,14 @@ def gptlab(capsys: pytest.CaptureFixture):
         return code, captured.out, captured.err
 
     return run
+
+
+def one_line_error(code: int, err: str, expected_code: int, *fragments: str) -> None:
+    """The command failed with `expected_code` and said so in one line holding every fragment, no traceback."""
+    lines = err.strip().splitlines()
+    assert code == expected_code and len(lines) == 1 and "Traceback" not in err, (code, err)
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture

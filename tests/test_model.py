@@ -6,14 +6,11 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import needs_compile, tiny_model
+from conftest import tiny_model
 
 from gptlab.config import GPTConfig, model_preset
 from gptlab.errors import GptlabError
 from gptlab import generate, kernels
-from gptlab.generation import KVCache
-from gptlab.kernels import attention_path, gelu, matvec_rows, row_blocks_pay, sigmoid_form_gelu
 from gptlab.model import GPT
 
 
@@ -74,61 +71,6 @@ def test_sdpa_and_explicit_attention_agree_forward_and_backward(T: int) -> None:
     torch.testing.assert_close(textbook, fused, rtol=0, atol=1e-5)
     for a, b in zip(textbook_grads, fused_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-
-
-def test_the_default_attention_path_is_the_faster_one_for_the_device() -> None:
-    assert attention_path(torch.zeros(1, 2, 64, 8, dtype=torch.bfloat16)) == "textbook"
-    assert attention_path(torch.zeros(1, 2, 64, 8)) == "fused"  # float32: the fused kernel
-
-
-def test_bfloat16_on_a_cpu_takes_the_textbook_attention_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """There the formula's bf16 products beat the fused kernel; the numbers are float32's up to bf16 rounding."""
-    model = tiny_model(block_size=16)
-    idx = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
-    reference = model(idx).logits
-
-    def fused(*args, **kwargs):
-        raise AssertionError("the fused attention kernel was called")
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", fused)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = model(idx).logits
-    assert logits.dtype == torch.bfloat16
-    error = (logits.float() - reference).abs().max().item()
-    assert error < 0.02 * reference.abs().max().item(), error
-
-
-def test_the_sigmoid_form_is_the_tanh_gelu_forward_and_backward() -> None:
-    x = torch.linspace(-12, 12, 4001, dtype=torch.float64, requires_grad=True)
-    expected = F.gelu(x, approximate="tanh")
-    (expected_grad,) = torch.autograd.grad(expected.sum(), x)
-    got = sigmoid_form_gelu(x)
-    (got_grad,) = torch.autograd.grad(got.sum(), x)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
-    torch.testing.assert_close(got_grad, expected_grad, rtol=0, atol=1e-12)
-    erf = F.gelu(x)  # the control: the exact GELU is a different function at this tolerance
-    assert (erf - expected).abs().max().item() > 1e-4
-
-
-@needs_compile()
-def test_a_compiled_gelu_takes_the_sigmoid_form(monkeypatch: pytest.MonkeyPatch) -> None:
-    traced = []
-
-    def counting(x: torch.Tensor) -> torch.Tensor:
-        traced.append(x.shape)
-        return sigmoid_form_gelu(x)
-
-    monkeypatch.setattr(kernels, "sigmoid_form_gelu", counting)
-    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(0), requires_grad=True)
-    eager = gelu(x)
-    (eager_grad,) = torch.autograd.grad(eager.sum(), x)
-    assert traced == []  # eager mode: torch's own tanh kernel
-    compiled = torch.compile(gelu)(x)
-    (compiled_grad,) = torch.autograd.grad(compiled.sum(), x)
-    assert traced == [x.shape]
-    # float32's default tolerances: a different formula rounds differently (the math is pinned above)
-    torch.testing.assert_close(compiled, eager)
-    torch.testing.assert_close(compiled_grad, eager_grad)
 
 
 def test_gpt2_initialisation_statistics() -> None:
@@ -208,71 +150,6 @@ def test_crop_block_size_keeps_the_first_positions() -> None:
     model.crop_block_size(8)
     assert model.transformer.wpe.weight.shape[0] == 8
     assert torch.allclose(model(idx).logits, before)
-
-
-# --- decoding's matrix-vector products ------------------------------------------------------------
-
-
-@pytest.fixture
-def threads():
-    """Set torch's thread count for one test (the suite runs on one thread, see conftest)."""
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
-
-
-@pytest.mark.parametrize("n_threads", [2, 3])
-@pytest.mark.parametrize("rows", [1, 2, 4, 7])
-def test_matvec_rows_equals_f_linear(threads, n_threads: int, rows: int) -> None:
-    threads(n_threads)
-    g = torch.Generator().manual_seed(rows)
-    weight = torch.randn(1001, 300, generator=g)  # 1001 rows: a remainder for 2 and for 3 threads
-    bias = torch.randn(1001, generator=g)
-    x = torch.randn(rows, 1, 300, generator=g)  # (B, T, in) as a decoding step has it
-    with torch.inference_mode():
-        for b in (bias, None):
-            got = matvec_rows(x, weight, b)
-            assert got.shape == (rows, 1, 1001)
-            torch.testing.assert_close(got, F.linear(x, weight, b), rtol=0, atol=1e-4)
-
-
-def test_row_blocks_are_used_for_float32_decoding_on_several_threads_only(threads) -> None:
-    weight = torch.zeros(1024, 256)  # 2**18 entries
-    one_row = torch.zeros(1, 1, 256)
-    threads(2)
-    with torch.inference_mode():
-        assert row_blocks_pay(one_row, weight)
-        assert row_blocks_pay(torch.zeros(8, 256), weight)
-        assert not row_blocks_pay(torch.zeros(9, 256), weight)  # a batch BLAS handles well itself
-        assert not row_blocks_pay(one_row, weight[:1000])  # a small matrix: the split costs more than it saves
-        assert not row_blocks_pay(one_row.bfloat16(), weight.bfloat16())  # bf16 kernels are threaded already
-    assert not row_blocks_pay(one_row, weight)  # autograd on: training keeps F.linear
-    threads(1)
-    with torch.inference_mode():
-        assert not row_blocks_pay(one_row, weight)
-
-
-def test_decoding_through_row_blocks_matches_the_uncached_model(threads) -> None:
-    """A model big enough for the row-block path, on 2 threads: the cache still gives the plain logits."""
-    threads(2)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=1101, block_size=24, n_layer=2, n_head=4, n_embd=256)).eval()
-    seq = torch.randint(0, 1101, (6, 24), generator=torch.Generator().manual_seed(3))
-    expected = model(seq).logits  # (B, T, V)
-    for rows in (1, 2, 6):
-        cache = KVCache(model.config, rows, 24)
-        with torch.inference_mode():
-            assert row_blocks_pay(torch.zeros(rows, 1, 256), model.lm_head.weight)
-            got = [cached_step(model, seq[:rows, :3], cache)]
-            got += [cached_step(model, seq[:rows, t : t + 1], cache) for t in range(3, 24)]
-        torch.testing.assert_close(torch.stack(got, 1), expected[:rows, 2:], rtol=0, atol=1e-5)
-
-
-def cached_step(model: GPT, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """(B, T) tokens after the cache's contents -> (B, V) logits of the last one, as decoding runs it."""
-    h = model.hidden_states(idx, cache)
-    cache.advance()
-    return model.lm_head(h[:, -1])
 
 
 def test_the_old_method_names_still_work_and_say_what_replaces_them(tmp_path) -> None:

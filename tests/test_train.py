@@ -351,13 +351,23 @@ def test_dtype_auto_takes_bfloat16_only_where_its_matmuls_are_fast(
     monkeypatch: pytest.MonkeyPatch, bf16_rate: float, expected: str
 ) -> None:
     rates = {torch.float32: 2.0e11, torch.bfloat16: bf16_rate}  # an AVX-512-bf16 CPU, then an AVX2 one
-    monkeypatch.setattr(train_module, "matmul_peak", lambda device, dtype, seconds: rates[dtype])
+    monkeypatch.setattr(train_module, "matmul_peak", lambda device, dtype, seconds, **shapes: rates[dtype])
     assert resolve_dtype("auto", torch.device("cpu")) == expected
     assert resolve_dtype("float32", torch.device("cpu")) == "float32"  # an explicit choice is kept
 
 
-def test_dtype_auto_is_recorded_as_the_dtype_it_chose(char_data: Path, tmp_path: Path) -> None:
+def test_dtype_auto_is_recorded_as_the_dtype_it_chose(
+    char_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    probed = []
+
+    def probe(device: torch.device, dtype: torch.dtype, seconds: float = 0.25, **shapes: object) -> float:
+        probed.append(shapes)
+        return {torch.float32: 2.0e11, torch.bfloat16: 4.1e11}[dtype]  # an AVX-512-bf16 CPU
+
+    monkeypatch.setattr(train_module, "matmul_peak", probe)
     out = tmp_path / "run"
     train(config_for(char_data, out, dtype="auto", max_iters=2, eval_interval=0), show_progress=False)
-    chosen = json.loads((out / "train_config.json").read_text())["dtype"]
-    assert chosen == resolve_dtype("auto", torch.device("cpu"))
+    assert json.loads((out / "train_config.json").read_text())["dtype"] == "bfloat16"
+    # every probe ran the run's own model at one micro-batch (4 windows of 32 tokens)
+    assert all(s["config"].n_embd == 32 and s["rows"] == 4 * 32 for s in probed) and len(probed) == 3

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import FIELD_CHOICES, TRAIN_PRESETS, ServerLimits, TrainConfig
+from .data import DEFAULT_SHARD_TOKENS
 from .errors import GptlabError
 from .fileio import describe_os_error
 
@@ -17,22 +18,50 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("prepare", help="tokenize a text corpus into train.bin / val.bin",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="text files, directories or glob patterns")
+    p = sub.add_parser(
+        "prepare", help="tokenize a corpus into token shards for training",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Tokenize a corpus, streamed through every core, into a data directory: token shards per "
+                    "split, meta.json and the tokenizer. A file's format comes from its suffix: .jsonl/.json, "
+                    ".csv, .tsv, .parquet (one document per record) or anything else as plain text (one document "
+                    "per file); .gz, .zst, .xz and .bz2 are decompressed. Validation is a set of whole documents, "
+                    "or the last fraction of tokens of a single-document corpus.",
+    )
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="files, directories or glob patterns")
+    p.add_argument("--hf-dataset", metavar="NAME", help="a Hugging Face dataset: a save_to_disk directory, a "
+                   "directory of data files or a Hub name (needs pip install 'gptlab[datasets]')")
+    p.add_argument("--hf-config", metavar="C", help="the dataset's configuration (subset)")
+    p.add_argument("--split", default="train", help="the Hugging Face dataset's split to read")
+    p.add_argument("--text-field", default="text", help="the field or column holding the text in records")
     p.add_argument("--tokenizer", choices=["char", "gpt2"], default="char", help="character-level or GPT-2 BPE")
-    p.add_argument("--out", required=True, help="the data directory to write")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="the last fraction of tokens kept for validation")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing data directory")
+    p.add_argument("--out", required=True, help="the data directory to write (new, empty, or a dataset to "
+                   "replace with --overwrite)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="the share of tokens kept for validation")
+    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard file")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: every core)")
+    p.add_argument("--skip-binary", action="store_true",
+                   help="skip plain-text inputs that are not UTF-8 text (NUL bytes, invalid bytes) and count them")
+    p.add_argument("--overwrite", action="store_true", help="replace the gptlab dataset in --out (only that)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_run_prepare)
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
     from .data import prepare
 
-    meta = prepare(args.inputs, args.tokenizer, args.out, val_fraction=args.val_fraction, overwrite=args.overwrite)
+    if not args.inputs and not args.hf_dataset:
+        raise GptlabError("give input files, directories or patterns, or --hf-dataset NAME")
+    meta = prepare(args.inputs, args.tokenizer, args.out, val_fraction=args.val_fraction, overwrite=args.overwrite,
+                   text_field=args.text_field, hf_dataset=args.hf_dataset, hf_config=args.hf_config,
+                   hf_split=args.split, skip_binary=args.skip_binary, shard_tokens=args.shard_tokens,
+                   workers=args.workers, show_progress=False if args.no_progress else None)
+    documents = meta["documents"]
+    val = ("the last part of its one document" if meta["val_split"] == "tail"
+           else f"{documents['val']:,} of {sum(documents.values()):,} documents")
     print(f"wrote {args.out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} validation tokens "
-          f"({meta['tokenizer']} tokenizer, vocabulary {meta['vocab_size']:,})")
+          f"(validation: {val}; {meta['tokenizer']} tokenizer, vocabulary {meta['vocab_size']:,})")
+    if meta["skipped"]:
+        print(f"skipped {len(meta['skipped']):,} files that are not text, e.g. {meta['skipped'][0]}")
     return 0
 
 
@@ -154,7 +183,7 @@ def _print_stream(model_dir: Path, prompt: str, max_new_tokens: int, temperature
     import torch
 
     from .checkpoint import load_pretrained
-    from .generation import SamplingParams, TextStream
+    from .inference import SamplingParams, TextStream
     from .tokenizers import document_start_ids
     from .train import resolve_device
 
@@ -183,13 +212,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API, with a playground at /",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Serve a run or a Hugging Face GPT-2 directory: POST /v1/completions (streaming too), "
-                    "GET /v1/models, GET /health, POST /tokenize, API docs at /docs, a playground at /.",
+        description="Serve a run or a Hugging Face GPT-2 directory: POST /v1/completions (streaming, logprobs, "
+                    "echo), GET /v1/models, GET /health, GET /metrics (Prometheus), POST /tokenize and "
+                    "/detokenize, API docs at /docs, a playground at /. One engine advances every request "
+                    "together (continuous batching).",
     )
     p.add_argument("model", metavar="MODEL", help="a run directory or a Hugging Face GPT-2 directory")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind; anything but loopback lets other machines use the model (no auth)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--port", type=int, default=8000, help="TCP port, 1-65535")
     p.add_argument("--model-name", default=None, help="the model id clients send; None: the MODEL directory's name")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--max-tokens-limit", type=int, default=limits.max_tokens,
@@ -199,7 +230,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-choices", type=int, default=limits.max_choices,
                    help="the most choices (prompts x n) one request may ask for")
     p.add_argument("--max-batch", type=int, default=limits.max_batch,
-                   help="rows per batched generation across waiting requests; 1 turns batching off")
+                   help="sequences advanced together in one step; 1 runs them one at a time")
+    p.add_argument("--max-queue", type=int, default=limits.max_queue,
+                   help="sequences that may wait for a place in the batch; beyond, requests get 429")
+    p.add_argument("--kv-cache-mb", type=int, default=limits.kv_cache_mb,
+                   help="MiB the KV cache may hold (sequences wait while the running ones fill it)")
     p.set_defaults(handler=_run_serve)
 
 
@@ -207,14 +242,17 @@ def _run_serve(args: argparse.Namespace) -> int:
     from .serve import is_loopback, serve
     from .train import resolve_device
 
-    for name in ("port", "max_tokens_limit", "max_body_bytes", "max_choices", "max_batch"):
+    if not 1 <= args.port <= 65535:
+        raise GptlabError(f"--port must be in 1-65535, got {args.port}")
+    for name in ("max_tokens_limit", "max_body_bytes", "max_choices", "max_batch", "max_queue", "kv_cache_mb"):
         if getattr(args, name) < 1:
             raise GptlabError(f"--{name.replace('_', '-')} must be at least 1")
     if not is_loopback(args.host):
         print(f"gptlab serve: warning: binding to {args.host}: anyone who can reach this address can use "
               f"the model, without authentication", file=sys.stderr)
     limits = ServerLimits(max_tokens=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
-                          max_choices=args.max_choices, max_batch=args.max_batch)
+                          max_choices=args.max_choices, max_batch=args.max_batch, max_queue=args.max_queue,
+                          kv_cache_mb=args.kv_cache_mb)
     serve(args.model, host=args.host, port=args.port, device=resolve_device(args.device),
           model_id=args.model_name, limits=limits)
     return 0

@@ -1,51 +1,197 @@
-"""The fast paths behind the model's plain operations: linear layers, attention, GELU.
+"""The fast paths behind the model's plain operations: linear layers, attention, GELU, int8 weights.
 
-model.py says what GPT-2 computes; this module decides how, on the device at hand. Each function here
-computes exactly the textbook operation (up to float rounding, tested against the plain torch call)
-and picks among equivalent ways of doing it:
+model.py says what GPT-2 computes; this module decides how, on the machine at hand. Each operation has
+a few candidates that compute the same function (up to float rounding, tested against the plain torch
+call), and `fastest` picks one by timing them all on this machine, on the shape at hand, the first
+time the shape comes up, as `torch.backends.cudnn.benchmark` does. No candidate is taken for being
+fast somewhere else: a row-block product that doubles one CPU's decoding speed halved another's.
 
-- `linear`: decoding multiplies each weight matrix by one row per sequence, where CPU BLAS runs a
-  float32 matrix-vector product on one thread; `matvec_rows` spreads the rows of the weight over every
-  thread instead. The vocabulary head of a few rows runs as W @ h^T, a tall, skinny product BLAS does
-  well. Training and large batches take `F.linear`.
-- `attention`: torch's fused kernel, or the textbook softmax(Q K^T / sqrt(d) + M) V, which runs at the
-  bf16 matmul rate on a CPU where the fused kernel gains nothing from bf16.
-- `gelu`: torch's tanh GELU kernel in eager mode; in a compiled graph the same function written as
-  x * sigmoid(2u), which inductor fuses into one loop on exp (several times faster than tanh on a CPU).
+- `linear`: decoding multiplies each weight by a few rows, where CPU BLAS may run a float32
+  matrix-vector product on one thread. Candidates: `F.linear`, W @ x^T (the other orientation of the
+  tall, skinny product) and `matvec_rows` (one block of the weight's rows per thread). Training,
+  prefill and compiled graphs take `F.linear`: products of many rows are what BLAS is built for.
+- `attention`: torch's fused kernel, or the textbook softmax(Q K^T / sqrt(d) + M) V, whose two products
+  run at the matmul rate (torch's fused CPU kernel gains little from bf16). With autograd on, forward
+  and backward are timed together. The textbook formula keeps its (T, S) weights for the backward
+  pass, so it is a candidate only while they are small (TEXTBOOK_SCORES).
+- `gelu`: torch's tanh GELU kernel, or the same function as x * sigmoid(2u). In a compiled graph each
+  becomes one fused loop, on tanh or on exp; the choice there is made by timing those two functions.
+- `int8_linear` and `quantize_int8`: weight-only int8 decoding (per-output-channel scales, float
+  activations) through torch's int8 weight-packed product.
 
-`force(attention=...)` pins a choice, for tests and for tools (such as FLOP counters) that must see
-the products rather than one fused kernel.
+Choices are kept for the process and, so that every process on the machine computes the same way (a
+resumed run repeats the bits of an uninterrupted one), in a JSON file per machine under
+~/.cache/gptlab (`GPTLAB_KERNEL_CACHE` names another file; "off" keeps choices in memory only).
+Measuring never moves torch's random number generators. `force(attention=..., linear=..., gelu=...)`
+pins a choice, for tests and for tools (such as FLOP counters) that must see the products.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
+import json
 import math
-from collections.abc import Iterator
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ROWS_PER_PRODUCT = 4  # above this many rows CPU BLAS's float32 product slows down by half (measured)
-ATTENTION_PATHS = ("fused", "textbook")
+from .fileio import atomic_write_json
+
+ROUNDS = 5  # timed rounds per candidate, after one warm-up call; each candidate's fastest counts
+DECODE_ROWS = 16  # products of at most this many rows choose among the linear candidates
+TEXTBOOK_SCORES = 2**24  # the textbook attention is a candidate while B * nh * T * S is at most this
+
+_chosen: dict[tuple, str] = {}  # key -> candidate, this process
 _forced: dict[str, str] = {}
 
 
+# --- choosing by measurement -------------------------------------------------------------------
+
+
+def fastest(
+    key: tuple, names: tuple[str, ...], build: Callable[[], Mapping[str, Callable[[], object]]], *,
+    rounds: int = ROUNDS, clock: Callable[[], float] = time.perf_counter,
+) -> str:
+    """Which of `names` runs fastest for `key`, measured once per machine.
+
+    A key met before, in this process or (through the disk cache) another, is answered at once.
+    Otherwise `build()` makes the candidates, one call each; each runs once to warm up (first calls
+    allocate, pack weights, fill caches), then `rounds` times, the order reversing every round so that
+    none always runs first. Other work on the machine only adds time, so each candidate's fastest
+    round is its figure, and the fastest figure wins.
+    """
+    chosen = _chosen.get(key)
+    if chosen is not None:
+        return chosen
+    with _disk_cache() as on_disk:
+        chosen = on_disk.get(str(key))
+        if chosen not in names:
+            with torch.random.fork_rng(devices=_cuda_devices()):  # dropout in a candidate draws numbers
+                chosen = _time_candidates(build(), rounds, clock)
+            on_disk[str(key)] = chosen
+    _chosen[key] = chosen
+    return chosen
+
+
+def _time_candidates(candidates: Mapping[str, Callable[[], object]], rounds: int, clock: Callable[[], float]) -> str:
+    names = list(candidates)
+    for run in candidates.values():
+        run()
+    best = dict.fromkeys(names, math.inf)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            start = clock()
+            candidates[name]()
+            best[name] = min(best[name], clock() - start)
+    return min(names, key=best.__getitem__)
+
+
 @contextlib.contextmanager
-def force(*, attention: str) -> Iterator[None]:
-    """Use one attention path ("fused" or "textbook") inside the block, whatever the device prefers."""
-    if attention not in ATTENTION_PATHS:
-        raise ValueError(f"attention must be one of {ATTENTION_PATHS}, got {attention!r}")
-    previous = _forced.get("attention")
-    _forced["attention"] = attention
+def force(**choices: str) -> Iterator[None]:
+    """Inside the block, take the named candidate for each operation, e.g. force(attention="textbook")."""
+    for operation, name in choices.items():
+        known = CANDIDATES.get(operation)
+        if known is None:
+            raise ValueError(f"no choice named {operation!r}; choices: {', '.join(CANDIDATES)}")
+        if name not in known:
+            raise ValueError(f"{operation} must be one of {known}, got {name!r}")
+    previous = dict(_forced)
+    _forced.update(choices)
     try:
         yield
     finally:
-        if previous is None:
-            _forced.pop("attention")
-        else:
-            _forced["attention"] = previous
+        _forced.clear()
+        _forced.update(previous)
+
+
+def _cuda_devices() -> list[int]:
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+
+
+def _synchronized(run: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """`run`, finished on the device before it returns, so that the clock sees its whole cost."""
+    if device.type != "cuda":
+        return run
+
+    def finished() -> object:
+        result = run()
+        torch.cuda.synchronize(device)
+        return result
+
+    return finished
+
+
+def _bucket(n: int) -> int:
+    """n rounded up to a power of two: one measurement for every size in between."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+def cache_path() -> Path | None:
+    """The file that keeps this machine's choices, or None when GPTLAB_KERNEL_CACHE is "off"."""
+    configured = os.environ.get("GPTLAB_KERNEL_CACHE", "")
+    if configured.lower() == "off":
+        return None
+    if configured:
+        return Path(configured)
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptlab"
+    return root / f"kernels-{_machine_fingerprint()}.json"
+
+
+def _machine_fingerprint() -> str:
+    """A short hash of what a choice depends on: the CPU, the GPUs, torch's version and build."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                cpu += line
+    except OSError:
+        pass
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    text = json.dumps([cpu, gpus, torch.__version__, torch.__config__.show()])
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def _disk_cache() -> Iterator[dict[str, str]]:
+    """The choices on disk, under an exclusive lock, written back if the block added any.
+
+    The lock makes a second process wait for the first one's measurement and then take it (DDP's
+    processes choose alike, and do not time their candidates against each other). A cache that
+    cannot be read or written leaves the choices to this process.
+    """
+    path = cache_path()
+    lock = None
+    choices: dict[str, str] = {}
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(path.with_name(path.name + ".lock"), "a")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if path.is_file():
+                loaded = json.loads(path.read_text())
+                if isinstance(loaded, dict):
+                    choices = {str(k): str(v) for k, v in loaded.items()}
+        except (OSError, ValueError):
+            pass
+    before = dict(choices)
+    try:
+        yield choices
+        if path is not None and lock is not None and choices != before:
+            try:
+                atomic_write_json(path, dict(sorted(choices.items())))
+            except Exception:  # an unwritable cache only costs a measurement in the next process
+                pass
+    finally:
+        if lock is not None:
+            lock.close()  # releases the lock
 
 
 # --- linear layers -----------------------------------------------------------------------------
@@ -53,52 +199,42 @@ def force(*, attention: str) -> Iterator[None]:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight^T + bias, through whichever product is fastest for this shape."""
-    if row_blocks_pay(x, weight):
-        return matvec_rows(x, weight, bias)
-    if tall_product_pays(x, weight):
-        y = torch.mm(weight, x.t()).t()  # (R, out)
-        return y if bias is None else y + bias
-    return F.linear(x, weight, bias)
+    rows = x.numel() // x.size(-1)
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or rows > DECODE_ROWS:
+        return F.linear(x, weight, bias)
+    return LINEAR_PRODUCTS[linear_path(x, weight, bias)](x, weight, bias)
 
 
-class Linear(nn.Linear):
-    """nn.Linear (the same parameters and numbers) whose forward goes through `linear`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
-
-
-def row_blocks_pay(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `matvec_rows` beats `F.linear` for x @ weight^T: a large float32 weight, at most 8 rows of
-    x, inference on a multi-core CPU. Training always takes F.linear."""
-    if torch.compiler.is_compiling():  # a compiled graph has its own kernels; keep it free of this branch
-        return False
-    return (
-        torch.get_num_threads() > 1 and x.numel() <= 2 * ROWS_PER_PRODUCT * x.size(-1) and weight.numel() >= 2**18
-        and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
-    )
+def linear_path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> str:
+    """The fastest of LINEAR_PRODUCTS for these shapes on this machine (measured once)."""
+    if "linear" in _forced:
+        return _forced["linear"]
+    key = ("linear", x.numel() // x.size(-1), *weight.shape, str(x.dtype), str(weight.dtype), bias is not None,
+           str(weight.device), torch.get_num_threads())
+    return fastest(key, tuple(LINEAR_PRODUCTS), lambda: {
+        name: _synchronized(lambda p=product: p(x, weight, bias), x.device) for name, product in LINEAR_PRODUCTS.items()
+    })
 
 
-def tall_product_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether W @ x^T beats x @ W^T: a few rows through a matrix much taller than wide (the vocabulary
-    head), at inference. CPU BLAS runs this orientation of the tall, skinny product faster."""
-    if torch.compiler.is_compiling() or torch.is_grad_enabled():
-        return False
-    return x.dim() == 2 and x.size(0) <= 64 and weight.size(0) >= 16 * weight.size(1)
+def tall_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T computed as (weight @ x^T)^T: the same product in the other orientation."""
+    flat = x.reshape(-1, x.size(-1))  # (R, in)
+    y = torch.mm(weight, flat.t()).t()  # (R, out)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], weight.size(0))
 
 
 def matvec_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight^T (+ bias) for the few rows of a decoding step, with every CPU core reading the weights.
+    """x @ weight^T (+ bias) with the weight's rows cut into one block per thread, multiplied as a batch.
 
-    Decoding multiplies each weight matrix by one row per sequence, so a step costs one read of all the
-    weights and little else. CPU BLAS runs a float32 matrix-vector product on a single thread, i.e. at
-    one core's memory bandwidth. Cutting the matrix into one block of rows per thread and multiplying
-    the blocks as a batch lets torch give each thread its block. More than ROWS_PER_PRODUCT rows go
-    through in groups of that many, which reads the weights once per group.
+    A step of decoding is one read of every weight. Where BLAS runs a product of a few rows on one
+    thread, the batched product gives each thread a block, so every core reads. Rows go through in
+    groups of 4, each group reading the weights once.
     """
     out_features, in_features = weight.shape
     flat = x.reshape(-1, in_features)  # (R, in)
-    groups = [_row_block_product(rows, weight) for rows in flat.split(ROWS_PER_PRODUCT)]
+    groups = [_row_block_product(rows, weight) for rows in flat.split(4)]
     y = groups[0] if len(groups) == 1 else torch.cat(groups)  # (R, out)
     if bias is not None:
         y = y + bias
@@ -118,6 +254,18 @@ def _row_block_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y
 
 
+LINEAR_PRODUCTS: dict[str, Callable[..., torch.Tensor]] = {
+    "F.linear": F.linear, "W @ x^T": tall_product, "row blocks": matvec_rows,
+}
+
+
+class Linear(nn.Linear):
+    """nn.Linear (the same parameters and numbers) whose forward goes through `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 # --- attention ---------------------------------------------------------------------------------
 
 
@@ -129,9 +277,65 @@ def attention(
     `mask` is a bool tensor broadcastable to (B, nh, T, S), True where a query may attend; None means
     causal with the queries at the end of the keys (query t sees keys 0 .. S - T + t).
     """
+    key = attention_key(q, k, mask, dropout_p)
+    path = _forced.get("attention") or (
+        _compiled_attention_path(key) if torch.compiler.is_compiling() else attention_path(key)
+    )
+    return ATTENTION_PATHS[path](q, k, v, mask, dropout_p)
+
+
+def attention_key(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, dropout_p: float) -> tuple:
+    """What the attention choice depends on: shapes (lengths rounded up to a power of two), dtype,
+    device, whether autograd is on, the mask's leading shape and whether dropout runs."""
+    B, nh, T, hs = q.shape
+    S = k.size(-2)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    mask_shape = None if mask is None else tuple(int(d) for d in mask.shape[:-2])
+    T, S = (1, _bucket(S)) if T == 1 else (_bucket(T), _bucket(T) if T == S else _bucket(S))
+    return ("attention", B, nh, T, S, hs, str(q.dtype), str(q.device), grad, mask_shape, dropout_p > 0)
+
+
+def attention_path(key: tuple) -> str:
+    """The faster of ATTENTION_PATHS for `attention_key`'s key on this machine (measured once)."""
+    _, B, nh, T, S, hs, dtype, device, grad, mask_shape, dropout = key
+    paths = tuple(name for name in ATTENTION_PATHS if name != "textbook" or B * nh * T * S <= TEXTBOOK_SCORES)
+    if len(paths) == 1:
+        return paths[0]
+
+    def build() -> dict[str, Callable[[], object]]:
+        generator = torch.Generator().manual_seed(0)
+        dt, where = getattr(torch, dtype.removeprefix("torch.")), torch.device(device)
+
+        def randn(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=generator).to(where, dt).requires_grad_(grad)
+
+        q, k, v = randn(B, nh, T, hs), randn(B, nh, S, hs), randn(B, nh, S, hs)
+        grad_out = torch.randn(B, nh, T, hs, generator=generator).to(where, dt)
+        mask = None if mask_shape is None else torch.ones(*mask_shape, T, S, dtype=torch.bool, device=where)
+        p = 0.1 if dropout else 0.0
+
+        def run(path: str) -> Callable[[], object]:
+            def once() -> object:
+                y = ATTENTION_PATHS[path](q, k, v, mask, p)
+                return torch.autograd.grad(y, (q, k, v), grad_out) if grad else y
+            return _synchronized(once, where)
+
+        return {path: run(path) for path in paths}
+
+    return fastest(key, paths, build)
+
+
+@torch.compiler.assume_constant_result
+def _compiled_attention_path(key: tuple) -> str:
+    """`attention_path`, run eagerly while torch.compile traces: the graph gets its answer as a constant."""
+    return attention_path(key)
+
+
+def fused_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """torch's scaled_dot_product_attention, which picks its own kernel (flash, memory-efficient, math)."""
     T, S = q.size(-2), k.size(-2)
-    if mask is None and T == S and attention_path(q) == "textbook":
-        return textbook_causal_attention(q, k, v, dropout_p)
     if mask is None and T == S:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
     if mask is None and T > 1:
@@ -139,16 +343,23 @@ def attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, nh, T, hs)
 
 
-def attention_path(q: torch.Tensor) -> str:
-    """The faster way to attend: the textbook formula for bf16 on a CPU, the fused kernel elsewhere.
-
-    That kernel gains nothing from bf16 on a CPU (its backward runs slower than in float32), while the
-    formula's two products run at the bf16 matmul rate. In float32 the two are within a few percent of
-    each other, and the fused kernel needs far less memory.
-    """
-    if "attention" in _forced:
-        return _forced["attention"]
-    return "textbook" if q.dtype == torch.bfloat16 and q.device.type == "cpu" else "fused"
+def textbook_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d_head) + M) V, M = -inf where a query may not attend, as two batched products."""
+    B, nh, T, hs = q.shape
+    S = k.size(-2)
+    if mask is None and T == S:
+        return textbook_causal_attention(q, k, v, dropout_p)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, S)
+    if mask is None and T > 1:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # (T, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = F.softmax(scores, dim=-1)
+    if dropout_p:
+        weights = F.dropout(weights, dropout_p)
+    return weights @ v  # (B, nh, T, hs)
 
 
 def textbook_causal_attention(
@@ -166,24 +377,72 @@ def textbook_causal_attention(
     return (weights @ v).view(B, nh, T, hs)
 
 
+ATTENTION_PATHS: dict[str, Callable[..., torch.Tensor]] = {"fused": fused_attention, "textbook": textbook_attention}
+
+
 # --- GELU --------------------------------------------------------------------------------------
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
-    """GPT-2's GELU, x * (1 + tanh(u)) / 2 with u = sqrt(2/pi) * (x + 0.044715 x^3).
+    """GPT-2's GELU, x * (1 + tanh(u)) / 2 with u = sqrt(2/pi) * (x + 0.044715 x^3), in its faster form."""
+    form = _forced.get("gelu")
+    if form is None and torch.compiler.is_compiling():
+        form = _compiled_gelu_form(str(x.dtype), str(x.device))
+    elif form is None:
+        form = gelu_form(_bucket(x.numel()), str(x.dtype), str(x.device), torch.is_grad_enabled() and x.requires_grad)
+    return GELU_FORMS[form](x)
 
-    Since (1 + tanh(u)) / 2 = sigmoid(2u), a compiled graph gets the sigmoid form; eager mode keeps
-    torch's single GELU kernel, which beats the several passes the sigmoid form takes there.
+
+def gelu_form(n: int, dtype: str, device: str, grad: bool) -> str:
+    """The faster of GELU_FORMS in eager mode on n elements, measured once.
+
+    torch's GELU is one kernel; the sigmoid form is several passes over memory, but on exp instead of
+    tanh, which some CPUs evaluate several times faster.
     """
-    if torch.compiler.is_compiling():
-        return sigmoid_form_gelu(x)
+    def build() -> dict[str, Callable[[], object]]:
+        where = torch.device(device)
+        x = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(where, getattr(torch, dtype.removeprefix("torch.")))
+        x.requires_grad_(grad)
+
+        def run(form: str) -> Callable[[], object]:
+            def once() -> object:
+                y = GELU_FORMS[form](x)
+                return torch.autograd.grad(y, x, y) if grad else y
+            return _synchronized(once, where)
+
+        return {form: run(form) for form in GELU_FORMS}
+
+    return fastest(("gelu", n, dtype, device, grad), tuple(GELU_FORMS), build)
+
+
+@torch.compiler.assume_constant_result
+def _compiled_gelu_form(dtype: str, device: str) -> str:
+    """The GELU form for a compiled graph, run eagerly while torch.compile traces.
+
+    There either form becomes one fused loop whose cost is its transcendental function, tanh or exp
+    (as sigmoid), so the faster of torch's tanh and sigmoid, timed on a tensor that stays in cache,
+    decides.
+    """
+    def build() -> dict[str, Callable[[], object]]:
+        where = torch.device(device)
+        x = torch.randn(1 << 16, generator=torch.Generator().manual_seed(0)).to(where, getattr(torch, dtype.removeprefix("torch.")))
+        return {"tanh": _synchronized(lambda: torch.tanh(x), where),
+                "sigmoid": _synchronized(lambda: torch.sigmoid(x), where)}
+
+    return fastest(("compiled gelu", dtype, device), tuple(GELU_FORMS), build)
+
+
+def tanh_gelu(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
 def sigmoid_form_gelu(x: torch.Tensor) -> torch.Tensor:
-    """The tanh GELU as x * sigmoid(2u); 2u = x * (a + b x^2)."""
+    """The tanh GELU as x * sigmoid(2u), since (1 + tanh(u)) / 2 = sigmoid(2u); 2u = x * (a + b x^2)."""
     return x * torch.sigmoid(x * (_GELU_LINEAR + _GELU_CUBIC * x * x))
 
 
 _GELU_LINEAR = 2 * math.sqrt(2 / math.pi)
 _GELU_CUBIC = _GELU_LINEAR * 0.044715
+GELU_FORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"tanh": tanh_gelu, "sigmoid": sigmoid_form_gelu}
+
+CANDIDATES = {"linear": tuple(LINEAR_PRODUCTS), "attention": tuple(ATTENTION_PATHS), "gelu": tuple(GELU_FORMS)}

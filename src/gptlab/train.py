@@ -105,12 +105,15 @@ def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
 
 
-def resolve_dtype(name: str, device: torch.device, group: Group = Group()) -> str:
+def resolve_dtype(
+    name: str, device: torch.device, group: Group = Group(), model: GPTConfig | None = None, rows: int | None = None
+) -> str:
     """`auto` -> bfloat16 where this device multiplies bf16 matrices at least 1.5x as fast as float32.
 
     That is a GPU with bf16 support, or a CPU with bf16 instructions (AVX-512-bf16, AMX), told apart by
-    the same matmul probe that MFU uses. Elsewhere bf16 is emulated and many times slower than float32,
-    so `auto` keeps float32. Rank 0 decides for every process.
+    the same probe of the model's products (`model` at `rows` tokens a micro-batch) that MFU uses.
+    Elsewhere bf16 is emulated and many times slower than float32, so `auto` keeps float32. Rank 0
+    decides for every process.
     """
     if name != "auto":
         return name
@@ -119,7 +122,8 @@ def resolve_dtype(name: str, device: torch.device, group: Group = Group()) -> st
         if device.type == "cuda":
             fast = torch.cuda.is_bf16_supported()
         else:
-            bf16, fp32 = (matmul_peak(device, dtype, seconds=0.1) for dtype in (torch.bfloat16, torch.float32))
+            bf16, fp32 = (matmul_peak(device, dtype, seconds=0.1, config=model, rows=rows)
+                          for dtype in (torch.bfloat16, torch.float32))
             fast = bf16 >= 1.5 * fp32
         chosen = "bfloat16" if fast else "float32"
     return distributed.broadcast_from_main(chosen, group)
@@ -334,7 +338,6 @@ class Trainer:
             check_run_dir(config.out, overwrite=overwrite, resume=resume)
         if resume:
             config = resumed_config(Path(config.out), config)  # its dtype was resolved when the run began
-        config.dtype = resolve_dtype(config.dtype, device, group)  # train_config.json records the choice
         self.config = config
         self._check_processes()
         self.accum = config.grad_accum // group.world_size  # micro-batches per process and step
@@ -356,6 +359,9 @@ class Trainer:
             self.model.to(device)
         else:
             self.model = build_model(config, self.tokenizer.vocab_size, device)
+        # train_config.json records the choice; the probe runs the model's products at one micro-batch
+        rows = config.batch_size * config.block_size
+        config.dtype = resolve_dtype(config.dtype, device, group, self.model.config, rows)
         self.optimizer = configure_optimizer(self.model, config, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.dtype == "float16")
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
@@ -378,7 +384,7 @@ class Trainer:
             self.model.train()
             self.step_model = self._prepare_for_training(self.model)
             self.metrics = open(self.run_dir / METRICS_FILE, "a") if group.is_main else None
-            self.meter = ThroughputMeter(self._peak_flops())
+            self.meter = ThroughputMeter(self._peak_flops(), warn=self._warn_once_on_main)
         except BaseException:
             self.close()
             raise
@@ -451,10 +457,16 @@ class Trainer:
             step_model = DistributedDataParallel(step_model, device_ids=device_ids, gradient_as_bucket_view=True)
         return step_model
 
+    def _warn_once_on_main(self, message: str) -> None:
+        if self.group.is_main:
+            tqdm.write(message, file=sys.stderr)
+
     def _peak_flops(self) -> float:
         """The matmul peak of all processes together, each probed while the others probe too."""
         distributed.barrier(self.group)
-        peak = torch.tensor([matmul_peak(self.device, DTYPES[self.config.dtype])], dtype=torch.float64)
+        rows = self.config.batch_size * self.config.block_size  # one micro-batch
+        peak = matmul_peak(self.device, DTYPES[self.config.dtype], config=self.model.config, rows=rows)
+        peak = torch.tensor([peak], dtype=torch.float64)
         total = distributed.all_reduce_sum(peak.to(self.device), self.group).item()
         if self.show:
             print(f"matmul peak ({self.config.dtype}, {self.group.world_size} process(es)): {total / 1e9:,.1f} GFLOP/s")
