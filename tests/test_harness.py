@@ -147,3 +147,4 @@ def test_pyproject_declares_the_lm_eval_plugin_entry_point() -> None:
     assert issubclass(getattr(importlib.import_module(module), name), LM)
     assert any(req.startswith("lm_eval") for req in project["optional-dependencies"]["eval"])
     assert os.path.isfile(TASKS_DIR / "README.md")
+
