@@ -286,7 +286,7 @@ class _Decoder:
         self.windows = [list(p[-self.block_size:]) for p in prompts]
         # the last token is never fed back, so the longest row needs len + max_new_tokens - 1 slots
         capacity = min(self.block_size, max(map(len, self.windows)) + max_new_tokens - 1)
-        weight = model.transformer.wte.weight
+        weight = model.transformer.wpe.weight  # float in every model, int8-quantized ones too: the cache's dtype
         self.device = weight.device
         self.cache = KVCache(model.config, len(prompts), capacity, device=weight.device, dtype=weight.dtype)
         self.logits = self._prefill()  # (B, V)

@@ -43,6 +43,7 @@ from .checkpoint import load_pretrained
 from .config import ServerLimits
 from .errors import GptlabError
 from .generation import Completion, SamplingParams, TextStream, complete
+from .kernels import quantize_int8
 from .tokenizers import document_start_ids
 from .server_schemas import (
     CompletionChoice,
@@ -682,9 +683,11 @@ def running_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iter
 
 
 def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device: str | torch.device = "cpu",
-          model_id: str | None = None, limits: ServerLimits = ServerLimits()) -> None:
-    """Load the model once and serve it until interrupted."""
+          model_id: str | None = None, limits: ServerLimits = ServerLimits(), quantize: str | None = None) -> None:
+    """Load the model once (int8-quantized with `quantize="int8"`) and serve it until interrupted."""
     model, tokenizer = load_pretrained(model_dir, device)
+    if quantize == "int8":
+        quantize_int8(model)
     name = model_id or Path(str(model_dir).rstrip("/")).name
     allowed = list(LOOPBACK_NAMES) if is_loopback(host) else None
     app = create_app(model, tokenizer, name, limits, allowed_hosts=allowed)
