@@ -33,7 +33,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from gptlab import kernels
-from gptlab.config import GPTConfig, TrainConfig
+from gptlab.config import GPTConfig
 from gptlab.fileio import atomic_write_json, atomic_write_text
 from gptlab.model import GPT
 from gptlab.optim import parameter_groups
