@@ -12,6 +12,7 @@ losses show both compute the same model.
 
 from __future__ import annotations
 
+import argparse
 import math
 import platform
 import time
@@ -30,8 +31,8 @@ ORDERS = range(1, 8)
 REFERENCE_ORDER = 5
 
 
-def load() -> tuple[np.ndarray, np.ndarray, int]:
-    text = CORPUS.read_text(encoding="utf-8")
+def load(corpus: Path) -> tuple[np.ndarray, np.ndarray, int]:
+    text = corpus.read_text(encoding="utf-8")
     chars = sorted(set(text))
     index = {c: i for i, c in enumerate(chars)}
     ids = np.array([index[c] for c in text], dtype=np.int64)
@@ -71,10 +72,13 @@ def reference_nll(train: list[int], val: list[int], vocab: int, order: int, disc
 
 
 def main() -> None:
-    if not CORPUS.is_file():  # a fresh clone has no ../shared: say so and leave the results as they are
-        print(f"benchmarks/ngram.py: skipped: the shared Tiny Shakespeare corpus is not at {CORPUS}")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", type=Path, default=CORPUS, help="Tiny Shakespeare's input.txt")
+    args = parser.parse_args()
+    if not args.corpus.is_file():  # a fresh clone has no ../shared: say so and leave the results as they are
+        print(f"benchmarks/ngram.py: skipped: the shared Tiny Shakespeare corpus is not at {args.corpus}")
         return
-    train, val, vocab = load()
+    train, val, vocab = load(args.corpus)
     rows = []
     start = time.perf_counter()
     counts = NGramCounts(train, vocab, max(ORDERS))
