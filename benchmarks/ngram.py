@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import time
 from collections import Counter, defaultdict
@@ -78,6 +79,7 @@ def main() -> None:
     if not args.corpus.is_file():  # a fresh clone has no ../shared: say so and leave the results as they are
         print(f"benchmarks/ngram.py: skipped: the shared Tiny Shakespeare corpus is not at {args.corpus}")
         return
+    load_before = round(os.getloadavg()[0], 2)
     train, val, vocab = load(args.corpus)
     rows = []
     start = time.perf_counter()
@@ -99,6 +101,7 @@ def main() -> None:
     slow = time.perf_counter() - start
     payload = {
         "machine": MACHINE, "python": platform.python_version(), "numpy": np.__version__,
+        "load_before": load_before, "load_after": round(os.getloadavg()[0], 2),
         "train_tokens": len(train), "val_tokens": len(val), "vocab": vocab,
         "count_seconds_orders_1_to_max": count_seconds, "orders": rows,
         "reference": {"order": REFERENCE_ORDER, "numpy_seconds": fast, "python_seconds": slow,
@@ -115,7 +118,7 @@ def markdown(p: dict) -> str:
     ref = p["reference"]
     lines = [
         f"Interpolated Kneser-Ney on Tiny Shakespeare, {p['train_tokens']:,} train / {p['val_tokens']:,} validation "
-        f"characters ({MACHINE}).",
+        f"characters ({p['machine']}; load average {p['load_before']} before / {p['load_after']} after).",
         "",
         f"Counting every n-gram of orders 1-{len(p['orders'])} once: {p['count_seconds_orders_1_to_max']:.2f} s. Then per order:",
         "",
