@@ -37,6 +37,7 @@ from gptlab import generate
 from gptlab.checkpoint import load_model, save_model
 from gptlab.config import model_preset
 from gptlab.fileio import atomic_write_json, atomic_write_text
+from gptlab.inference import Engine, SamplingParams
 from gptlab.kernels import Int8Linear, quantize_int8
 from gptlab.model import GPT
 
@@ -156,6 +157,13 @@ def measure(batch: int, dtype: torch.dtype, args: argparse.Namespace, directory:
             timed(lambda: generate(ours, idx, un, temperature=0))[0] for _ in range(args.repeats))
         row.update(uncached_new_tokens=un, uncached_tok_s=batch * un / t, cached_vs_uncached=t / with_cache,
                    uncached_tokens_identical=bool(torch.equal(plain, outputs["gptlab"][:, : args.prompt_tokens + un])))
+    engine = Engine(ours, max_batch=batch, prefill_tokens=None)  # what generate() runs, stopped after its prefill
+    for prompt in idx.tolist():
+        engine.submit(prompt, SamplingParams(max_new_tokens=n, temperature=0, stop_at_eos=False))
+    engine.step()
+    c, cache_bytes = ours.config, engine.cache.nbytes()
+    formula = 2 * c.n_layer * batch * (args.prompt_tokens + n) * c.n_embd * engine.cache.kv.element_size()
+    row.update(cache_bytes=cache_bytes, cache_formula_bytes=formula, cache_vs_formula=cache_bytes / formula)
     return row
 
 
@@ -201,6 +209,9 @@ def markdown(report: dict) -> str:
             f"batch {r['batch']}: {r['uncached_tok_s']:.2f} tok/s over {r['uncached_new_tokens']} new tokens, the "
             f"cache {r['cached_vs_uncached']:.1f}x faster, same tokens: "
             f"{'yes' if r['uncached_tokens_identical'] else 'NO'}" for r in uncached) + "."]
+    lines += ["", "KV cache memory (the engine's buffers after the prefill, over 2 * n_layer * B * T * n_embd * bytes, "
+                  "T = prompt + new tokens): " + "; ".join(
+                      f"batch {r['batch']} {r['dtype']}: {r['cache_vs_formula']:.3f}" for r in report["rows"]) + "."]
     return "\n".join(lines) + "\n"
 
 

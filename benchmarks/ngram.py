@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gptlab.evaluate.ngram import KneserNey, NGramCounts
 from gptlab.fileio import atomic_write_json, atomic_write_text
-from gptlab.ngram import KneserNey, NGramCounts
 
 from machine import MACHINE  # benchmarks/machine.py: a script's own folder is on sys.path
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -27,7 +27,7 @@ import torch
 
 from gptlab.config import GPTConfig, ServerLimits
 from gptlab.model import GPT
-from gptlab.server import create_app, running_server
+from gptlab.serve import create_app, running_server
 from gptlab.tokenizers import CharTokenizer, GPT2Tokenizer, Tokenizer
 
 from machine import MACHINE  # benchmarks/machine.py: a script's own folder is on sys.path

@@ -5,9 +5,9 @@ vocabulary of the whole file (65 characters), the first 90% of the characters fo
 (1,003,854), the last 10% for validation (111,540). `gptlab prepare --val-fraction 0.1` makes
 exactly that split, which this script checks. The preset trains until its step budget or
 `max_time` = 300 s, whichever comes first (periodic evaluations count against the budget), then the
-final model is scored on the *whole* validation split: consecutive non-overlapping windows of the
-training context, every validation character after the first predicted once, the mean taken over
-characters.
+final model is scored on the *whole* validation split by gptlab's one scorer: consecutive
+non-overlapping windows of the training context (the tail in one full window ending at the last
+character), every validation character after the first predicted once, the mean taken over characters.
 
     flock /tmp/gptlab-bench.lock .venv/bin/python benchmarks/shakespeare.py
 """
@@ -29,8 +29,9 @@ import torch
 from gptlab.checkpoint import load_model
 from gptlab.config import TRAIN_PRESETS, build_train_config
 from gptlab.data import TokenDataset, prepare
+from gptlab.evaluate import score_tokens
 from gptlab.fileio import atomic_write_json, atomic_write_text
-from gptlab.generation import generate
+from gptlab.inference import generate
 from gptlab.kernels import quantize_int8
 from gptlab.training_state import load_training_state
 
@@ -50,14 +51,9 @@ REFERENCES = [
 
 @torch.no_grad()
 def whole_split_loss(model: torch.nn.Module, dataset: TokenDataset, split: str, block_size: int) -> tuple[float, int]:
-    """Mean cross-entropy per predicted token over every window of the split, and the token count."""
-    model.eval()
-    total, count = 0.0, 0
-    for x, y in dataset.iter_windows(split, block_size, batch_size=64):
-        n = y.numel()
-        total += model(x, y).loss.item() * n
-        count += n
-    return total / count, count
+    """Mean cross-entropy per predicted token over the split read in disjoint windows, and the token count."""
+    nll, count = score_tokens(model, dataset.split(split), stride=block_size, context=block_size)
+    return nll / count, count
 
 
 @torch.no_grad()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,12 @@ from gptlab.train import compile_unavailable, train
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
+# The kernel choices the tests measure stay in a temporary file of this session, not ~/.cache. Set at
+# import, before any test module copies os.environ for its child processes, so that a child (a resumed
+# run) chooses as the run it resumes did.
+_KERNEL_CACHE = Path(tempfile.mkdtemp(prefix="gptlab-test-kernels-"))
+os.environ["GPTLAB_KERNEL_CACHE"] = str(_KERNEL_CACHE / "kernels.json")
+atexit.register(shutil.rmtree, _KERNEL_CACHE, ignore_errors=True)
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 TINY_TEXT = (
@@ -29,13 +37,6 @@ TINY_TEXT = (
     "First Citizen:\nYou are all resolved rather to die than to famish?\n\n"
     "All:\nResolved. resolved.\n\n"
 ) * 40
-
-
-@pytest.fixture(scope="session", autouse=True)
-def kernel_choices(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """The kernel choices the tests measure stay in the session's temporary directory, not ~/.cache;
-    child processes inherit it, so a resumed run chooses as the run it resumes did."""
-    os.environ["GPTLAB_KERNEL_CACHE"] = str(tmp_path_factory.mktemp("kernels") / "kernels.json")
 
 
 @pytest.fixture(scope="session")
@@ -100,6 +101,14 @@ def gptlab(capsys: pytest.CaptureFixture):
     return run
 
 
+def one_line_error(code: int, err: str, expected_code: int, *fragments: str) -> None:
+    """The command failed with `expected_code` and said so in one line holding every fragment, no traceback."""
+    lines = err.strip().splitlines()
+    assert code == expected_code and len(lines) == 1 and "Traceback" not in err, (code, err)
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path):
     """A directory on a 256 KiB tmpfs, for what a full disk does; skipped (saying why) where it cannot mount."""
@@ -114,3 +123,26 @@ def small_disk(tmp_path: Path):
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def read_only():
+    """A function that makes a directory read-only (a read-only bind mount over itself), for what an
+    unwritable output path does; skipped (saying why) where it cannot mount. Root ignores permission bits,
+    so chmod alone would not do."""
+    mounted: list[Path] = []
+
+    def make(directory: Path) -> Path:
+        if os.geteuid() != 0 or shutil.which("mount") is None:
+            pytest.skip("a read-only test bind-mounts a directory read-only, which needs root and mount(8)")
+        for options in (["--bind"], ["-o", "remount,bind,ro"]):
+            done = subprocess.run(["mount", *options, str(directory), str(directory)], capture_output=True, text=True)
+            if done.returncode:
+                pytest.skip(f"cannot mount {directory} read-only here: {done.stderr.strip()}")
+            if options == ["--bind"]:
+                mounted.append(directory)
+        return directory
+
+    yield make
+    for directory in reversed(mounted):
+        subprocess.run(["umount", "-l", str(directory)], check=False)

@@ -99,3 +99,17 @@ def test_cli_errors_are_one_line(tiny_run: Path, tmp_path: Path, capsys: pytest.
 def test_library_refuses_a_bad_layer(tiny_run: Path) -> None:
     with pytest.raises(GptlabError, match="--layer"):
         attention_map(load_model(tiny_run), load_tokenizer(tiny_run), PROMPT, layer=-1)
+
+
+def test_cli_never_replaces_an_existing_file_unasked(tiny_run: Path, tmp_path: Path, capsys) -> None:
+    mine = tmp_path / "thesis.pdf"
+    mine.write_bytes(b"%PDF my thesis")
+    code = main(["attention", str(tiny_run), "--prompt", PROMPT, "--out", str(mine)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "already exists; pass --overwrite" in err
+    assert mine.read_bytes() == b"%PDF my thesis"
+    code = main(["attention", str(tiny_run), "--prompt", PROMPT, "--out", str(tmp_path / "notes.txt")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "not an image format" in err
+    assert main(["attention", str(tiny_run), "--prompt", PROMPT, "--out", str(mine), "--overwrite"]) == 0
+    assert mine.read_bytes()[:4] == b"%PDF" and mine.stat().st_size > 1000

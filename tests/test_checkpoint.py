@@ -24,7 +24,7 @@ from gptlab.config import TrainConfig
 from gptlab.data import TokenDataset
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
-from gptlab.tokenizers import CharTokenizer
+from gptlab.tokenizers import CharTokenizer, GPT2Tokenizer, load_tokenizer
 from gptlab.train import build_model
 
 HF_CONFIG = dict(n_layer=2, n_head=2, n_embd=24, vocab_size=101, n_positions=16)
@@ -337,3 +337,42 @@ def test_init_from_refuses_what_cannot_be_fine_tuned(hf_dir: Path, char_data: Pa
                             "--out", str(tmp_path / "run"), "--no-progress", *args], capsys)
     assert_one_line_error(code, err, "50257 tokens", "--tokenizer gpt2")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("what", ["run", "dataset", "own files"])
+def test_export_overwrite_replaces_an_export_only(what: str, tiny_run: Path, char_data: Path, tmp_path: Path,
+                                                  capsys) -> None:
+    """--overwrite must not clobber a run, a dataset or a user's files that happen to sit in OUT."""
+    if what == "run":
+        out = tmp_path / "run-copy"
+        shutil.copytree(tiny_run, out)
+    elif what == "dataset":
+        out = tmp_path / "data-copy"
+        shutil.copytree(char_data, out)
+    else:
+        out = tmp_path / "thesis"
+        out.mkdir()
+        (out / "chapter1.tex").write_text("precious")
+        (out / "config.json").write_text('{"mine": true}')
+    def snapshot() -> dict[str, bytes]:
+        return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    before = snapshot()
+    code, _, err = run_cli(["export", str(tiny_run), str(out), "--overwrite"], capsys)
+    assert_one_line_error(code, err, "holds more than an exported model", "choose another directory")
+    assert snapshot() == before
+
+
+def test_export_overwrite_of_an_earlier_export_leaves_no_stale_tokenizer(tiny_run: Path, tmp_path: Path,
+                                                                       capsys) -> None:
+    out = tmp_path / "export"
+    random_hf_gpt2(seed=2, n_layer=1, n_head=2, n_embd=16, vocab_size=50257, n_positions=32).save_pretrained(
+        tmp_path / "hf")
+    GPT2Tokenizer().save(tmp_path / "hf")
+    assert run_cli(["export", str(tmp_path / "hf"), str(out)], capsys)[0] == 0
+    assert (out / "merges.txt").is_file()
+    assert run_cli(["export", str(tiny_run), str(out), "--overwrite"], capsys)[0] == 0  # now a char model
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "gptlab_tokenizer.json", "model.safetensors"]
+    assert load_tokenizer(out).name == "char"
+    code, _, err = run_cli(["export", str(tiny_run), ""], capsys)
+    assert_one_line_error(code, err, "output directory is empty")

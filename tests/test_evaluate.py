@@ -17,7 +17,8 @@ from conftest import tiny_model
 from gptlab.checkpoint import load_model
 from gptlab.data import TokenDataset, prepare
 from gptlab.errors import GptlabError
-from gptlab.evaluate import Score, evaluate_model, score, score_tokens, text_lengths, windows
+from gptlab.evaluate import Score, evaluate_model, score, score_tokens, text_lengths, token_nll, windows
+from gptlab.evaluate import scorer
 from gptlab.tokenizers import GPT2Tokenizer
 
 CONTEXT = 16
@@ -80,6 +81,64 @@ def test_more_context_helps_a_trained_model_and_batching_changes_nothing(tiny_ru
     assert half[1] == disjoint[1] == len(tokens) - 1
     assert half[0] < disjoint[0]  # the same tokens, each read with at least 17 tokens of context
     assert score_tokens(model, tokens, stride=16, batch_size=1)[0] == pytest.approx(half[0], rel=1e-6)
+
+
+def full_logits_nll(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The scorer before issue 15: logits at every position, cross-entropy on the (B, V, T) view."""
+    with torch.no_grad():
+        return F.cross_entropy(model(x).logits.float().transpose(1, 2), y, reduction="none")  # (B, T)
+
+
+@pytest.mark.parametrize("block", [scorer.LOGIT_BLOCK, 3 * 50])  # one block; blocks of 3 rows
+def test_token_nll_is_the_full_logits_cross_entropy_at_the_chosen_positions(monkeypatch, block: int) -> None:
+    monkeypatch.setattr(scorer, "LOGIT_BLOCK", block)
+    model = tiny_model(block_size=CONTEXT)
+    x, y = (torch.randint(0, 50, (4, CONTEXT), generator=torch.Generator().manual_seed(i)) for i in (1, 2))
+    where = torch.rand(4, CONTEXT, generator=torch.Generator().manual_seed(3)) < 0.4
+    reference = full_logits_nll(model, x, y)
+    with torch.no_grad():
+        every = token_nll(model, x, y)
+        chosen, greedy = token_nll(model, x, y, where, greedy=True)
+        logits = model(x).logits
+    torch.testing.assert_close(every, reference.reshape(-1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(chosen, reference[where], rtol=1e-6, atol=1e-6)
+    assert torch.equal(greedy, (logits.argmax(-1) == y)[where])
+    y_greedy = logits.argmax(-1)  # a target equal to the argmax everywhere is greedy everywhere
+    assert bool(token_nll(model, x, y_greedy, where, greedy=True)[1].all())
+
+
+def test_the_stream_score_is_unchanged_from_the_full_logits_scorer(stream: np.ndarray) -> None:
+    model = tiny_model(block_size=CONTEXT)
+    tokens = np.concatenate([stream, stream[::-1], stream])
+    for stride in (1, 5, CONTEXT // 2, CONTEXT):
+        expected = 0.0
+        for begin, first, end in windows(len(tokens), CONTEXT, stride):
+            x = torch.tensor(tokens[begin:end])[None]
+            y = torch.tensor(tokens[begin + 1 : end + 1])[None]
+            expected += float(full_logits_nll(model, x, y)[0, first - begin - 1 :].double().sum())
+        assert score_tokens(model, tokens, stride=stride)[0] == pytest.approx(expected, rel=1e-6)
+
+
+def test_estimate_loss_is_the_forward_loss_and_leaves_every_generator_alone(char_data: Path) -> None:
+    from gptlab.config import build_train_config
+    from gptlab.train import estimate_loss
+
+    config = build_train_config(overrides=dict(data=str(char_data), block_size=CONTEXT, batch_size=4,
+                                               eval_iters=3, seed=7))
+    dataset = TokenDataset(char_data)
+    model = tiny_model(vocab_size=dataset.tokenizer.vocab_size, block_size=CONTEXT).train()
+    torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()
+    losses = estimate_loss(model, dataset, config, torch.device("cpu"), step=20)
+    assert torch.equal(torch.get_rng_state(), torch_state) and model.training
+    assert np.random.get_state()[1].tolist() == numpy_state[1].tolist()
+    for split in ("train", "val"):  # today's figure: the mean of the forward pass's loss over the batches
+        rng = np.random.default_rng([7, 20, split == "val"])
+        with torch.no_grad():
+            model.eval()
+            expected = np.mean([model(*dataset.get_batch(split, 4, CONTEXT, rng)).loss.item() for _ in range(3)])
+            model.train()
+        assert losses[split] == pytest.approx(expected, rel=1e-6)
+    assert estimate_loss(model, dataset, config, torch.device("cpu"), step=20) == losses
 
 
 def test_short_texts_and_bad_strides() -> None:
@@ -171,5 +230,7 @@ def test_cli_usage_errors(tiny_run: Path, tmp_path: Path, gptlab) -> None:
     assert code == 2 and "--baselines needs --data" in err
     code, _, err = gptlab("eval", str(tiny_run), "--text", str(text), "--stride", "0")
     assert code == 2 and "--stride must be at least 1" in err
-    with pytest.raises(SystemExit):  # neither --data nor --text: argparse's usage error
-        gptlab("eval", str(tiny_run))
+    code, _, err = gptlab("eval", str(tiny_run))
+    assert code == 2 and "give one of --data DATA_DIR, --text FILE or --tasks" in err
+    with pytest.raises(SystemExit):  # two sources: argparse's usage error
+        gptlab("eval", str(tiny_run), "--text", str(text), "--tasks", "hellaswag")

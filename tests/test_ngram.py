@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gptlab.errors import GptlabError
-from gptlab.ngram import KneserNey, NGramCounts
+from gptlab.evaluate.ngram import KneserNey, NGramCounts
 
 A, B, C = 0, 1, 2
 # "a b a b c a b": bigrams ab x3, ba, bc, ca; trigrams aba, bab, abc, bca, cab

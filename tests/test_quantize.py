@@ -16,7 +16,7 @@ from gptlab import kernels
 from gptlab.checkpoint import load_model, save_model
 from gptlab.config import GPTConfig
 from gptlab.errors import GptlabError
-from gptlab.generation import generate
+from gptlab.inference import generate
 from gptlab.kernels import Int8Embedding, Int8Linear, force, int8_linear, int8_products, quantize_int8, quantize_rows
 from gptlab.model import GPT
 
@@ -117,12 +117,23 @@ def test_sample_quantize_int8_generates_and_leaves_the_run_unchanged(tiny_run: P
 
 
 def test_serve_quantize_int8_serves_the_quantized_model(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import gptlab.server as server
+    import gptlab.serve.runner as runner
     from gptlab.cli import main
 
     served = {}
-    monkeypatch.setattr(server, "create_app", lambda model, *a, **k: served.setdefault("model", model))
-    monkeypatch.setattr(server.uvicorn, "run", lambda app, **kwargs: None)
+
+    class Server:  # uvicorn's, without the serving
+        def __init__(self, config) -> None:
+            pass
+
+        def run(self, sockets) -> None:
+            pass
+
+    monkeypatch.setattr(runner, "bind", lambda host, port: None)
+    monkeypatch.setattr(runner, "base_url", lambda sock: "http://127.0.0.1:0")
+    monkeypatch.setattr(runner, "create_app", lambda model, *a, **k: served.setdefault("model", model))
+    monkeypatch.setattr(runner.uvicorn, "Server", Server)
+    monkeypatch.setattr(runner.uvicorn, "Config", lambda app, **kwargs: None)
     assert main(["serve", str(tiny_run), "--quantize", "int8"]) == 0
     assert isinstance(served["model"].lm_head, Int8Linear)
 

@@ -11,7 +11,7 @@ from gptlab.checkpoint import load_model
 from gptlab.config import TrainConfig
 from gptlab.data import TokenDataset
 from gptlab.evaluate import score, score_ngram
-from gptlab.ngram import KneserNey, NGramCounts
+from gptlab.evaluate.ngram import KneserNey, NGramCounts
 from gptlab.report import headline
 
 

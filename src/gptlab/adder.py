@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .errors import GptlabError
-from .generation import generate
+from .inference import generate
 from .model import GPT
 from .tokenizers import CharTokenizer
 

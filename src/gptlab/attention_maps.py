@@ -18,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .errors import GptlabError
+from .fileio import atomic_write
 from .model import GPT
 from .tokenizers import Tokenizer
 
@@ -84,11 +85,22 @@ def attention_weights(model: GPT, idx: torch.Tensor) -> list[torch.Tensor]:
     return weights
 
 
-def plot_attention(amap: AttentionMap, out: str | Path) -> Path:
-    """Draw one heatmap per head in a near-square grid and save it (format from the file suffix)."""
+def plot_attention(amap: AttentionMap, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Draw one heatmap per head in a near-square grid and save it (format from the file suffix).
+
+    An existing file is replaced only with `overwrite`: the path may name someone's own document.
+    """
     out = Path(out)
     if out.parent and not out.parent.is_dir():
         raise GptlabError(f"--out {out}: the directory {out.parent} does not exist")
+    formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    image_format = out.suffix.lstrip(".").lower()
+    if image_format not in formats:
+        raise GptlabError(f"--out {out}: {out.suffix or 'no suffix'} is not an image format; use .png, .svg or .pdf")
+    if out.is_dir():
+        raise GptlabError(f"--out {out} is a directory; name the image file to write")
+    if out.exists() and not overwrite:
+        raise GptlabError(f"--out {out} already exists; pass --overwrite to replace it")
     n = len(amap.heads)
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
@@ -110,5 +122,5 @@ def plot_attention(amap: AttentionMap, out: str | Path) -> Path:
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
     fig.colorbar(image, ax=axes, shrink=0.8, label="attention weight")
-    fig.savefig(out, dpi=120)
+    atomic_write(out, lambda handle: fig.savefig(handle, format=image_format, dpi=120))
     return out

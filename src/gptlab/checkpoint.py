@@ -402,21 +402,42 @@ def save_model(model: GPT, directory: str | Path, *, require_hf: bool = False) -
     atomic_write_json(directory / CONFIG_FILE, config)
 
 
+# What `export_model` writes: all that a directory may hold for --overwrite to replace it.
+EXPORT_FILES = frozenset({
+    CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, "vocab.json", "merges.txt", "tokenizer_config.json",
+    "special_tokens_map.json",
+})
+
+
 def export_model(source: str | Path, out: str | Path, *, overwrite: bool = False) -> list[str]:
     """Copy a model (and its tokenizer, when it has one) into a clean Hugging Face GPT-2 directory.
 
-    Unlike a run directory, the result holds nothing but what `from_pretrained` reads, ready to share.
-    Returns the names of the files `out` then holds.
+    Unlike a run directory, the result holds nothing but what `load_model` reads, ready to share.
+    `overwrite` replaces an earlier export only: a directory holding anything else (a run, a dataset,
+    a user's own files) is refused before anything is written. Returns the names of the files `out`
+    then holds.
     """
+    if not str(out).strip():
+        raise GptlabError("the output directory is empty; name a directory to write the model into")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise GptlabError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise GptlabError(f"{out} already holds files; pass --overwrite to write into it anyway")
+    before = {p.name: p.stat().st_ino for p in out.iterdir() if not p.name.startswith(".")} if out.is_dir() else {}
+    if before and not overwrite:
+        raise GptlabError(f"{out} already holds files; pass --overwrite to replace an earlier export there")
+    if before.keys() - EXPORT_FILES:
+        others = ", ".join(sorted(before.keys() - EXPORT_FILES)[:4])
+        raise GptlabError(f"{out} holds more than an exported model ({others}); --overwrite replaces an export "
+                          f"only: choose another directory")
     directory = resolve_model_dir(source)
+    if out.resolve() == directory.resolve():
+        raise GptlabError(f"{out} is the model being exported; choose another directory")
     model = load_model(directory)
     tokenizer = find_tokenizer(directory, model.config)
     save_model(model, out, require_hf=True)
     if tokenizer is not None:
         tokenizer.save(out)
+    for name, inode in before.items():  # an earlier export's file this one did not rewrite (a tokenizer's)
+        if (out / name).stat().st_ino == inode:
+            (out / name).unlink()
     return sorted(p.name for p in out.iterdir() if not p.name.startswith("."))

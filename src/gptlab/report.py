@@ -20,7 +20,7 @@ from .config import TrainConfig
 from .data import TokenDataset
 from .evaluate import Score, markdown_table, score, score_ngram
 from .model import GPT
-from .ngram import KneserNey, NGramCounts
+from .evaluate.ngram import KneserNey, NGramCounts
 
 REPORT_FILE = "report.md"
 REPORT_JSON = "report.json"

@@ -44,17 +44,17 @@ from .config import GPTConfig, TrainConfig
 from .data import TokenDataset, default_corpus_files, prepare
 from .distributed import Group
 from .errors import GptlabError
+from .evaluate.scorer import token_nll
 from .fileio import atomic_write_bytes, atomic_write_json, remove_temporaries
 from .model import GPT
 from .optim import configure_optimizer, learning_rate
 from .report import write_report
+from .run_dir import METRICS_FILE, TRAIN_CONFIG_FILE, RunDirectory, check_run_dir, claim_run_dir
 from .throughput import ThroughputMeter, flops_per_token, matmul_peak
 from .training_state import (
     STATE_FILE, load_training_state, process_rng_state, restore_process_rng_state, save_training_state,
 )
 
-TRAIN_CONFIG_FILE = "train_config.json"
-METRICS_FILE = "metrics.jsonl"
 DEFAULT_DATA_DIR = Path("data/shakespeare-char")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What a resumed run may change from its saved options: how long, where and how fast it runs.
@@ -152,26 +152,6 @@ def open_dataset(config: TrainConfig) -> TokenDataset | AdderDataset:
     return dataset
 
 
-def resolve_run_dir(config: TrainConfig, overwrite: bool, resume: bool) -> Path:
-    """The run directory, refusing to clobber an existing run unless `overwrite` says so."""
-    if not config.out:
-        name = config.preset or "run"
-        n = 1
-        while Path("runs", f"{name}-{n}").exists():
-            n += 1
-        return Path("runs", f"{name}-{n}")
-    run_dir = Path(config.out)
-    if resume:
-        if not (run_dir / STATE_FILE).is_file():
-            raise GptlabError(f"{run_dir}: no {STATE_FILE} to resume from")
-        return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise GptlabError(f"{run_dir} already holds a run; pass --overwrite to replace it or --resume to continue it")
-        shutil.rmtree(run_dir)
-    return run_dir
-
-
 def resumed_config(run_dir: Path, given: TrainConfig) -> TrainConfig:
     """The saved options of the run in `run_dir`, with the RESUME_OPTIONS `given` sets explicitly.
 
@@ -221,7 +201,7 @@ def estimate_loss(
             x, y = dataset.get_batch(split, config.batch_size, config.block_size, rng)
             if i % group.world_size == group.rank:
                 with autocast_context(device, config.dtype):
-                    total += model(x.to(device), y.to(device)).loss.double()
+                    total += token_nll(model, x.to(device), y.to(device)).double().mean()
         losses[split] = distributed.all_reduce_sum(total, group).item() / config.eval_iters
     model.train(was_training)
     return losses
@@ -354,10 +334,10 @@ class Trainer:
     ) -> None:
         self.group, self.device = group, device
         self.show = show_progress and group.is_main
-        run_dir = resolve_run_dir(config, overwrite, resume) if group.is_main else None
-        self.run_dir: Path = distributed.broadcast_from_main(run_dir, group)
+        if group.is_main:  # the run directory is claimed (and an old run replaced) after every other check
+            check_run_dir(config.out, overwrite=overwrite, resume=resume)
         if resume:
-            config = resumed_config(self.run_dir, config)  # its dtype was resolved when the run began
+            config = resumed_config(Path(config.out), config)  # its dtype was resolved when the run began
         self.config = config
         self._check_processes()
         self.accum = config.grad_accum // group.world_size  # micro-batches per process and step
@@ -371,7 +351,7 @@ class Trainer:
 
         torch.manual_seed(config.seed)
         self.data_rng = np.random.default_rng(config.seed)
-        state = load_training_state(self.run_dir) if resume and group.is_main else None
+        state = load_training_state(Path(config.out)) if resume and group.is_main else None
         state = distributed.broadcast_from_main(state, group)
         if state is not None:
             self.model = GPT(GPTConfig(**state["model_config"]))
@@ -387,20 +367,39 @@ class Trainer:
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
         self.best_val, self.last_eval_step, self.saved_step = math.inf, 0, -1
         self.losses = {"train": math.nan, "val": math.nan}
-        if state is not None:
-            self._restore(state)
-        else:
-            if group.rank > 0:
-                torch.manual_seed(config.seed + group.rank)  # each process its own dropout draws
-            if group.is_main:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                atomic_write_json(self.run_dir / TRAIN_CONFIG_FILE, config.to_dict())
-                self.tokenizer.save(self.run_dir)
-        self.model.train()
-        self.step_model = self._prepare_for_training(self.model)
-        self.metrics = open(self.run_dir / METRICS_FILE, "a") if group.is_main else None
-        self.meter = ThroughputMeter(self._peak_flops(), warn=self._warn_once_on_main)
+        self.metrics = None
+        self.run_directory: RunDirectory | None = None
+        if group.is_main:
+            self.run_directory = claim_run_dir(config.out, config.preset or "run", overwrite=overwrite, resume=resume)
+        self.run_dir: Path = distributed.broadcast_from_main(self.run_directory and self.run_directory.path, group)
+        try:
+            if state is not None:
+                self._restore(state)
+            else:
+                if group.rank > 0:
+                    torch.manual_seed(config.seed + group.rank)  # each process its own dropout draws
+                if group.is_main:
+                    atomic_write_json(self.run_dir / TRAIN_CONFIG_FILE, config.to_dict())
+                    self.tokenizer.save(self.run_dir)
+            self.model.train()
+            self.step_model = self._prepare_for_training(self.model)
+            self.metrics = open(self.run_dir / METRICS_FILE, "a") if group.is_main else None
+            self.meter = ThroughputMeter(self._peak_flops(), warn=self._warn_once_on_main)
+        except BaseException:
+            self.close()
+            raise
         self.session_steps = 0
+
+    def close(self) -> None:
+        """Close the metrics file and unlock the run directory."""
+        self._close_metrics()
+        if self.run_directory is not None:
+            self.run_directory.release()
+
+    def _close_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
 
     def _check_processes(self) -> None:
         config, group = self.config, self.group
@@ -494,8 +493,7 @@ class Trainer:
                 self._checkpoint(self._evaluate())
         finally:
             bar.close()
-            if self.metrics is not None:
-                self.metrics.close()
+            self._close_metrics()
         if self.group.is_main:
             plot_losses(self.run_dir / METRICS_FILE, self.run_dir / "loss.png")
             write_report(self._result(""), config, self.model, self.dataset, self.device)
@@ -690,6 +688,8 @@ def train(
         trainer = Trainer(config, group, device, overwrite=overwrite, resume=resume, show_progress=show_progress)
         return trainer.run()
     finally:
+        if trainer is not None:
+            trainer.close()
         # DDP sits in a reference cycle of torch's own, so its reducer (and the gloo state it holds)
         # would wait for the cyclic collector, perhaps until interpreter shutdown, after the process
         # group is gone, where gloo's teardown can abort the process (seen once: exit 134 after a

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .errors import GptlabError
+from ..errors import GptlabError
 
 MAX_ORDER = 12
 
