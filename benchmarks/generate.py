@@ -36,13 +36,11 @@ import torch
 from gptlab import generate
 from gptlab.checkpoint import load_model, save_model
 from gptlab.config import model_preset
-from gptlab.fileio import atomic_write_json, atomic_write_text
 from gptlab.inference import Engine, SamplingParams
 from gptlab.kernels import Int8Linear, quantize_int8
 from gptlab.model import GPT
 
-from machine import MACHINE  # benchmarks/machine.py: a script's own folder is on sys.path
-RESULTS = Path(__file__).resolve().parent / "results"
+from machine import MACHINE, save_results  # benchmarks/machine.py: a script's own folder is on sys.path
 
 
 def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
@@ -248,10 +246,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 report["rows"].append(row)
     report["load_after"] = [round(x, 2) for x in os.getloadavg()]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(RESULTS / f"{args.name}.json", report)
-    atomic_write_text(RESULTS / f"{args.name}.md", markdown(report))
-    print(markdown(report))
+    save_results(args.name, report, markdown(report))
     for r in report["rows"]:
         if r["dtype"] == "float32":
             assert r["tokens_identical_to_transformers"], f"batch {r['batch']}: gptlab and transformers disagree"

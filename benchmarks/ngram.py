@@ -23,10 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from gptlab.evaluate.ngram import KneserNey, NGramCounts
-from gptlab.fileio import atomic_write_json, atomic_write_text
 
-from machine import MACHINE  # benchmarks/machine.py: a script's own folder is on sys.path
-RESULTS = Path(__file__).resolve().parent / "results"
+from machine import MACHINE, save_results  # benchmarks/machine.py: a script's own folder is on sys.path
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 ORDERS = range(1, 8)
 REFERENCE_ORDER = 5
@@ -108,10 +106,7 @@ def main() -> None:
                       "speedup": slow / fast, "numpy_val_loss": fast_nll / (len(val) - 1),
                       "python_val_loss": slow_nll / (len(val) - 1)},
     }
-    RESULTS.mkdir(exist_ok=True)
-    atomic_write_json(RESULTS / "ngram.json", payload)
-    atomic_write_text(RESULTS / "ngram.md", markdown(payload))
-    print(markdown(payload))
+    save_results("ngram", payload, markdown(payload))
 
 
 def markdown(p: dict) -> str:

@@ -30,15 +30,13 @@ from gptlab.checkpoint import load_model
 from gptlab.config import TRAIN_PRESETS, build_train_config
 from gptlab.data import TokenDataset, prepare
 from gptlab.evaluate import score_tokens
-from gptlab.fileio import atomic_write_json, atomic_write_text
 from gptlab.inference import generate
 from gptlab.kernels import quantize_int8
 from gptlab.training_state import load_training_state
 
-from machine import MACHINE  # benchmarks/machine.py: a script's own folder is on sys.path
+from machine import MACHINE, RESULTS, save_results  # benchmarks/machine.py: a script's own folder is on sys.path
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
-RESULTS = REPO / "benchmarks" / "results"
 PRESET = "shakespeare-char-cpu"
 SPLIT = {"train_tokens": 1_003_854, "val_tokens": 111_540, "vocab_size": 65}  # ../shared/data/README.md
 TARGET = 1.50
@@ -230,11 +228,8 @@ def main() -> None:
         sample=dataset.tokenizer.decode(sample[0].tolist()), int8=int8,
     )
     RESULTS.mkdir(exist_ok=True)
-    atomic_write_json(RESULTS / f"{args.out}.json", results)
     plot(run_dir / "metrics.jsonl", val_loss, RESULTS / f"{args.out}.png")
-    table = markdown(results)
-    atomic_write_text(RESULTS / f"{args.out}.md", table)
-    print(table)
+    save_results(args.out, results, markdown(results))
 
 
 if __name__ == "__main__":

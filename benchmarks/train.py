@@ -24,20 +24,17 @@ import os
 import platform
 import tempfile
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 from gptlab.config import GPTConfig, TrainConfig
-from gptlab.fileio import atomic_write_json, atomic_write_text
 from gptlab.model import GPT
 from gptlab.optim import configure_optimizer
 from gptlab.throughput import flops_per_token, matmul_peak
 from gptlab.train import DTYPES, autocast_context
 
-from machine import MACHINE  # benchmarks/machine.py: a script's own folder is on sys.path
-RESULTS = Path(__file__).resolve().parent / "results"
+from machine import MACHINE, save_results  # benchmarks/machine.py: a script's own folder is on sys.path
 VOCAB = 65
 CONFIGS = {
     "a": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12),
@@ -185,11 +182,7 @@ def main() -> None:
             results["measurements"].append(
                 measure(label, CONFIGS[label], dtype, rounds, steps, with_compile=not args.no_compile))
     results["load_after"] = round(os.getloadavg()[0], 2)
-    RESULTS.mkdir(exist_ok=True)
-    atomic_write_json(RESULTS / f"{args.out}.json", results)
-    table = markdown(results)
-    atomic_write_text(RESULTS / f"{args.out}.md", table)
-    print(table)
+    save_results(args.out, results, markdown(results))
 
 
 if __name__ == "__main__":

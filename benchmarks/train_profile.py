@@ -26,38 +26,29 @@ import platform
 import tempfile
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from gptlab import kernels
-from gptlab.config import GPTConfig
-from gptlab.fileio import atomic_write_json, atomic_write_text
 from gptlab.model import GPT
 from gptlab.optim import parameter_groups
 from gptlab.throughput import matmul_parameters, matmul_peak
 from gptlab.train import DTYPES, autocast_context
 
-from machine import MACHINE  # benchmarks/machine.py: a script's own folder is on sys.path
-from train import CONFIGS, VOCAB
+from machine import MACHINE, save_results  # benchmarks/machine.py: a script's own folder is on sys.path
+from train import CONFIGS, VOCAB, model_config
 
-RESULTS = Path(__file__).resolve().parent / "results"
 DEVICE = torch.device("cpu")
 SHAPE = CONFIGS["b"]
 PARTS = ["linear products", "attention", "GELU", "LayerNorm", "loss", "AdamW", "clipping", "copies and casts", "other"]
 
 
-def model_config() -> GPTConfig:
-    return GPTConfig(vocab_size=VOCAB, block_size=SHAPE["block_size"], n_layer=SHAPE["n_layer"],
-                     n_head=SHAPE["n_head"], n_embd=SHAPE["n_embd"])
-
-
 def make_step(dtype: str, compiled: bool, adamw: str = "fused") -> Callable[[], None]:
     """One training step as gptlab's loop runs it, with the phases marked for the profiler."""
     torch.manual_seed(0)
-    model = GPT(model_config())
+    model = GPT(model_config(SHAPE))
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, VOCAB, (SHAPE["batch_size"], SHAPE["block_size"] + 1), generator=g)
     inputs, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()
@@ -202,20 +193,16 @@ def main() -> None:
     rows = SHAPE["batch_size"] * SHAPE["block_size"]
     results = dict(machine=MACHINE, torch=torch.__version__, threads=torch.get_num_threads(),
                    python=platform.python_version(), load_before=round(os.getloadavg()[0], 2), steps=args.steps)
-    peaks = {dtype: matmul_peak(DEVICE, DTYPES[dtype], seconds=1.0, config=model_config(), rows=rows)
+    peaks = {dtype: matmul_peak(DEVICE, DTYPES[dtype], seconds=1.0, config=model_config(SHAPE), rows=rows)
              for dtype in ("float32", "bfloat16")}
-    matmul_flops = 6 * matmul_parameters(model_config()) * rows  # the linear layers' products, forward and backward
+    matmul_flops = 6 * matmul_parameters(model_config(SHAPE)) * rows  # the linear layers' products, forward and backward
     results.update(peak_gflops={k: v / 1e9 for k, v in peaks.items()}, bf16_over_float32=peaks["bfloat16"] / peaks["float32"],
                    matmul_floor_ms={k: matmul_flops / v * 1e3 for k, v in peaks.items()})
     results["profile"] = [profile_mode(dtype, compiled, args.steps)
                           for dtype in ("float32", "bfloat16") for compiled in (False, True)]
     results["candidates"] = [] if args.no_candidates else candidates(args.steps)
     results["load_after"] = round(os.getloadavg()[0], 2)
-    RESULTS.mkdir(exist_ok=True)
-    atomic_write_json(RESULTS / f"{args.out}.json", results)
-    table = markdown(results)
-    atomic_write_text(RESULTS / f"{args.out}.md", table)
-    print(table)
+    save_results(args.out, results, markdown(results))
 
 
 if __name__ == "__main__":
