@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from gptlab.cli import main
-from gptlab.config import GPTConfig, build_train_config
+from gptlab.config import GPTConfig
 from gptlab.data import prepare
 from gptlab.model import GPT
-from gptlab.train import compile_unavailable, train
+from gptlab.train import build_train_config, train
+from gptlab.train.device import compile_unavailable
 
 # The tests' tensors are tiny: one thread avoids two OpenMP threads stalling each other on them, which
 # made the suite several times slower whenever anything else was running on this 2-core machine.
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
+# The kernel choices the tests measure stay in a temporary file of this session, not ~/.cache. Set at
+# import, before any test module copies os.environ for its child processes, so that a child (a resumed
+# run) chooses as the run it resumes did.
+_KERNEL_CACHE = Path(tempfile.mkdtemp(prefix="gptlab-test-kernels-"))
+os.environ["GPTLAB_KERNEL_CACHE"] = str(_KERNEL_CACHE / "kernels.json")
+atexit.register(shutil.rmtree, _KERNEL_CACHE, ignore_errors=True)
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 TINY_TEXT = (
@@ -29,13 +38,6 @@ TINY_TEXT = (
     "First Citizen:\nYou are all resolved rather to die than to famish?\n\n"
     "All:\nResolved. resolved.\n\n"
 ) * 40
-
-
-@pytest.fixture(scope="session", autouse=True)
-def kernel_choices(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """The kernel choices the tests measure stay in the session's temporary directory, not ~/.cache;
-    child processes inherit it, so a resumed run chooses as the run it resumes did."""
-    os.environ["GPTLAB_KERNEL_CACHE"] = str(tmp_path_factory.mktemp("kernels") / "kernels.json")
 
 
 @pytest.fixture(scope="session")

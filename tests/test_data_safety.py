@@ -1,7 +1,6 @@
 """prepare never destroys what it was not asked to replace (issue 13): each refusal is one line with its
 exit status, and every file that was there before is still there, byte for byte."""
 
-import fcntl
 import json
 import os
 import signal
@@ -147,12 +146,17 @@ def test_a_disk_that_fills_is_exit_3_and_keeps_the_old_dataset(small_disk, tmp_p
 
 def test_a_second_prepare_into_a_locked_directory_is_refused(dataset, corpus, gptlab):
     before = snapshot(dataset)
-    holder = os.open(dataset / LOCK_FILE, os.O_RDWR)
+    # another process holds the lock, as a running prepare does (a record lock: never this process's own)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); "
+         "fcntl.lockf(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(120)", str(dataset / LOCK_FILE)],
+        stdout=subprocess.PIPE, text=True)
     try:
-        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert holder.stdout.readline().strip() == "locked"
         code, _, err = gptlab("prepare", str(corpus), "--out", str(dataset), "--overwrite")
     finally:
-        os.close(holder)
+        holder.kill()
+        holder.wait()
     one_line_error(code, err, 2, "another gptlab prepare is writing", str(dataset))
     assert snapshot(dataset) == before
 

@@ -5,7 +5,7 @@ The rules, in the order they are checked:
 - a non-empty directory that holds no gptlab dataset is refused (its files are the user's);
 - an existing gptlab dataset is replaced only with `overwrite`, and only its own files (meta.json lists
   them); anything else in the directory stays;
-- one prepare at a time per directory (an flock on a lock file in it); a second one is refused;
+- one prepare at a time per directory (a record lock on a lock file in it); a second one is refused;
 - the new dataset is built in a staging directory inside the output (same file system, so it moves
   in by rename) and replaces the old one only when it is complete. Until then a failure (a full disk,
   a bad input found late, a kill) leaves the previous dataset as it was; a staging directory left by a
@@ -15,6 +15,7 @@ The rules, in the order they are checked:
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import shutil
@@ -62,8 +63,12 @@ class OutputDir:
         committed = False
         try:
             try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                # a POSIX record lock, not flock: it belongs to this process alone, so the tokenising
+                # workers forked later do not hold it, and it is gone the moment this process dies
+                fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
                 raise GptlabError(f"another gptlab prepare is writing {self.path}; wait for it to finish") from None
             self.check(overwrite)  # again, now that no other prepare can change it
             for stale in self.path.glob(STAGING_PREFIX + "*"):

@@ -129,7 +129,7 @@ class Engine:
         self.use_cache = use_cache
         self.grow_ahead = grow_ahead
         self.prefill_tokens = prefill_tokens
-        weight = model.transformer.wte.weight  # the tied head's weight: the model's device and dtype
+        weight = model.transformer.wpe.weight  # float in every model, int8-quantized ones too: device and dtype
         self.device = weight.device
         self.cache = SlotCache(model.config, device=weight.device, dtype=weight.dtype, budget_bytes=kv_cache_bytes)
         self.sampler = Sampler(model.config.vocab_size, max_batch, weight.device)

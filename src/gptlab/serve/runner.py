@@ -22,6 +22,7 @@ from fastapi import FastAPI
 from ..checkpoint import load_pretrained
 from ..config import ServerLimits
 from ..errors import EnvironmentProblem, GptlabError
+from ..kernels import quantize_int8
 from .app import create_app
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
@@ -81,9 +82,11 @@ def running_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iter
 
 
 def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device: str | torch.device = "cpu",
-          model_id: str | None = None, limits: ServerLimits = ServerLimits()) -> None:
-    """Load the model once and serve it until interrupted."""
+          model_id: str | None = None, limits: ServerLimits = ServerLimits(), quantize: str | None = None) -> None:
+    """Load the model once (int8-quantized with `quantize="int8"`) and serve it until interrupted."""
     model, tokenizer = load_pretrained(model_dir, device)
+    if quantize == "int8":
+        quantize_int8(model)
     sock = bind(host, port)
     name = model_id or Path(str(model_dir).rstrip("/")).name
     url = base_url(sock)
