@@ -24,8 +24,7 @@ from pathlib import Path
 
 import torch
 
-from gptlab.config import build_train_config
-from gptlab.train import train
+from gptlab.train import build_train_config, train
 
 from machine import MACHINE  # benchmarks/machine.py: a script's own folder is on sys.path
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -602,7 +602,7 @@ def markdown(results: dict) -> str:
     notes = []
     if train.get("status") == "ok":
         notes.append(f"gptlab's timed rounds took {', '.join(f'{r:.1f}' for r in train['round_ms'])} ms/step; each "
-                     f"step row gives its median round, after {train['warmup_steps']} warm-up steps.")
+                     f"step row gives its median round, after warm-up steps ({train['warmup_steps']}) that compile.")
     loop = phases.get("loop", {})
     if loop.get("status") == "ok":
         notes.append(f"The loop's tokens/s is the median of what its own meter logged (evaluation and checkpoints "

@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 
 from gptlab.checkpoint import load_model
-from gptlab.config import TRAIN_PRESETS, build_train_config
+from gptlab.train import TRAIN_PRESETS, build_train_config
 from gptlab.data import TokenDataset, prepare
 from gptlab.evaluate import score_tokens
 from gptlab.inference import generate
 from gptlab.kernels import quantize_int8
-from gptlab.training_state import load_training_state
+from gptlab.train.state import load_checkpoint
 
 from machine import MACHINE, RESULTS, save_results  # benchmarks/machine.py: a script's own folder is on sys.path
 REPO = Path(__file__).resolve().parents[1]
@@ -199,7 +199,7 @@ def main() -> None:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": args.compile_cache or str(work / "inductor-cache")}
     subprocess.run(command, check=True, env=env)  # --nproc in the preset: gptlab starts its processes itself
     wall = time.perf_counter() - start
-    state = load_training_state(run_dir)
+    state = load_checkpoint(run_dir)
 
     model = load_model(run_dir)
     dataset = TokenDataset(work / "data")

@@ -28,11 +28,12 @@ from typing import Callable
 
 import torch
 
-from gptlab.config import GPTConfig, TrainConfig
+from gptlab.config import GPTConfig
+from gptlab.train.config import TrainConfig
 from gptlab.model import GPT
-from gptlab.optim import configure_optimizer
+from gptlab.train.optim import configure_optimizer
 from gptlab.throughput import flops_per_token, matmul_peak
-from gptlab.train import DTYPES, autocast_context
+from gptlab.train.device import DTYPES, autocast_context
 
 from machine import MACHINE, save_results  # benchmarks/machine.py: a script's own folder is on sys.path
 VOCAB = 65

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from gptlab.cli import main
-from gptlab.config import GPTConfig, build_train_config
+from gptlab.config import GPTConfig
 from gptlab.data import prepare
 from gptlab.model import GPT
-from gptlab.train import compile_unavailable, train
+from gptlab.train import build_train_config, train
+from gptlab.train.device import compile_unavailable
 
 # The tests' tensors are tiny: one thread avoids two OpenMP threads stalling each other on them, which
 # made the suite several times slower whenever anything else was running on this 2-core machine.

@@ -20,12 +20,12 @@ from safetensors.torch import load_file, save_file
 import gptlab
 from gptlab.checkpoint import load_model, save_model
 from gptlab.cli import main
-from gptlab.config import TrainConfig
+from gptlab.train.config import TrainConfig
 from gptlab.data import TokenDataset
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
 from gptlab.tokenizers import CharTokenizer, GPT2Tokenizer, load_tokenizer
-from gptlab.train import build_model
+from gptlab.train.setup import build_model
 
 HF_CONFIG = dict(n_layer=2, n_head=2, n_embd=24, vocab_size=101, n_positions=16)
 
@@ -315,7 +315,7 @@ def test_init_from_crops_the_context_and_keeps_the_checkpoints_architecture(hf_m
     model = build_model(config, vocab_size=101, device=torch.device("cpu"))
     assert model.config.block_size == 8
     assert torch.equal(model.transformer.wpe.weight, hf_model.transformer.wpe.weight[:8])
-    assert (config.n_layer, config.n_embd) == (2, 24)  # what train_config.json will record
+    assert (model.config.n_layer, model.config.n_embd) == (2, 24)  # set-up records this in train_config.json
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])

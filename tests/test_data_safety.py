@@ -201,6 +201,17 @@ def _start_prepare(corpus: Path, out: Path, *extra: str) -> subprocess.Popen:
     return process
 
 
+def _kill(process: subprocess.Popen) -> list[int]:
+    """SIGKILL the prepare and wait (10 s at most) for its workers to follow it; their process ids."""
+    workers = _children(process.pid)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return workers
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -234,14 +245,9 @@ def test_sigkill_leaves_nothing_train_accepts_and_no_process(tmp_path, large_cor
     try:
         code, _, err = gptlab("prepare", str(corpus), "--out", str(out))  # meanwhile, a second prepare
         one_line_error(code, err, 2, "another gptlab prepare is writing")
-        workers = _children(process.pid)  # one or two: the pool starts its second worker when the first is busy
-        assert 1 <= len(workers) <= 2
     finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    deadline = time.monotonic() + 10
-    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
-        time.sleep(0.05)
+        workers = _kill(process)
+    assert 1 <= len(workers) <= 2  # one or two: the pool starts its second worker when the first is busy
     assert not any(_alive(pid) for pid in workers)  # the workers died with their parent
     assert staging_dirs(out)  # what the killed run left
     with pytest.raises(GptlabError, match="not a prepared data directory"):
@@ -255,9 +261,8 @@ def test_sigkill_leaves_nothing_train_accepts_and_no_process(tmp_path, large_cor
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the worker processes through Linux's /proc")
 def test_sigkill_during_overwrite_keeps_the_old_dataset(dataset, large_corpus, corpus, gptlab):
     before = snapshot(dataset)
-    process = _start_prepare(large_corpus, dataset, "--overwrite")
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    workers = _kill(_start_prepare(large_corpus, dataset, "--overwrite"))
+    assert workers and not any(_alive(pid) for pid in workers)
     assert {k: v for k, v in snapshot(dataset).items() if not k.startswith(STAGING_PREFIX)} == before
     assert TokenDataset(dataset).meta["train_tokens"] > 0
     assert gptlab("prepare", str(corpus), "--out", str(dataset), "--overwrite", "--tokenizer", "char")[0] == 0

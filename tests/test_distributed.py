@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptlab import distributed
+from gptlab.train import distributed
 from gptlab.cli import _train_argv, build_parser, main
-from gptlab.config import build_train_config
-from gptlab.distributed import Group
-from gptlab.train import train
-from gptlab.training_state import load_training_state
+from gptlab.train.distributed import Group
+from gptlab.train import build_train_config, saved_options, train
+from gptlab.train.state import load_checkpoint
 
 # dropout off: the 2 processes draw their own dropout masks, which 1 process cannot reproduce
 RUN = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, grad_accum=2, dropout=0.0,
@@ -34,7 +33,7 @@ if os.environ.get("RANK") is not None and os.environ.get("DDP_COUNT_DIR"):
     import gc
     from pathlib import Path
     from torch.nn.parallel import DistributedDataParallel
-    from gptlab import distributed
+    from gptlab.train import distributed
     teardown = distributed.teardown
     def counting_teardown(group):
         alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
@@ -100,14 +99,10 @@ def one_process(char_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return train_in_one_process(char_data, tmp_path_factory.mktemp("one") / "run")
 
 
-def test_share_gives_each_rank_its_own_contiguous_micro_batches() -> None:
-    x = torch.arange(8).reshape(8, 1)
-    pieces = [distributed.share(x, -x, Group(rank=r, world_size=2), micro_steps=2) for r in range(2)]
-    got = [[xb.flatten().tolist() for xb, _ in piece] for piece in pieces]
-    assert got == [[[0, 1], [2, 3]], [[4, 5], [6, 7]]]
-    alone = distributed.share(x, -x, Group(), micro_steps=4)
-    assert [xb.flatten().tolist() for xb, _ in alone] == [[0, 1], [2, 3], [4, 5], [6, 7]]
-    assert all(torch.equal(yb, -xb) for xb, yb in alone)
+def test_each_rank_reads_its_own_contiguous_rows_of_the_global_batch() -> None:
+    rows = [distributed.rows_of(Group(rank=r, world_size=2), rows_per_process=4) for r in range(2)]
+    assert [list(range(8))[r] for r in rows] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert list(range(8))[distributed.rows_of(Group(), rows_per_process=8)] == list(range(8))  # alone: all
 
 
 def test_train_argv_reproduces_the_command_line() -> None:
@@ -155,11 +150,12 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step(
     # DDP sits in a reference cycle: it must be gone before the process group, not left to the
     # collector, which may reach it in interpreter shutdown, where gloo's teardown can abort the process
     assert {f.name: f.read_text() for f in counts.iterdir()} == {"0": "0", "1": "0"}
-    assert load_training_state(out)["step"] == 8
-    assert len(load_training_state(out)["process_rng"]) == 2  # both processes' random states
+    assert load_checkpoint(out)["step"] == 8
+    assert len(load_checkpoint(out)["process_rng"]) == 2  # both processes' random states
 
     # the run continues in one process: the same batches, so the same losses as the reference
-    resumed = train(build_train_config(overrides={"out": str(out)}), resume=True, show_progress=False)
+    resumed = train(build_train_config(base=saved_options(out), overrides={"nproc": 1}), resume=True,
+                    show_progress=False)
     assert resumed.step == RUN["max_iters"]
     assert_same_losses(out, one_process)
 

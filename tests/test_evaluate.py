@@ -120,8 +120,8 @@ def test_the_stream_score_is_unchanged_from_the_full_logits_scorer(stream: np.nd
 
 
 def test_estimate_loss_is_the_forward_loss_and_leaves_every_generator_alone(char_data: Path) -> None:
-    from gptlab.config import build_train_config
-    from gptlab.train import estimate_loss
+    from gptlab.train import build_train_config
+    from gptlab.train.loop import estimate_loss
 
     config = build_train_config(overrides=dict(data=str(char_data), block_size=CONTEXT, batch_size=4,
                                                eval_iters=3, seed=7))

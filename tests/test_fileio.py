@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gptlab.errors import EnvironmentProblem
-from gptlab.fileio import atomic_write_bytes, atomic_write_json, atomic_write_via, remove_temporaries
+from gptlab.fileio import atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_via, remove_temporaries
 
 
 def _mode(path: Path) -> int:
@@ -71,3 +71,16 @@ def test_a_read_only_file_system_is_named(small_disk: Path) -> None:
         pytest.skip(f"cannot remount the tmpfs read-only here: {done.stderr.strip()}")
     with pytest.raises(EnvironmentProblem, match="read-only file system"):
         atomic_write_bytes(small_disk / "x", b"1")
+
+
+def test_writers_that_hide_a_full_disk_still_say_so(small_disk: Path) -> None:
+    """torch.save reports ENOSPC as "unexpected pos ...", safetensors as its own error type."""
+    import torch
+    from safetensors.torch import save_file
+
+    big = {"w": torch.zeros(1 << 17)}  # 512 KiB, on a 256 KiB disk
+    with pytest.raises(EnvironmentProblem, match="^.*state.pt: no space left on device$"):
+        atomic_write(small_disk / "state.pt", lambda handle: torch.save(big, handle))
+    with pytest.raises(EnvironmentProblem, match="^.*model.safetensors: no space left on device$"):
+        atomic_write_via(small_disk / "model.safetensors", lambda tmp: save_file(big, str(tmp)))
+    assert list(small_disk.iterdir()) == []

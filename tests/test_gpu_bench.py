@@ -85,11 +85,11 @@ def test_resume_ddp_and_generation_compare_what_they_claim(tiny_results: tuple[d
 def test_a_phase_that_fails_is_reported_and_the_next_one_runs(tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: asking for it cannot fail here")
-    done = run_bench(tmp_path, "--device", "cuda", "--tiny", "--phases", "peak,train", "--name", "broken")
+    done = run_bench(tmp_path, "--device", "cuda", "--tiny", "--phases", "peak,ddp", "--name", "broken")
     assert done.returncode == 1
-    results = json.loads((tmp_path / "broken.json").read_text())
-    assert [row["status"] for row in results["phases"].values()] == ["failed", "failed"]
-    assert all(row["reason"].startswith("exit 1: ") for row in results["phases"].values())
+    phases = json.loads((tmp_path / "broken.json").read_text())["phases"]
+    assert phases["peak"]["status"] == "failed" and phases["peak"]["reason"].startswith("exit 1: ")
+    assert phases["ddp"] == dict(phases["ddp"], status="skipped", reason="0 GPU on this machine: DDP needs 2 or more")
     assert "unknown (the peak phase: failed: exit 1" in (tmp_path / "broken.md").read_text()
 
 

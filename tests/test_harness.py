@@ -19,7 +19,7 @@ from conftest import REPO, TINY_RUN
 lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is the eval extra: pip install 'gptlab[eval]'")
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from gptlab.config import build_train_config  # noqa: E402
+from gptlab.train import build_train_config  # noqa: E402
 from gptlab.evaluate.tasks import run_tasks  # noqa: E402
 from gptlab.tokenizers import load_tokenizer  # noqa: E402
 from gptlab.train import train  # noqa: E402
@@ -147,3 +147,4 @@ def test_pyproject_declares_the_lm_eval_plugin_entry_point() -> None:
     assert issubclass(getattr(importlib.import_module(module), name), LM)
     assert any(req.startswith("lm_eval") for req in project["optional-dependencies"]["eval"])
     assert os.path.isfile(TASKS_DIR / "README.md")
+

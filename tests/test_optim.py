@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from gptlab.config import OPTIMIZERS, TrainConfig, build_train_config
+from gptlab.train.config import OPTIMIZERS, TrainConfig, build_train_config
 from gptlab.errors import GptlabError
-from gptlab.optim import MuonWithAdamW, configure_optimizer, hidden_matrices, learning_rate
+from gptlab.train.optim import MuonWithAdamW, configure_optimizer, hidden_matrices, learning_rate
 
 LR, MIN_LR, WARMUP, MAX_ITERS, D_MODEL = 6e-3, 6e-4, 10, 110, 64
 

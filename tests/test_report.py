@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gptlab.checkpoint import load_model
-from gptlab.config import TrainConfig
+from gptlab.train.config import TrainConfig
 from gptlab.data import TokenDataset
 from gptlab.evaluate import score, score_ngram
 from gptlab.evaluate.ngram import KneserNey, NGramCounts

@@ -692,6 +692,8 @@ def test_vllm_tokenize_and_detokenize_shapes(gpt2_server: Served) -> None:
     both = gpt2_server.post("/tokenize", text="a", prompt="b")
     assert both.status_code == 400 and both.json()["error"]["param"] == "text"
     assert gpt2_server.post("/tokenize", model="other", prompt="b").status_code == 404
+    info = httpx.get(gpt2_server.url + "/tokenizer_info").json()  # what lm-eval's remote tokenizer reads
+    assert info["eos_token"] == info["bos_token"] == "<|endoftext|>" and info["model_max_length"] == 64
 
 
 def test_metrics_count_requests_tokens_queue_batch_and_time_to_first_token(server: Served) -> None:
@@ -814,3 +816,73 @@ def test_cli_serve_on_a_taken_port_is_one_line(tiny_run: Path, capsys: pytest.Ca
         assert main(["serve", str(tiny_run), "--port", str(taken.getsockname()[1])]) == 3
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot listen on 127.0.0.1" in err and "choose another --port" in err
+
+
+# -- lm-evaluation-harness against the server -----------------------------------------------------
+
+def test_lm_eval_local_completions_scores_as_the_hf_model(gpt2_run_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          tmp_path: Path) -> None:
+    """lm-eval's `local-completions` model against `gptlab serve` (with the server's own tokenizer through
+    /tokenizer_info, /tokenize and /detokenize, as lm-eval detects it) gives what `--model hf` gives on the
+    same directory: a multiple-choice, a last-word, a rolling perplexity and a generation task, every
+    document's answer within 1e-4."""
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is the eval extra: pip install 'gptlab[eval]'")
+    from lm_eval.tasks import TaskManager
+
+    from conftest import REPO
+
+    for name, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"),
+                        ("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))):
+        monkeypatch.setenv(name, value)
+    tasks = ["gptlab_mc", "gptlab_last_word", "gptlab_rolling", "gptlab_gen"]
+
+    def evaluate(model: str, model_args: str) -> dict:
+        manager = TaskManager(include_path=str(REPO / "tests" / "lm_eval_tasks"), include_defaults=False)
+        return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks, task_manager=manager,
+                                       batch_size=4, device="cpu", log_samples=True, verbosity="WARNING")
+
+    app = create_app(load_model(gpt2_run_dir), load_tokenizer(gpt2_run_dir), "gpt2-run")
+    with running_server(app) as url:
+        # lm-eval's API models count the one generated token in max_length (they send max_length - 1 prompt
+        # tokens at most): 65 lets the echoed prompts fill the 64-token context
+        served = evaluate("local-completions", f"model=gpt2-run,base_url={url}/v1/completions,max_length=65,"
+                                               f"num_concurrent=2,max_retries=1")
+        assert app.state.service.metrics.stats().completions > 0
+    # and score rolling windows one token shorter than the prompts they send (63 predicted tokens, after the
+    # document-start token): hf reads the same windows with max_length=63 (with its default 64 the window
+    # boundaries, and so the rolling score, would differ: a property of lm-eval's API models, not the server)
+    reference = evaluate("hf", f"pretrained={gpt2_run_dir},dtype=float32,max_length=63")
+
+    def answers(results: dict) -> dict:
+        return {(task, s["doc_id"]): s["filtered_resps"] for task, samples in results["samples"].items() for s in samples}
+
+    ours, theirs = answers(served), answers(reference)
+    assert ours.keys() == theirs.keys() and {task for task, _ in ours} == set(tasks)
+    for key, got in ours.items():
+        for a, b in zip(got, theirs[key], strict=True):
+            if key[0] == "gptlab_gen":
+                assert a == b, key  # greedy text, cut at the stop string
+            elif key[0] == "gptlab_rolling":
+                assert a == pytest.approx(b, abs=1e-4), key  # ln P(document)
+            else:  # (ln P(continuation | context), is_greedy)
+                assert a[0] == pytest.approx(b[0], abs=1e-4) and a[1] == b[1], key
+    for task in tasks:
+        for metric, value in served["results"][task].items():
+            if isinstance(value, float) and "stderr" not in metric:
+                assert value == pytest.approx(reference["results"][task][metric], rel=1e-4, abs=1e-4), (task, metric)
+
+
+@pytest.fixture(scope="module")
+def gpt2_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random GPT with GPT-2's vocabulary and a 64-token context, saved as a Hugging Face directory (with
+    GPT-2's tokenizer files) that `transformers` reads too; its weights are larger than at initialisation
+    so that the continuations and choices differ in likelihood."""
+    directory = tmp_path_factory.mktemp("gpt2-run")
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(vocab_size=50257, block_size=64, n_layer=2, n_head=2, n_embd=32))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(3.0)
+    save_model(model, directory)
+    GPT2Tokenizer().save(directory)
+    return directory

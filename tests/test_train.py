@@ -19,20 +19,26 @@ from torch.utils.flop_counter import FlopCounterMode
 from conftest import needs_compile
 
 from gptlab import kernels
-from gptlab import train as train_module
+from gptlab.train import device as device_module
 from gptlab.checkpoint import load_model
-from gptlab.config import GPTConfig, build_train_config
+from gptlab.config import GPTConfig
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
 from gptlab.throughput import flops_per_token, matmul_parameters, matmul_peak
-from gptlab.optim import learning_rate
-from gptlab.train import Trainer, autocast_context, compile_unavailable, resolve_dtype, train
-from gptlab.training_state import load_training_state
+from gptlab.train.optim import learning_rate
+from gptlab.train import build_train_config, train
+from gptlab.train import loop as loop_module
+from gptlab.train.device import autocast_context, compile_unavailable, resolve_dtype
+from gptlab.train.loop import Loop
+from gptlab.train.state import load_checkpoint
 
 # dropout on, so that resuming must restore torch's random state too; two micro-batches per step
 RUN = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, grad_accum=2, dropout=0.1,
            max_iters=24, eval_interval=8, eval_iters=2, log_interval=1, warmup_iters=4, sample_tokens=0)
-CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child `gptlab train`, read when the child starts: it must see what the
+    session's fixtures set (the kernel choices' file among them), not the environment at import."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
 
 # A child `gptlab train` that sends itself a signal in the forward pass of its STOP_AT_CALL-th training
 # micro-batch, i.e. in the middle of a step: deterministic, yet the real signal path.
@@ -154,13 +160,13 @@ def stop_by_signal(data: Path, out: Path, signame: str, *options: str) -> None:
     stop_at = 11  # between the evaluations at steps 8 and 16
     child = subprocess.run(
         [sys.executable, "-c", SIGNAL_CHILD, *cli_args(data, out), *options],
-        env={**CHILD_ENV, "STOP_AT_CALL": str(2 * stop_at - 1), "STOP_SIGNAL": signame},  # 2 micro-batches a step
+        env=child_env(STOP_AT_CALL=str(2 * stop_at - 1), STOP_SIGNAL=signame),  # 2 micro-batches a step
         capture_output=True, text=True, timeout=300,
     )
     assert child.returncode == 128 + getattr(signal, signame), child.stderr
     assert f"{signame} at step {stop_at}: checkpoint written" in child.stderr
     assert "Traceback" not in child.stderr
-    assert load_training_state(out)["step"] == stop_at
+    assert load_checkpoint(out)["step"] == stop_at
     assert max(trace(out)) == stop_at
 
 
@@ -172,7 +178,7 @@ def test_sigkill_during_a_save_keeps_a_good_checkpoint(
     marker = tmp_path / "hanging"
     child = subprocess.Popen(
         [sys.executable, "-c", HANG_CHILD, *cli_args(char_data, out)],
-        env={**CHILD_ENV, "HANG_BEFORE": str((out / hang_before).resolve()), "HANG_MARKER": str(marker)},
+        env=child_env(HANG_BEFORE=str((out / hang_before).resolve()), HANG_MARKER=str(marker)),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -190,7 +196,7 @@ def test_sigkill_during_a_save_keeps_a_good_checkpoint(
     # killed in the checkpoint of step 16: the new state is either not in place yet, or complete
     assert list(out.glob(".*.tmp")), "the kill should have left the half-finished write behind"
     expected_step = 8 if hang_before == "training_state.pt" else 16
-    assert load_training_state(out)["step"] == expected_step
+    assert load_checkpoint(out)["step"] == expected_step
     assert load_model(out).config.n_layer == RUN["n_layer"]  # the Hugging Face files still load
 
     result = train(config_for(char_data, out), resume=True, show_progress=False)
@@ -231,7 +237,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
     monkeypatch.setattr(GPT, "forward", poisoned_forward(at=25))
     with pytest.raises(GptlabError, match=r"training loss is nan at step 13.*last good checkpoint \(step 8\)"):
         train(config_for(char_data, out), show_progress=False)
-    state = load_training_state(out)
+    state = load_checkpoint(out)
     assert state["step"] == 8
     assert all(torch.isfinite(t).all() for t in state["model"].values())
     assert max(trace(out)) == 12
@@ -284,7 +290,7 @@ def test_bfloat16_autocast_trains_float32_weights(char_data: Path, tmp_path: Pat
                    show_progress=False)
     assert math.isfinite(result.val_loss)
     assert all(p.dtype == torch.float32 for p in load_model(out).parameters())
-    assert load_training_state(out)["optimizer"]["state"][0]["exp_avg"].dtype == torch.float32
+    assert load_checkpoint(out)["optimizer"]["state"][0]["exp_avg"].dtype == torch.float32
 
 
 def test_float16_needs_cuda_and_says_so(char_data: Path, tmp_path: Path) -> None:
@@ -298,7 +304,7 @@ def test_float16_needs_cuda_and_says_so(char_data: Path, tmp_path: Path) -> None
 def test_compile_without_a_compiler_falls_back_to_eager_with_a_message(
     char_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    monkeypatch.setattr(train_module.shutil, "which", lambda name: None)
+    monkeypatch.setattr(device_module.shutil, "which", lambda name: None)
     monkeypatch.delenv("CXX", raising=False)
     assert "C++ compiler" in compile_unavailable(torch.device("cpu"))
     result = train(config_for(char_data, tmp_path / "run", compile=True, max_iters=2, eval_interval=0),
@@ -325,20 +331,42 @@ def test_nproc_outside_torchrun_is_refused(char_data: Path, tmp_path: Path) -> N
         train(config_for(char_data, tmp_path / "run", nproc=2), show_progress=False)
 
 
-def test_decay_by_time_spreads_the_decay_over_the_time_budget(
-    char_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("first_step", [0.0, 30.0], ids=["eager", "compiling"])
+def test_decay_by_time_runs_the_warmup_and_the_decay_on_the_clock(
+    char_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first_step: float
 ) -> None:
     out = tmp_path / "run"
-    monkeypatch.setattr(Trainer, "elapsed", lambda self: 0.25 * self.step)  # each step uses 0.25 s of budget
-    config = config_for(char_data, out, max_iters=1000, max_time=5.0, decay_by_time=True, warmup_iters=4,
-                        eval_interval=0, dropout=0.0)
+    # the first step takes `first_step` seconds (compiling), every later one 0.25 s
+    monkeypatch.setattr(Loop, "elapsed", lambda self: first_step + 0.25 * self.state.step)
+    config = config_for(char_data, out, max_iters=1000, max_time=first_step + 5.0, decay_by_time=True,
+                        warmup_fraction=0.2, eval_interval=0, dropout=0.0)
     result = train(config, show_progress=False)
-    assert result.step == 21  # the budget, not max_iters, ended the run: step 21 ended at 5.0 s
-    # step k (from 0) reads the clock as it stood at the end of step k - 1: 0.25 * (k - 1) seconds
-    position = [k if k < 4 else 4 + min(1.0, 0.25 * (k - 1) / 5.0) * (1000 - 4) for k in range(21)]
+    assert result.step == 21  # the budget, not max_iters, ended the run: step 21 ended at 5.0 s of schedule
+    # step k (from 0) reads the clock as it stood at the end of step k - 1, and the schedule's clock
+    # starts when the first step ends: 0.25 * (k - 1) seconds of its 5 (none before step 1 has ended)
+    position = [0.0 if k == 0 else min(1.0, 0.25 * (k - 1) / 5.0) * 1000 for k in range(21)]
     logged = [row["lr"] for row in rows(out) if "loss" in row]
     assert logged == pytest.approx([learning_rate(p, config) for p in position])
+    assert logged.index(max(logged)) == 5  # the warm-up is a fifth of the time: 1 s, 4 steps after the first
     assert logged[-1] < config.min_lr + 0.01 * (config.lr - config.min_lr)  # decayed as the budget ends
+
+
+def test_a_slow_time_limited_run_warms_up_briefly_and_decays_smoothly(
+    char_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demo on a loaded machine: 120 steps in 4 minutes. Counted in steps, a 100-step warm-up
+    took most of the budget and the decay then dropped the lr to its floor in one step."""
+    out = tmp_path / "run"
+    monkeypatch.setattr(Loop, "elapsed", lambda self: 2.0 * self.state.step)
+    config = config_for(char_data, out, max_iters=100_000, max_time=240.0, decay_by_time=True,
+                        warmup_iters=100, warmup_fraction=0.05, eval_interval=0, dropout=0.0, log_interval=1)
+    train(config, show_progress=False)
+    logged = [row["lr"] for row in rows(out) if "loss" in row]
+    assert len(logged) == 121
+    peak = logged.index(max(logged))
+    assert 5 <= peak <= 8  # 5% of 240 s at 2 s a step
+    assert all(b >= a for a, b in zip(logged[:peak], logged[1:peak + 1])) and logged[peak] > 10 * logged[0]
+    assert max(a - b for a, b in zip(logged[peak:], logged[peak + 1:])) < 0.02 * config.lr  # no cliff
 
 
 def test_decay_by_time_needs_a_time_budget() -> None:
@@ -351,7 +379,7 @@ def test_dtype_auto_takes_bfloat16_only_where_its_matmuls_are_fast(
     monkeypatch: pytest.MonkeyPatch, bf16_rate: float, expected: str
 ) -> None:
     rates = {torch.float32: 2.0e11, torch.bfloat16: bf16_rate}  # an AVX-512-bf16 CPU, then an AVX2 one
-    monkeypatch.setattr(train_module, "matmul_peak", lambda device, dtype, seconds, **shapes: rates[dtype])
+    monkeypatch.setattr(device_module, "matmul_peak", lambda device, dtype, seconds, **shapes: rates[dtype])
     assert resolve_dtype("auto", torch.device("cpu")) == expected
     assert resolve_dtype("float32", torch.device("cpu")) == "float32"  # an explicit choice is kept
 
@@ -365,9 +393,21 @@ def test_dtype_auto_is_recorded_as_the_dtype_it_chose(
         probed.append(shapes)
         return {torch.float32: 2.0e11, torch.bfloat16: 4.1e11}[dtype]  # an AVX-512-bf16 CPU
 
-    monkeypatch.setattr(train_module, "matmul_peak", probe)
+    monkeypatch.setattr(device_module, "matmul_peak", probe)  # for the dtype
+    monkeypatch.setattr(loop_module, "matmul_peak", probe)  # for MFU
     out = tmp_path / "run"
     train(config_for(char_data, out, dtype="auto", max_iters=2, eval_interval=0), show_progress=False)
     assert json.loads((out / "train_config.json").read_text())["dtype"] == "bfloat16"
     # every probe ran the run's own model at one micro-batch (4 windows of 32 tokens)
     assert all(s["config"].n_embd == 32 and s["rows"] == 4 * 32 for s in probed) and len(probed) == 3
+
+
+def test_a_fine_tuned_run_records_the_pretrained_models_shape(tiny_run: Path, char_data: Path, tmp_path: Path) -> None:
+    """The config is frozen: set-up puts what it learns (the shape, the data path) in a new one."""
+    out = tmp_path / "run"
+    config = config_for(char_data, out, init_from=str(tiny_run), n_layer=7, n_embd=64, max_iters=2, eval_interval=0)
+    train(config, show_progress=False)
+    recorded = json.loads((out / "train_config.json").read_text())
+    assert (recorded["n_layer"], recorded["n_embd"], recorded["out"]) == (2, 32, str(out))
+    assert recorded["data"] == str(char_data.resolve())
+    assert (config.n_layer, config.n_embd, config.data) == (7, 64, str(char_data))  # the caller's is untouched

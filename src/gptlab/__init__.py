@@ -4,11 +4,12 @@ import functools
 import warnings
 
 from .checkpoint import load_model, load_pretrained, save_model
-from .config import GPTConfig, TrainConfig, model_preset
+from .config import GPTConfig, model_preset
 from .errors import GptlabError
 from .inference import Completion, SamplingParams, TextStream, complete, generate
 from .model import GPT, ModelOutput
 from .tokenizers import load_tokenizer
+from .train.config import TrainConfig
 
 __all__ = [
     "GPT", "GPTConfig", "Completion", "GptlabError", "ModelOutput", "SamplingParams", "TextStream",

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from dataclasses import MISSING, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Callable
 
-from .config import FIELD_CHOICES, TRAIN_PRESETS, ServerLimits, TrainConfig
+from .config import ServerLimits
 from .data import DEFAULT_SHARD_TOKENS
+from .train.config import FIELD_CHOICES, TRAIN_PRESETS, TrainConfig
 from .errors import GptlabError
 from .fileio import describe_os_error
 
@@ -73,33 +74,32 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                     "character-level model of the complete works of Shakespeare, within 5 minutes on a CPU.",
     )
     p.add_argument("--config", metavar="FILE", help="a JSON file of option: value pairs")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--overwrite", action="store_true", help="replace the gptlab run in --out (a run only, once every check of the new run has passed)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    for f in fields(TrainConfig):
-        default = f.default if f.default is not MISSING else None
+    for f in fields(TrainConfig):  # every option's help line is the field's, in config.py
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"default: {default!r}"
-        if f.name in FIELD_CHOICES:
-            help_text += f"; one of {', '.join(FIELD_CHOICES[f.name])}"
-        if f.name == "preset":
-            p.add_argument(flag, choices=sorted(TRAIN_PRESETS), default=None,
-                           help="named settings (default: shakespeare-char-default when no --data is given)")
-        elif f.type in (bool, "bool"):
+        choices = sorted(TRAIN_PRESETS) if f.name == "preset" else FIELD_CHOICES.get(f.name)
+        default = "shakespeare-char-default when no --data, --config or --resume is given" if f.name == "preset" \
+            else repr(f.default)
+        help_text = f.metadata["help"] + (f"; one of {', '.join(choices)}" if choices else "") + f" (default: {default})"
+        help_text = help_text.replace("%", "%%")  # argparse formats help lines with %
+        if f.type == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            kind = {"int": int, "float": float, "str": str}.get(str(f.type), type(default))
-            p.add_argument(flag, type=kind, default=None, dest=f.name, metavar=f.name.upper(), help=help_text)
+            kind = {"int": int, "float": float, "str": str}[f.type]
+            p.add_argument(flag, type=kind, default=None, dest=f.name, metavar=f.name.upper(), help=help_text,
+                           choices=choices if f.name == "preset" else None)
     p.set_defaults(handler=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .config import build_train_config
-    from .distributed import is_main_process, launch, launched_by_torchrun
+    from .train.config import build_train_config
+    from .train.distributed import is_main_process, launch, launched_by_torchrun
     from .report import headline
-    from .train import train
+    from .train import saved_options, train
 
-    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}  # None: not given
     preset = overrides.pop("preset")
     if preset is None and not overrides["data"] and not args.config and not args.resume:
         preset = "shakespeare-char-default"
@@ -107,7 +107,9 @@ def _run_train(args: argparse.Namespace) -> int:
         raise GptlabError("--resume needs --out RUN_DIR, the run to continue")
     if args.resume and args.overwrite:
         raise GptlabError("--resume and --overwrite contradict each other; choose one")
-    config = build_train_config(preset, args.config, overrides)
+    # resuming starts from the run's own options: every option typed changes one, even to its default
+    base = saved_options(Path(overrides["out"])) if args.resume else None
+    config = build_train_config(preset, args.config, overrides, base=base)
     if config.nproc > 1 and not launched_by_torchrun():
         return launch(config.nproc, _train_argv(args))  # the same command in nproc processes, DDP
     result = train(config, overwrite=args.overwrite, resume=args.resume, show_progress=not args.no_progress)
@@ -117,8 +119,11 @@ def _run_train(args: argparse.Namespace) -> int:
         print(f"gptlab train: {result.stopped_by} at step {result.step}: checkpoint written; continue with "
               f"gptlab train --resume --out {result.run_dir}", file=sys.stderr)
         return 128 + signal.Signals[result.stopped_by].value
-    print(f"run {result.run_dir}: {result.step} steps in {result.seconds:.0f}s, "
-          f"train loss {result.train_loss:.4f}, val loss {result.val_loss:.4f}")
+    print(f"run {result.run_dir}: {result.step:,} steps in {result.seconds:,.0f} s of training (what --max-time "
+          f"counts: steps, evaluations, checkpoints), then {result.finish_seconds:,.0f} s for the final evaluation "
+          f"and report; train loss {result.train_loss:.4f}, val loss {result.val_loss:.4f}")
+    if result.warning:
+        print(f"gptlab train: warning: {result.warning}", file=sys.stderr)
     summary = headline(result.run_dir)
     if summary:
         print(summary)
@@ -126,7 +131,23 @@ def _run_train(args: argparse.Namespace) -> int:
         print("--- sample ---")
         _print_stream(result.run_dir, prompt="", max_new_tokens=config.sample_tokens, temperature=0.8,
                       top_k=None, top_p=None, seed=config.seed, device=config.device)
+    print(_next_commands(result.run_dir, result.config))
     return 0
+
+
+def _next_commands(run_dir: Path, config: TrainConfig) -> str:
+    """What to try with a trained run, as commands to copy (spelled as this command was run)."""
+    import shlex
+
+    program = shlex.quote(sys.argv[0]) if Path(sys.argv[0]).name == "gptlab" else "gptlab"
+    run = shlex.quote(str(run_dir))
+    lines = ["next:",
+             f"  {program} sample {run} --max-new-tokens 500    # more text",
+             f"  {program} serve {run}    # an OpenAI-compatible API, and a playground at http://127.0.0.1:8000/"]
+    if config.task == "text":
+        lines.append(f"  {program} eval {run} --data {shlex.quote(config.data)} --baselines    "
+                     f"# the whole validation split, against n-gram baselines")
+    return "\n".join(lines)
 
 
 def _train_argv(args: argparse.Namespace) -> list[str]:

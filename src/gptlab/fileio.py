@@ -17,6 +17,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from .errors import EnvironmentProblem
 
 TEMPORARY_PATTERN = ".*.tmp"  # what a writer killed mid-write leaves behind; see remove_temporaries
 
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how Rust's std::io::Error names its errno
 _CAUSES = {
     errno.ENOSPC: "no space left on device",
     errno.EDQUOT: "disk quota exceeded",
@@ -65,9 +67,33 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
     def produce(tmp: Path) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _default_mode())
         with os.fdopen(fd, "wb") as handle:
-            write(handle)
+            recording = _RecordingHandle(handle)
+            try:
+                write(recording)
+            except Exception:
+                if recording.error is not None:  # torch.save reports a full disk as "unexpected pos 704 vs 598"
+                    raise recording.error from None
+                raise
 
     atomic_write_via(path, produce)
+
+
+class _RecordingHandle:
+    """A file handle that remembers the first OSError a write raised, for writers that replace it by
+    an error of their own."""
+
+    def __init__(self, handle: IO[bytes]) -> None:
+        self.handle, self.error = handle, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.handle, name)
 
 
 def atomic_write_via(path: str | Path, produce: Callable[[Path], Any]) -> None:
@@ -85,8 +111,12 @@ def atomic_write_via(path: str | Path, produce: Callable[[Path], Any]) -> None:
             finally:
                 os.close(fd)
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             tmp.unlink(missing_ok=True)
+            reported = _RUST_OS_ERROR.search(str(exc)) if not isinstance(exc, OSError) else None
+            if reported:  # safetensors' writer says "I/O error: No space left on device (os error 28)"
+                errno_ = int(reported.group(1))
+                raise OSError(errno_, os.strerror(errno_)) from None
             raise
         fsync_directory(path.parent)
 

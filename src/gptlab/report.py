@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from .adder import AdderDataset
 from .fileio import atomic_write_json, atomic_write_text
-from .config import TrainConfig
 from .data import TokenDataset
 from .evaluate import Score, markdown_table, score, score_ngram
 from .model import GPT
 from .evaluate.ngram import KneserNey, NGramCounts
+
+if TYPE_CHECKING:  # a type only: evaluation imports nothing of training
+    from .train.config import TrainConfig
 
 REPORT_FILE = "report.md"
 REPORT_JSON = "report.json"

@@ -169,28 +169,32 @@ def _tokenise(
     writers = {split: ShardWriter(staging, split, dtype, shard_tokens) for split in SPLITS}
     documents = {split: 0 for split in SPLITS}
     spec = tokenizer_spec(tok)
-    split, total, has_text = "train", 0, False
+    counts = {split: 0 for split in SPLITS}  # tokens given to each split so far
+    split, started, has_text = "train", 0, False
     with _progress(corpus, "tokenising", show_progress) as bar:
         tasks = ((batch, (spec, batch.texts, batch.separate, dtype.name)) for batch in _batches(corpus.pieces()))
         for batch, (tokens, lengths) in pool.ordered(encode, tasks):
             has_text = has_text or any(text.strip() for text in batch.texts)
-            ends = np.cumsum(lengths)
-            start = 0  # of the run of pieces going to `split`
-            for i, first in enumerate(batch.firsts):
-                if first:
-                    end = int(ends[i - 1]) if i else 0
-                    writers[split].write(tokens[start:end])
-                    total += end - start
-                    start = end
-                    split = _split_of(sum(documents.values()), writers["val"].tokens, total, val_fraction)
-                    documents[split] += 1
+            offsets = np.concatenate([[0], np.cumsum(lengths)])  # (pieces + 1,) where each piece's tokens start
+            start = counted = 0  # where the run of tokens going to `split` starts; what counts[] holds of them
+            for i in np.flatnonzero(batch.firsts):  # a document starts: decide its split
+                at = int(offsets[i])
+                counts[split] += at - counted
+                counted = at
+                chosen = _split_of(started, counts["val"], counts["train"] + counts["val"], val_fraction)
+                if chosen != split:
+                    writers[split].write(tokens[start:at])
+                    split, start = chosen, at
+                documents[chosen] += 1
+                started += 1
+            counts[split] += len(tokens) - counted
             writers[split].write(tokens[start:])
-            total += len(tokens) - start
             bar.update(batch.consumed)
     if not has_text:
         raise _empty_corpus()
     val_split = "documents" if val_fraction > 0 else "none"
-    if sum(documents.values()) == 1 and val_fraction > 0:
+    if started == 1 and val_fraction > 0:
+        total = counts["train"]
         writers["train"].move_tail(total - int(total * (1 - val_fraction)), writers["val"])
         val_split = "tail"
     shards = {name: writer.close() for name, writer in writers.items()}

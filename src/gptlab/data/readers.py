@@ -20,8 +20,7 @@ import gzip
 import json
 import lzma
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import IO
+from typing import IO, NamedTuple
 
 import pyarrow as pa
 
@@ -35,8 +34,7 @@ PIECE_CHARS = 1 << 20  # a longer document is cut into pieces of about this many
 _RECORD_BLOCK_BYTES = 16 << 20  # pyarrow's JSON and CSV block: one record must fit in it
 
 
-@dataclass(frozen=True)
-class Piece:
+class Piece(NamedTuple):
     """Some text of one document; `first` marks a document's first piece. `consumed` is how many bytes
     of the source on disk were read since the previous piece, for the progress bar."""
 
@@ -317,8 +315,12 @@ def _record_pieces(columns: Iterator[list], position: Callable[[], int], label: 
     for values in columns:
         records += len(values)
         for value in values:
-            if value:
-                texts += 1
+            if not value:
+                continue
+            texts += 1
+            if len(value) <= PIECE_CHARS:
+                yield Piece(value, True)
+            else:
                 for i, piece in enumerate(_document(value)):
                     yield Piece(piece, i == 0)
         now = position()

@@ -29,10 +29,7 @@ class ShardWriter:
         self.shard_tokens = shard_tokens
         self._shards: list[list] = []  # [file name, tokens] per shard
         self._handle: BinaryIO | None = None
-
-    @property
-    def tokens(self) -> int:
-        return sum(tokens for _, tokens in self._shards)
+        self.tokens = 0
 
     def write(self, tokens: np.ndarray) -> None:
         tokens = np.ascontiguousarray(tokens, dtype=self.dtype)
@@ -43,6 +40,7 @@ class ShardWriter:
             part, tokens = tokens[:room], tokens[room:]
             self._handle.write(memoryview(part).cast("B"))  # type: ignore[union-attr]
             self._shards[-1][1] += len(part)
+            self.tokens += len(part)
 
     def move_tail(self, count: int, to: ShardWriter) -> None:
         """Move the last `count` tokens written here to the end of `to`, in order (the validation tail
@@ -65,6 +63,7 @@ class ShardWriter:
             os.truncate(self.directory / self._shards[index][0], begin * self.dtype.itemsize)
             self._shards[index][1] = begin
         del self._shards[index + (1 if begin else 0) :]
+        self.tokens = cut
 
     def close(self) -> list[dict]:
         """Flush and fsync; the shard list for meta.json."""

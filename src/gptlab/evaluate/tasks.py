@@ -129,3 +129,4 @@ def results_path(model_path: str | Path, tasks: list[str]) -> Path:
         n += 1
         path = stem.with_name(f"{stem.name}-{n}.json")
     return path
+

@@ -28,7 +28,7 @@ from .errors import ERROR_RESPONSES, install_error_handlers
 from .middleware import BodyChecks
 from .schemas import (
     CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse, Health, ModelCard, ModelList,
-    TokenizeRequest, TokenizeResponse, VllmDetokenizeResponse, VllmTokenizeResponse,
+    TokenizeRequest, TokenizeResponse, TokenizerInfo, VllmDetokenizeResponse, VllmTokenizeResponse,
 )
 from .service import ClientGone, CompletionService
 
@@ -101,6 +101,11 @@ def create_app(model: torch.nn.Module, tokenizer: Tokenizer, model_id: str,
               tags=["gptlab"], summary="Token ids back to text: `{ids}` -> `{text}`; vLLM's `{tokens}` -> `{prompt}`")
     async def detokenize(body: DetokenizeRequest) -> Any:
         return await run_in_threadpool(service.detokenize, body)
+
+    @app.get("/tokenizer_info", response_model=TokenizerInfo, tags=["gptlab"],
+             summary="vLLM's tokenizer description (lm-eval's remote tokenizer reads it)")
+    async def tokenizer_info() -> TokenizerInfo:
+        return service.tokenizer_info()
 
     @app.get("/", response_class=HTMLResponse, tags=["gptlab"], summary="The browser playground")
     async def index() -> HTMLResponse:

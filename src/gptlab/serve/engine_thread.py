@@ -136,6 +136,7 @@ class EngineThread:
         m = self.metrics
         generated = sum(1 for s in touched if s.params.max_new_tokens and s.error is None)
         m.steps.inc()
+        m.step_seconds.observe(seconds)
         m.batch_size.observe(len(touched))
         m.generation_tokens.inc(generated)
         m.running.set(len(self.engine.rows))

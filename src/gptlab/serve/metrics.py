@@ -29,6 +29,8 @@ class Metrics:
         self.generation_tokens = Counter("gptlab_generation_tokens", "tokens generated, cancelled requests "
                                          "included", registry=r)
         self.steps = Counter("gptlab_engine_steps", "batched forward steps of the engine", registry=r)
+        self.step_seconds = Histogram("gptlab_engine_step_seconds", "how long one engine step took (every running "
+                                      "sequence's next token)", buckets=_SECONDS, registry=r)
         self.batch_size = Histogram("gptlab_batch_size", "sequences advanced by one engine step",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.running = Gauge("gptlab_running_sequences", "sequences in the batch", registry=r)

@@ -184,6 +184,17 @@ class VllmDetokenizeResponse(BaseModel):
     prompt: str
 
 
+class TokenizerInfo(BaseModel):
+    """vLLM's GET /tokenizer_info, which lm-eval's remote tokenizer reads (then it calls /tokenize)."""
+
+    tokenizer_class: str = Field(description="gptlab's tokenizer name: gpt2 (byte-level BPE) or char")
+    eos_token: str | None = Field(description="the end-of-text token's text, null when the vocabulary has none")
+    bos_token: str | None = Field(description="GPT-2 starts documents with its end-of-text token")
+    pad_token: str | None = None
+    model_max_length: int
+    vocab_size: int
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str

@@ -26,7 +26,8 @@ from .logprobs import OffsetCounter, api_logprobs, joined
 from .metrics import Metrics
 from .schemas import (
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, DetokenizeRequest,
-    DetokenizeResponse, TokenizeRequest, TokenizeResponse, Usage, VllmDetokenizeResponse, VllmTokenizeResponse,
+    DetokenizeResponse, TokenizeRequest, TokenizeResponse, TokenizerInfo, Usage, VllmDetokenizeResponse,
+    VllmTokenizeResponse,
 )
 from .streaming import EventStream, sse
 
@@ -319,6 +320,12 @@ class CompletionService:
         if body.prompt is not None:
             return VllmTokenizeResponse(count=len(ids), max_model_len=self.context, tokens=ids)
         return TokenizeResponse(ids=ids, tokens=[self.tokenizer.decode([i]) for i in ids], count=len(ids))
+
+    def tokenizer_info(self) -> TokenizerInfo:
+        eos = self.tokenizer.eos_id
+        eos_text = None if eos is None else self.tokenizer.decode([eos])
+        return TokenizerInfo(tokenizer_class=self.tokenizer.name, eos_token=eos_text, bos_token=eos_text,
+                             model_max_length=self.context, vocab_size=self.tokenizer.vocab_size)
 
     def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse | VllmDetokenizeResponse:
         self.check_model(body.model)

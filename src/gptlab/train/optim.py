@@ -14,29 +14,31 @@ from typing import Any
 import torch
 
 from .config import TrainConfig
-from .model import GPT
+from ..model import GPT
 
 
-def learning_rate(step: int, config: TrainConfig) -> float:
-    """The learning rate of optimizer step `step` (0-based) under `config.schedule`.
+def learning_rate(step: float, config: TrainConfig) -> float:
+    """The learning rate at schedule position `step` (0-based optimizer steps; fractional on the clock
+    of --decay-by-time, see `schedule_position`) under `config.schedule`.
 
-    cosine, linear: linear warmup to `lr`, then decay to `min_lr` at `lr_decay_iters` (default
-    `max_iters`), then flat. constant: the same warmup, then `lr`.
+    cosine, linear: linear warmup to `lr` over `warmup_steps(config)`, then decay to `min_lr` at
+    `lr_decay_iters` (default `max_iters`), then flat. constant: the same warmup, then `lr`.
     noam: Vaswani et al. (2017), `d_model^-0.5 * min(s^-0.5, s * warmup^-1.5)` with s = step + 1,
     rescaled so that its peak (at s = warmup) is `lr`: the paper's absolute values are
     `--lr` = (d_model * warmup)^-0.5. It ignores `min_lr` and `lr_decay_iters`.
     """
+    warmup = warmup_steps(config)
     if config.schedule == "noam":
-        warmup = max(1, config.warmup_iters)
+        warmup = max(1.0, warmup)
         return config.lr * noam_rate(step + 1, config.n_embd, warmup) / noam_rate(warmup, config.n_embd, warmup)
-    if step < config.warmup_iters:
-        return config.lr * (step + 1) / (config.warmup_iters + 1)
+    if step < warmup:
+        return config.lr * (step + 1) / (warmup + 1)
     if config.schedule == "constant":
         return config.lr
-    decay_iters = config.lr_decay_iters or config.max_iters
+    decay_iters = decay_steps(config)
     if step >= decay_iters:
         return config.min_lr
-    progress = (step - config.warmup_iters) / max(1, decay_iters - config.warmup_iters)  # 0 -> 1
+    progress = (step - warmup) / max(1.0, decay_iters - warmup)  # 0 -> 1
     if config.schedule == "linear":
         return config.lr - progress * (config.lr - config.min_lr)
     if config.schedule == "cosine":
@@ -44,7 +46,37 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     raise ValueError(f"unknown schedule {config.schedule!r}")
 
 
-def noam_rate(s: int, d_model: int, warmup: int) -> float:
+def decay_steps(config: TrainConfig) -> int:
+    """Where the decay ends: `lr_decay_iters`, or `max_iters` when it is 0."""
+    return config.lr_decay_iters or config.max_iters
+
+
+def warmup_steps(config: TrainConfig) -> float:
+    """The warm-up's length in schedule steps: `warmup_iters`, or `warmup_fraction` of the decay's steps."""
+    return config.warmup_fraction * decay_steps(config) if config.warmup_fraction else float(config.warmup_iters)
+
+
+def schedule_position(step: int, seconds: float, start: float | None, config: TrainConfig) -> float:
+    """Where the schedule stands after `step` optimizer steps and `seconds` of training.
+
+    Counted in steps; with --decay-by-time, on the clock: the share of the time budget used since
+    `start` (the clock when the run's first step ended, None before), mapped onto the schedule's
+    `decay_steps`. The warm-up and the decay then both run on the clock: the warm-up takes its share of
+    the time (a slow machine warms up in fewer steps, not for longer) and the decay ends exactly as the
+    budget does. The first step is left out because it may compile the model (half a minute on a CPU)
+    and would otherwise use up the warm-up before a second step is taken. The price of the clock: such
+    a run cannot be repeated (or resumed) step for step.
+    """
+    if not config.decay_by_time:
+        return float(step)
+    if start is None:
+        return 0.0
+    span = config.max_time - start
+    used = 1.0 if span <= 0 else min(1.0, max(0.0, (seconds - start) / span))
+    return used * decay_steps(config)
+
+
+def noam_rate(s: float, d_model: int, warmup: float) -> float:
     """The schedule of "Attention Is All You Need", eq. 3, for 1-based step s."""
     return d_model**-0.5 * min(s**-0.5, s * warmup**-1.5)
 

@@ -20,12 +20,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import CONFIG_FILE, WEIGHTS_FILE
-from .errors import EnvironmentProblem, GptlabError
-from .fileio import environment_errors
-from .report import REPORT_FILE, REPORT_JSON
-from .tokenizers import TOKENIZER_FILE
-from .training_state import STATE_FILE
+from ..checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from ..errors import EnvironmentProblem, GptlabError
+from ..fileio import environment_errors
+from ..report import REPORT_FILE, REPORT_JSON
+from ..tokenizers import TOKENIZER_FILE
+from .state import STATE_FILE
 
 TRAIN_CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -45,7 +45,10 @@ RUN_ENTRIES = MODEL_ENTRIES | {
 def check_run_dir(out: str | Path, *, overwrite: bool, resume: bool) -> None:
     """Refuse an `--out` that this run cannot use, before any work is done; changes nothing on disk."""
     if out:
-        _inspect(Path(out), overwrite=overwrite, resume=resume)
+        path = Path(out)
+        if path.is_dir():  # a run in progress may be half-written: say it is in use, not what it holds
+            os.close(_lock(path))
+        _inspect(path, overwrite=overwrite, resume=resume)
     elif resume:
         raise GptlabError("--resume needs --out RUN_DIR, the run to continue")
 

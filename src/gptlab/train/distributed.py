@@ -105,22 +105,12 @@ def gather_to_all(value: Any, group: Group) -> list[Any]:
     return values
 
 
-def share(
-    x: torch.Tensor, y: torch.Tensor, group: Group, micro_steps: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """This process's micro-batches of a global batch: its contiguous block of `micro_steps` slices.
-
-    The global batch (rows, T) is cut into world_size * micro_steps equal slices; rank r takes slices
-    r * micro_steps ... (r + 1) * micro_steps - 1. Alone, a process takes every slice in order, so a
-    step's arithmetic is the same whatever the number of processes.
-    """
-    slices = group.world_size * micro_steps
-    if x.size(0) % slices:
-        raise ValueError(f"a batch of {x.size(0)} rows does not split into {slices} equal micro-batches")
-    rows = x.size(0) // slices
-    first = group.rank * micro_steps
-    return [(x[(first + i) * rows:(first + i + 1) * rows], y[(first + i) * rows:(first + i + 1) * rows])
-            for i in range(micro_steps)]
+def rows_of(group: Group, rows_per_process: int) -> slice:
+    """This process's rows of a global batch of world_size * rows_per_process rows: rank r reads the
+    contiguous block r * rows_per_process ... (r + 1) * rows_per_process - 1, its micro-batches in turn.
+    Alone, a process reads every row in order, so a step's arithmetic is the same whatever the number
+    of processes."""
+    return slice(group.rank * rows_per_process, (group.rank + 1) * rows_per_process)
 
 
 def barrier(group: Group) -> None:

@@ -18,7 +18,10 @@ from conftest import TINY_RUN
 from gptlab.data import TokenDataset
 
 TINY = [f"--{name.replace('_', '-')}={value}" for name, value in TINY_RUN.items()]
-CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child `gptlab train`, read when the child starts: it must see what the
+    session's fixtures set (the kernel choices' file among them), not the environment at import."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
 
 # A child `gptlab train` that, in the forward pass of its HOLD_AT_CALL-th training step, touches
 # HOLD_MARKER and sleeps: a run in progress, holding its directory, for as long as the test wants.
@@ -157,7 +160,7 @@ def test_a_run_in_use_is_refused_and_a_killed_run_resumes(char_data: Path, tmp_p
     args = ["train", "--data", str(char_data), "--out", str(out), "--no-progress", *TINY]
     child = subprocess.Popen([sys.executable, "-c", HOLDING_CHILD, *args], stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True,
-                             env={**CHILD_ENV, "HOLD_AT_CALL": "15", "HOLD_MARKER": str(marker)})
+                             env=child_env(HOLD_AT_CALL="15", HOLD_MARKER=str(marker)))
     try:
         deadline = time.monotonic() + 240
         while not marker.exists():  # at step 15, after the checkpoint of step 10
@@ -181,7 +184,7 @@ def test_a_run_in_use_is_refused_and_a_killed_run_resumes(char_data: Path, tmp_p
 
 
 def start_child(args: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "gptlab", *args], cwd=cwd, env=CHILD_ENV,
+    return subprocess.Popen([sys.executable, "-m", "gptlab", *args], cwd=cwd, env=child_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 

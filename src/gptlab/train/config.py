@@ -1,0 +1,257 @@
+"""What one training run is: `TrainConfig`, its options' checks and help lines, and the named presets.
+
+Every field of TrainConfig is a `gptlab train --field-name` option, and its `help` is that option's
+help line, so the options, their checks and their documentation come from one place. A config is
+built once, from the defaults, a preset, a JSON file and the command line (`build_train_config`), and
+never changed afterwards (it is frozen): set-up resolves what the run learns later (the data path, the
+dtype `auto` chose, a pretrained model's shape, the run directory) into a new config with
+`dataclasses.replace`, which is what train_config.json records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..config import GPTConfig
+from ..errors import GptlabError
+
+OPTIMIZERS = ("adamw", "adam", "radam", "sgd", "muon")
+SCHEDULES = ("cosine", "noam", "linear", "constant")
+TASKS = ("text", "adder")
+PRECISIONS = ("float32", "bfloat16", "float16", "auto")
+ON_NONFINITE = ("stop", "skip")
+FIELD_CHOICES = {  # the closed sets, shown in the help and checked by TrainConfig.validate
+    "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "task": TASKS, "dtype": PRECISIONS, "on_nonfinite": ON_NONFINITE,
+}
+
+
+def option(default: Any, help: str) -> Any:
+    """A TrainConfig field with its help line: the one source of `gptlab train --help`."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs. Every field is also a `gptlab train --field-name` option,
+    whose help line is the field's `help` (units and meaning) and, for a closed set, its choices."""
+
+    # data and output
+    data: str = option("", "a prepared data directory (gptlab prepare); empty: the built-in Shakespeare corpus")
+    task: str = option("text", "text: a prepared corpus; adder: two-digit addition, generated in memory")
+    out: str = option("", "the run directory; empty: runs/<preset>-N, the first free N")
+    init_from: str = option("", "a run or Hugging Face GPT-2 directory (or a GPT-2 size) to fine-tune from")
+    # model
+    n_layer: int = option(4, "transformer blocks")
+    n_head: int = option(4, "attention heads per block; must divide --n-embd")
+    n_embd: int = option(128, "width of the residual stream (channels)")
+    block_size: int = option(64, "context length in tokens: the length of each training window")
+    dropout: float = option(0.0, "dropout probability in [0, 1)")
+    bias: bool = option(True, "biases in every Linear and LayerNorm, as GPT-2 (--no-bias: a gptlab-only variant)")
+    # optimisation
+    batch_size: int = option(12, "windows (sequences) per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step, over all processes: a step sees "
+                                "batch_size * grad_accum windows")
+    max_iters: int = option(2000, "optimizer steps: the run ends here (or at --max-time, if sooner)")
+    max_time: float = option(0.0, "seconds of training (steps, periodic evaluations and checkpoints, summed "
+                                  "over resumed sessions; not the set-up, nor the final evaluation and report); "
+                                  "0: no limit")
+    lr: float = option(1e-3, "peak learning rate, reached at the end of the warm-up")
+    min_lr: float = option(1e-4, "learning rate at the end of the decay (cosine, linear)")
+    warmup_iters: int = option(100, "optimizer steps of linear warm-up to --lr (unless --warmup-fraction)")
+    warmup_fraction: float = option(0.0, "the warm-up as a share in [0, 1) of the schedule: of the decay's steps, "
+                                         "or with --decay-by-time of --max-time; replaces --warmup-iters when > 0")
+    lr_decay_iters: int = option(0, "optimizer steps at which the decay reaches --min-lr; 0: --max-iters")
+    weight_decay: float = option(0.1, "weight decay of the matrices (decoupled in adamw and muon, an L2 term in "
+                                         "adam, radam and sgd; biases and gains: none)")
+    beta1: float = option(0.9, "Adam's first-moment decay in [0, 1) (sgd: its momentum)")
+    beta2: float = option(0.99, "Adam's second-moment decay in [0, 1)")
+    grad_clip: float = option(1.0, "clip the gradient's global L2 norm to this; 0: no clipping")
+    optimizer: str = option("adamw", "muon: Muon for the blocks' matrices and AdamW for the rest")
+    schedule: str = option("cosine", "learning-rate schedule after the warm-up (noam: Vaswani et al.)")
+    decay_by_time: bool = option(False, "with --max-time: run the schedule (warm-up and decay) on the clock, "
+                                        "ending as the time budget ends however fast the machine is")
+    # evaluation and logging
+    eval_interval: int = option(250, "optimizer steps between evaluations and checkpoints; 0: only at the end")
+    eval_iters: int = option(20, "random batches per split in each evaluation")
+    log_interval: int = option(10, "optimizer steps between logged losses")
+    sample_tokens: int = option(300, "tokens (characters, for a char model) of text printed at the end; 0: none")
+    # system
+    seed: int = option(1337, "random seed (a non-negative integer) of the weights, batches and dropout")
+    device: str = option("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps")
+    dtype: str = option("float32", "autocast precision (weights stay float32); auto: bfloat16 where this "
+                                   "device runs it at least 1.5x faster")
+    compile: bool = option(False, "torch.compile the model (falls back to eager, with a message, where it "
+                                  "cannot work)")
+    nproc: int = option(1, "processes on this machine: gptlab train --nproc N runs itself under torchrun (DDP)")
+    on_nonfinite: str = option("stop", "a NaN/inf loss: stop (keeping the last good checkpoint) or skip the step")
+    preset: str = option("", "named settings applied before --config and the options")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        return GPTConfig(
+            vocab_size=vocab_size,
+            block_size=self.block_size,
+            n_layer=self.n_layer,
+            n_head=self.n_head,
+            n_embd=self.n_embd,
+            dropout=self.dropout,
+            bias=self.bias,
+        )
+
+    def validate(self) -> None:
+        """Refuse any value training cannot use, with one line naming the option; nothing is run or read."""
+        for f in fields(self):
+            check_type(f"--{f.name.replace('_', '-')}", getattr(self, f.name), f.type)
+        positive = ("batch_size", "grad_accum", "max_iters", "block_size", "eval_iters", "log_interval")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise GptlabError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("eval_interval", "warmup_iters", "lr_decay_iters", "sample_tokens", "max_time",
+                     "weight_decay", "grad_clip", "seed"):
+            if getattr(self, name) < 0:
+                raise GptlabError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if self.seed >= 2**63:
+            raise GptlabError(f"--seed must be below 2**63, got {self.seed}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise GptlabError(f"learning rates must satisfy 0 <= min_lr <= lr and lr > 0 (lr={self.lr}, min_lr={self.min_lr})")
+        for name in ("beta1", "beta2", "warmup_fraction"):
+            if not 0 <= getattr(self, name) < 1:
+                raise GptlabError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        if not self.init_from:
+            self.model_config(vocab_size=1)  # the model's shape, checked before any data is read
+        if self.nproc < 1:
+            raise GptlabError(f"--nproc must be at least 1, got {self.nproc}")
+        if self.grad_accum % self.nproc:
+            raise GptlabError(
+                f"--grad-accum {self.grad_accum} must be a multiple of --nproc {self.nproc}: it counts the "
+                f"micro-batches of a whole step, shared equally among the processes"
+            )
+        if self.decay_by_time and not self.max_time:
+            raise GptlabError("--decay-by-time needs --max-time, the budget to decay the learning rate over")
+        for name, choices in FIELD_CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise GptlabError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
+                                  f"got {getattr(self, name)!r}")
+
+
+_TYPE_NAMES = {"int": "an integer", "float": "a finite number", "str": "a string", "bool": "true or false"}
+
+
+def check_type(name: str, value: Any, kind: str) -> None:
+    """Refuse a value of the wrong type (a config file's "4" for an int) or a NaN/infinite float."""
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+        "str": isinstance(value, str),
+        "bool": isinstance(value, bool),
+    }[kind]
+    if not ok:
+        raise GptlabError(f"{name} must be {_TYPE_NAMES[kind]}, got {value!r}")
+
+
+# Named training presets: overrides of TrainConfig's defaults.
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    # What `gptlab train` with no arguments runs: a character-level model of the complete works of
+    # Shakespeare, 4 minutes of training on any CPU. The learning rate decays over those 4 minutes, so a
+    # slow laptop and a fast workstation both end the schedule as the budget ends. Muon (weight decay
+    # 0.5, as in shakespeare-char-cpu) against AdamW (0.1), one run each on a 2-core CPU: sampled
+    # validation loss 1.538 against 1.612, perplexity 4.83 against 5.32, in a quarter fewer steps.
+    "shakespeare-char-default": dict(
+        n_layer=4, n_head=4, n_embd=192, block_size=128, batch_size=16, dropout=0.0, dtype="auto",
+        optimizer="muon", weight_decay=0.5,
+        max_iters=100_000, max_time=240.0, decay_by_time=True, lr=2e-3, min_lr=2e-4, warmup_fraction=0.05,
+        eval_interval=500, eval_iters=10, beta2=0.99,
+    ),
+    # The textbook's adder: two-digit addition, 15+57=072, data generated in memory; loss on the answer
+    # digits only; graded by exact match on 1,000 held-out problems. Sized for >= 99% within 2 minutes
+    # on 2 CPU cores (benchmarks/adder.py measures it).
+    "adder": dict(
+        task="adder", n_layer=2, n_head=4, n_embd=128, block_size=8, batch_size=256, dropout=0.0,
+        max_iters=400, lr=3e-3, min_lr=3e-4, warmup_iters=50, eval_interval=100, eval_iters=4,
+        log_interval=10, sample_tokens=0,
+    ),
+    # benchmarks/shakespeare.py: the best validation loss after 5 minutes of a 2-core CPU. Two
+    # single-threaded processes outrun one process of two threads on matrices this small, and bf16
+    # (where the CPU has bf16 instructions) adds a quarter to the tokens per second. torch.compile adds
+    # another quarter for about 30 s of compiling, which counts against the budget (it falls back to eager,
+    # with a message, without a C++ compiler). Muon for the blocks' matrices costs a tenth of the tokens
+    # per second (its Newton-Schulz products) and reaches a lower loss per step by far; it then overfits
+    # (training loss 1.17 against 1.49), which a weight decay of 0.5 holds back. The learning rate decays
+    # over the time budget, so it reaches min_lr as the budget ends however busy the machine is;
+    # max_iters only caps the run. The warm-up is 4% of the time after the first (compiling) step:
+    # about the 100 steps the figures below were measured with, when the warm-up counted steps.
+    # Measured alternatives (whole validation split, 5 minutes, one run each unless several figures;
+    # runs of one configuration spread by about 0.02). This preset: 1.470, 1.475, 1.478, 1.477.
+    # With muon: weight decay 0.1 1.493, 1.0 1.487;
+    # lr 5e-3 1.470; 4 layers 1.496; 24 windows a step 1.473; dropout 0.1 1.707 (inductor's dropout
+    # halves the tokens per second). With adamw (weight decay 0.1): 1.506 to 1.526 over five runs; lr
+    # 4e-3 1.511; weight decay 0 1.520, 0.25 1.509; linear decay to 0 1.510; 2 heads 1.530, 8 heads
+    # 1.545. Eager adamw: 24 windows a step 1.523, 48 windows 1.536; 4 layers 1.527, 6 layers 1.564;
+    # context 256 1.552. Five minutes are compute-bound: a smaller model that sees more tokens does better.
+    "shakespeare-char-cpu": dict(
+        n_layer=3, n_head=4, n_embd=128, block_size=128, batch_size=16, grad_accum=2, nproc=2, dropout=0.0,
+        dtype="auto", compile=True, optimizer="muon", weight_decay=0.5,
+        max_iters=100_000, max_time=300.0, decay_by_time=True, lr=3e-3, min_lr=3e-5, warmup_fraction=0.04,
+        eval_interval=500, eval_iters=10, beta2=0.99,
+    ),
+    # nanoGPT's documented CPU recipe, for comparison.
+    "nanogpt-cpu": dict(
+        n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0,
+        max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100, eval_interval=250, eval_iters=20,
+    ),
+}
+
+
+def build_train_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    base: dict[str, Any] | None = None,
+) -> TrainConfig:
+    """Defaults, then `base` (a resumed run's saved options), the preset, a JSON config file, then
+    command-line overrides (None: not given): later wins."""
+    values: dict[str, Any] = dict(base or {})
+    if preset:
+        if preset not in TRAIN_PRESETS:
+            raise GptlabError(f"unknown preset {preset!r}; known presets: {', '.join(TRAIN_PRESETS)}")
+        values.update(TRAIN_PRESETS[preset])
+        values["preset"] = preset
+    if config_file:
+        values.update(_read_config_file(Path(config_file)))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return checked_train_config(values)
+
+
+def checked_train_config(values: dict[str, Any]) -> TrainConfig:
+    """A validated TrainConfig from option: value pairs (integers accepted for float options)."""
+    kinds = {f.name: f.type for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - set(kinds))
+    if unknown:
+        raise GptlabError(f"unknown training option(s): {', '.join(unknown)}")
+    values = {k: float(v) if kinds[k] == "float" and type(v) is int else v for k, v in values.items()}
+    config = TrainConfig(**values)
+    config.validate()
+    return config
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise GptlabError(f"config file not found: {path}")
+    try:
+        values = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise GptlabError(f"config file {path} is not valid JSON: {exc}") from None
+    if not isinstance(values, dict):
+        raise GptlabError(f"config file {path} must hold a JSON object of option: value")
+    kinds = {f.name: f.type for f in fields(TrainConfig)}
+    for name, value in values.items():
+        if name in kinds:
+            check_type(f"config file {path}: {name}", value, kinds[name])
+    return values

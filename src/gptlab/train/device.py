@@ -1,0 +1,142 @@
+"""Where and in what precision a run computes, and whether it can: the device, autocast, TF32, the
+dtype `auto` chooses, whether torch.compile can work here, and whether the run fits in memory."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import sys
+
+import torch
+
+from ..config import GPTConfig
+from ..errors import EnvironmentProblem, GptlabError
+from ..throughput import matmul_parameters, matmul_peak
+from . import distributed
+from .distributed import Group
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device `name` names: auto, cpu, cuda, cuda:N or mps; one that this machine lacks is an
+    EnvironmentProblem (exit 3), a name that is no device a GptlabError (exit 2)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise GptlabError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EnvironmentProblem(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise EnvironmentProblem(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
+                f"cuda:{torch.cuda.device_count() - 1}"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise EnvironmentProblem(f"--device {name}: this torch has no MPS (Apple GPU) support here; use --device cpu")
+    return device
+
+
+def enable_tf32(device: torch.device) -> None:
+    """On CUDA, float32 products run on the tensor cores in TF32 (10-bit mantissa inputs, float32
+    accumulation), as nanoGPT and llm.c train: several times faster on Ampere and later, and what
+    mixed precision leaves in float32 (the optimizer, the loss) is not a product."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """bf16/fp16 autocast for the forward pass; float32 runs without it.
+
+    The weights, the gradients and the optimizer stay in float32 whatever the dtype (mixed precision).
+    float16 also needs a gradient scaler against underflow, which gptlab runs on CUDA only.
+    """
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    if dtype == "float16" and device.type != "cuda":
+        raise GptlabError(
+            "--dtype float16 needs a CUDA device (its gradient scaler is CUDA-only); on a CPU use bfloat16"
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise GptlabError(f"--dtype {dtype} runs on cpu and cuda devices, not {device.type}; use --dtype float32")
+    if dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise GptlabError("--dtype bfloat16: this GPU does not support bfloat16; use --dtype float16")
+    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
+
+
+def resolve_dtype(
+    name: str, device: torch.device, group: Group = Group(), model: GPTConfig | None = None, rows: int | None = None
+) -> str:
+    """`auto` -> bfloat16 where this device multiplies bf16 matrices at least 1.5x as fast as float32.
+
+    That is a GPU with bf16 support, or a CPU with bf16 instructions (AVX-512-bf16, AMX), told apart by
+    the same probe of the model's products (`model` at `rows` tokens a micro-batch) that MFU uses.
+    Elsewhere bf16 is emulated and many times slower than float32, so `auto` keeps float32. Rank 0
+    decides for every process.
+    """
+    if name != "auto":
+        return name
+    chosen = None
+    if group.is_main:  # the other processes wait rather than probe alongside and slow the probe down
+        if device.type == "cuda":
+            fast = torch.cuda.is_bf16_supported()
+        else:
+            bf16, fp32 = (matmul_peak(device, dtype, seconds=0.1, config=model, rows=rows)
+                          for dtype in (torch.bfloat16, torch.float32))
+            fast = bf16 >= 1.5 * fp32
+        chosen = "bfloat16" if fast else "float32"
+    return distributed.broadcast_from_main(chosen, group)
+
+
+def compile_unavailable(device: torch.device) -> str:
+    """Why torch.compile cannot work here, or "" when it can."""
+    if not torch._dynamo.is_dynamo_supported():
+        return f"torch.compile does not support this Python ({sys.version.split()[0]}) with torch {torch.__version__}"
+    if device.type == "cpu":
+        compilers = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
+        if not any(c and shutil.which(c) for c in compilers):
+            return "torch.compile needs a C++ compiler on a CPU and none (g++, c++, clang++ or $CXX) is on PATH"
+    elif device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            return "torch.compile needs Triton on CUDA and it is not installed"
+    else:
+        return f"gptlab compiles on cpu and cuda devices, not {device.type}"
+    return ""
+
+
+def check_memory(model: GPTConfig, tokens: int, dtype: str, device: torch.device) -> None:
+    """Refuse, before allocating anything, a run that cannot fit in this device's memory at all.
+
+    The estimate is a lower bound: the weights, their gradients and one optimizer moment (12 bytes a
+    parameter), the logits of one micro-batch of `tokens` tokens and their gradient, and each
+    block's input (what even activation checkpointing keeps). A run it lets through can still run out
+    of memory (`out_of_memory` then tells it apart).
+    """
+    parameters = matmul_parameters(model) + model.block_size * model.n_embd
+    activation_bytes = 4 if dtype in ("float32", "auto") else 2
+    need = 12 * parameters + tokens * activation_bytes * (2 * model.vocab_size + model.n_layer * model.n_embd)
+    if device.type == "cuda":
+        have, what = torch.cuda.get_device_properties(device).total_memory, f"{device}'s memory"
+    else:
+        have, what = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+    if need > have:
+        raise GptlabError(
+            f"this run needs at least {need / 2**30:,.1f} GiB ({parameters:,} parameters with their gradients and "
+            f"optimizer state, and micro-batches of {tokens:,} tokens), more than {what} ({have / 2**30:,.1f} GiB); "
+            f"choose a smaller model, --batch-size or --block-size"
+        )
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether torch failed to allocate memory (CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError)."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    )

@@ -1,0 +1,322 @@
+"""The loop: it steps, evaluates and checkpoints a run that `setup` made, and nothing else.
+
+One loop serves one process and many. Each step draws one global batch of `batch_size * grad_accum`
+windows from the run's seeded generator; under torchrun every process draws the same offsets and
+reads only its own share of the windows, its micro-batches, and DDP averages the gradients.
+`grad_accum` counts the micro-batches of the whole step, so the number of processes changes the
+speed, not the arithmetic: 2 processes compute what 1 process with the same `--grad-accum` computes.
+
+SIGINT and SIGTERM end the run after the step in progress, with a checkpoint, and `--resume`
+continues it with the same losses, bit for bit on a CPU, as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ..checkpoint import save_model
+from ..errors import EnvironmentProblem, GptlabError
+from ..evaluate.scorer import token_nll
+from ..model import GPT
+from ..throughput import ThroughputMeter, flops_per_token, matmul_peak
+from . import distributed
+from .config import TrainConfig
+from .device import DTYPES, autocast_context
+from .distributed import Group
+from .metrics import MetricsLog
+from .optim import learning_rate, schedule_position
+from .progress import CpuWait, ProgressBar
+from .run_dir import BEST_DIR, METRICS_FILE
+from .setup import Dataset, Run
+from .state import process_rng_state, save_checkpoint
+
+
+class StopSignals:
+    """SIGINT and SIGTERM set a flag the loop reads between steps, instead of raising mid-step.
+
+    The step in progress finishes, a checkpoint is written and `train` returns. Further signals are
+    ignored meanwhile (torchrun passes a terminal's Ctrl-C on, so a worker sees it twice); SIGKILL
+    still ends the process at once, and the atomic checkpoint writes survive that.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received = ""
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.received = self.received or signal.Signals(signum).name
+
+
+@torch.no_grad()
+def estimate_loss(
+    model: GPT, dataset: Dataset, config: TrainConfig, device: torch.device, step: int, group: Group = Group(),
+) -> dict[str, float]:
+    """Mean loss over `eval_iters` random batches per split, drawn from an RNG of their own.
+
+    The batches depend on the seed and the step only, so evaluating never moves the training
+    generator and gives the same figures however many processes share the work.
+    """
+    was_training = model.training
+    model.eval()
+    losses = {}
+    for split in ("train", "val"):
+        rng = np.random.default_rng([config.seed, step, split == "val"])
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for i in range(config.eval_iters):
+            x, y = dataset.get_batch(split, config.batch_size, config.block_size, rng)
+            if i % group.world_size == group.rank:
+                with autocast_context(device, config.dtype):
+                    total += token_nll(model, x.to(device), y.to(device)).double().mean()
+        losses[split] = distributed.all_reduce_sum(total, group).item() / config.eval_iters
+    model.train(was_training)
+    return losses
+
+
+def draw_batch(
+    dataset: Dataset, batch_size: int, block_size: int, rng: np.random.Generator, rows: slice, pin: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This process's `rows` of a global training batch of `batch_size` windows, page-locked if `pin`.
+
+    Every process draws all the offsets (so the generators stay in step) and reads only its rows.
+    """
+    x, y = dataset.get_batch("train", batch_size, block_size, rng)
+    x, y = x[rows], y[rows]
+    return (x.pin_memory(), y.pin_memory()) if pin else (x, y)
+
+
+class Loop:
+    """Steps, evaluates and checkpoints `run` until its budget (steps or seconds) or a signal ends it."""
+
+    def __init__(self, run: Run, show_progress: bool) -> None:
+        self.run, self.state, self.config = run, run.state, run.config
+        self.show = show_progress and run.group.is_main
+        self.metrics = MetricsLog(run.run_dir / METRICS_FILE if run.group.is_main else None)
+        self.losses = {"train": math.nan, "val": math.nan}
+        self.saved_step = self.state.step if run.resumed else -1  # the last checkpoint's step
+        self.session_steps = 0
+        self.elapsed_before = self.state.elapsed  # the earlier sessions' seconds of training
+        self.session_start = time.perf_counter()
+        self.clock = self.elapsed_before  # the run's seconds so far, the same number in every process
+        self.meter = ThroughputMeter(self._peak_flops(), warn=self._warn_on_main)
+        self.cpu_wait = CpuWait()  # how long the threads waited for a core: was the machine busy?
+
+    def fit(self) -> str:
+        """Train to the end of the budget; returns the signal that stopped the run early ("" if none)."""
+        config, state = self.config, self.state
+        self.session_start = time.perf_counter()
+        stopped_by = ""
+        progress = ProgressBar(config, state.step, self.clock, self.show)
+        try:
+            with StopSignals() as signals:
+                while state.step < config.max_iters and not stopped_by:
+                    if self._evaluation_due():
+                        self.checkpoint(self.validate())
+                    stopped_by = self.train_step(signals, progress)
+                    progress.update(state.step, self.clock)
+                if stopped_by in ("SIGINT", "SIGTERM"):
+                    self.checkpoint(None)
+                    return stopped_by
+                progress.close()
+                if self.show:
+                    print(f"final evaluation and checkpoint at step {state.step:,}", file=sys.stderr)
+                self.checkpoint(self.validate())
+                return ""
+        finally:
+            progress.close()
+            self.metrics.close()
+
+    def _evaluation_due(self) -> bool:
+        """Every eval_interval steps, once: a run resumed from an evaluated step does not repeat it."""
+        interval = self.config.eval_interval
+        return bool(interval) and self.state.step % interval == 0 and self.state.step > self.state.last_eval_step
+
+    def train_step(self, signals: StopSignals, progress: ProgressBar) -> str:
+        """One optimizer step; returns why the run must stop now ("" to go on)."""
+        config, state, run = self.config, self.state, self.run
+        group, device = run.group, run.device
+        self.meter.start()
+        # the clock as agreed at the end of the previous step
+        lr = learning_rate(schedule_position(state.step, self.clock, state.schedule_start, config), config)
+        for param_group in state.optimizer.param_groups:
+            param_group["lr"] = lr
+        rows = distributed.rows_of(group, run.micro_steps * config.batch_size)
+        x, y = draw_batch(run.dataset, config.batch_size * config.grad_accum, config.block_size, state.data_rng,
+                          rows, pin=device.type == "cuda")
+        loss_sum = torch.zeros((), device=device)
+        micro_batches = list(zip(x.split(config.batch_size), y.split(config.batch_size)))
+        for i, (xb, yb) in enumerate(micro_batches):
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            with self._gradient_sync(last=i == len(micro_batches) - 1):
+                with autocast_context(device, config.dtype):
+                    loss = self._forward(xb, yb) / run.micro_steps
+                state.scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        # one exchange per step: the global loss, whether any process was signalled, and the clock, so
+        # that every process takes the same decisions (stop, learning rate) at the same step
+        local = [signals.received == "SIGINT", signals.received == "SIGTERM", self.elapsed()]
+        report = torch.cat([loss_sum.double().reshape(1), torch.tensor(local, dtype=torch.float64, device=device)])
+        loss_value, sigint, sigterm, clock = distributed.all_reduce_sum(report, group).tolist()
+        loss_value /= group.world_size
+        self.clock = clock / group.world_size
+        time_up = bool(config.max_time) and self.clock >= config.max_time
+
+        grad_norm = None
+        if math.isfinite(loss_value) and config.grad_clip > 0:
+            state.scaler.unscale_(state.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), config.grad_clip).item()
+        nonfinite = self._nonfinite(loss_value, grad_norm)
+        if not nonfinite:
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
+        state.optimizer.zero_grad(set_to_none=True)
+        tokens = config.batch_size * config.grad_accum * config.block_size  # the step's, all processes
+        state.step += 1
+        state.tokens_seen += tokens
+        if state.schedule_start is None:
+            state.schedule_start = self.clock
+        if self.session_steps == 0:
+            self.meter.cancel()  # the first step pays for warm-up (and compilation): not counted
+        else:
+            self.meter.stop(tokens, tokens * flops_per_token(state.model.config, config.block_size))
+        self.session_steps += 1
+        if nonfinite:
+            self.metrics.write({"step": state.step, "skipped": nonfinite, "lr": lr})
+        elif state.step % config.log_interval == 0 or state.step == config.max_iters:
+            self._log_step(loss_value, lr, grad_norm, progress)
+        else:
+            self.metrics.write({"step": state.step, "lr": lr})  # every step's learning rate, for the record
+        if sigint or sigterm:
+            return "SIGINT" if sigint else "SIGTERM"
+        return "max_time" if time_up else ""
+
+    def _forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not self.config.compile or self.session_steps > 0:
+            return self.run.step_model(x, y).loss
+        try:  # the first call compiles: turn a toolchain failure into one clear line
+            return self.run.step_model(x, y).loss
+        except torch._dynamo.exc.TorchDynamoException as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise GptlabError(f"--compile: torch.compile failed ({first}); train without --compile") from None
+
+    def _gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """DDP all-reduces gradients on a step's last micro-batch only; the others just accumulate."""
+        if isinstance(self.run.step_model, DistributedDataParallel) and not last:
+            return self.run.step_model.no_sync()
+        return contextlib.nullcontext()
+
+    def _nonfinite(self, loss: float, grad_norm: float | None) -> str:
+        """"" for a healthy step; otherwise what went wrong, after stopping the run if so configured.
+
+        The optimizer has not stepped yet, so the weights are still those of the last good step. With
+        float16 an infinite gradient is the scaler's business (it skips the step and lowers the scale).
+        """
+        if not math.isfinite(loss):
+            what = f"the training loss is {loss}"
+        elif grad_norm is not None and not math.isfinite(grad_norm) and not self.state.scaler.is_enabled():
+            what = f"the gradient norm is {grad_norm}"
+        else:
+            return ""
+        if self.config.on_nonfinite == "skip":
+            return what
+        self._raise_nonfinite(f"{what} at step {self.state.step + 1}")
+        return what  # unreachable: _raise_nonfinite raises
+
+    def _raise_nonfinite(self, what: str) -> None:
+        if self.saved_step >= 0:
+            kept = (f"the last good checkpoint (step {self.saved_step}) is kept in {self.run.run_dir}; continue it "
+                    f"with --resume (perhaps with a lower --lr)")
+        else:
+            kept = "no checkpoint had been written yet"
+        raise GptlabError(f"{what}; training stopped and {kept}, or pass --on-nonfinite skip to skip such steps")
+
+    def elapsed(self) -> float:
+        """Seconds of this run so far, earlier sessions included: --max-time budgets the whole run."""
+        return self.elapsed_before + time.perf_counter() - self.session_start
+
+    # --- evaluation, checkpoints, logs ------------------------------------------------------
+
+    def validate(self) -> dict[str, float]:
+        run, state = self.run, self.state
+        self.losses = estimate_loss(state.model, run.dataset, self.config, run.device, state.step, run.group)
+        state.last_eval_step = state.step
+        self.metrics.write({"step": state.step, "val_loss": self.losses["val"], "train_eval_loss": self.losses["train"]})
+        if not math.isfinite(self.losses["val"]):
+            self._raise_nonfinite(f"the validation loss is {self.losses['val']} at step {state.step}")
+        return self.losses
+
+    def checkpoint(self, losses: dict[str, float] | None) -> None:
+        """Write the run directory; every process takes part, because each has its own random state."""
+        run, state = self.run, self.state
+        rng_states = distributed.gather_to_all(process_rng_state(), run.group)
+        improved = losses is not None and losses["val"] < state.best_val_loss
+        if improved:
+            state.best_val_loss = losses["val"]
+        state.elapsed = self.elapsed()
+        if run.group.is_main:
+            kept = self.saved_step
+            try:
+                if improved:
+                    save_model(state.model, run.run_dir / BEST_DIR)
+                    run.tokenizer.save(run.run_dir / BEST_DIR)
+                save_checkpoint(run.run_dir, state.checkpoint(rng_states))
+                kept = state.step
+                save_model(state.model, run.run_dir)
+            except EnvironmentProblem as exc:
+                where = (f"--resume continues from the checkpoint of step {kept} once that is mended" if kept >= 0
+                         else "no checkpoint had been written yet")
+                raise EnvironmentProblem(f"{exc} (saving step {state.step}); {where}") from None
+        # no process leaves before rank 0 has written: torchrun stops every worker once one has exited
+        distributed.barrier(run.group)
+        self.saved_step = state.step
+
+    def _log_step(self, loss: float, lr: float, grad_norm: float | None, progress: ProgressBar) -> None:
+        row: dict[str, Any] = {"step": self.state.step, "loss": loss, "lr": lr}
+        if grad_norm is not None:
+            row["grad_norm"] = grad_norm
+        figures = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}"}
+        tokens_per_s, mfu = self.meter.report()
+        if tokens_per_s:
+            row.update(tokens_per_s=round(tokens_per_s, 1), mfu=round(mfu, 6))
+            figures.update(tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}")
+        self.metrics.write(row)
+        progress.show(figures)
+
+    def _warn_on_main(self, message: str) -> None:
+        if self.run.group.is_main:
+            tqdm.write(message, file=sys.stderr)
+
+    def _peak_flops(self) -> float:
+        """The matmul peak of all processes together, each probed while the others probe too."""
+        run = self.run
+        distributed.barrier(run.group)
+        rows = self.config.batch_size * self.config.block_size  # one micro-batch
+        peak = matmul_peak(run.device, DTYPES[self.config.dtype], config=self.state.model.config, rows=rows)
+        total = distributed.all_reduce_sum(torch.tensor([peak], dtype=torch.float64, device=run.device),
+                                           run.group).item()
+        if self.show:
+            print(f"matmul peak ({self.config.dtype}, {run.group.world_size} process(es)): {total / 1e9:,.1f} GFLOP/s")
+        return total
