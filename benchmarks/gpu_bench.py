@@ -102,7 +102,7 @@ def synchronize(device: torch.device) -> None:
 
 def use_compile(args: argparse.Namespace) -> tuple[bool, str]:
     """(compile?, why not): compile by default on CUDA only; never where gptlab says it cannot work."""
-    from gptlab.train import compile_unavailable
+    from gptlab.train.device import compile_unavailable
 
     wanted = args.compile if args.compile is not None else args.device.startswith("cuda")
     if not wanted:
@@ -265,9 +265,9 @@ def phase_train(args: argparse.Namespace, contender: str) -> dict:
     import torch
 
     from gptlab import GPT, GPTConfig, TrainConfig
-    from gptlab.optim import configure_optimizer
+    from gptlab.train.optim import configure_optimizer
     from gptlab.throughput import flops_per_token
-    from gptlab.train import autocast_context
+    from gptlab.train.device import autocast_context
 
     device, size = device_of(args), shapes(args.tiny)
     shape, B, T = size["model"], size["batch"], size["model"]["block_size"]
