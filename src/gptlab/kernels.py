@@ -22,8 +22,8 @@ fast somewhere else: a row-block product that doubles one CPU's decoding speed h
 Choices are kept for the process and, so that every process on the machine computes the same way (a
 resumed run repeats the bits of an uninterrupted one), in a JSON file per machine under
 ~/.cache/gptlab (`GPTLAB_KERNEL_CACHE` names another file; "off" keeps choices in memory only).
-Measuring never moves torch's random number generators. `force(attention=..., linear=..., gelu=..., int8=...)`
-pins a choice, for tests and for tools (such as FLOP counters) that must see the products.
+Measuring never moves torch's random number generators. `force(attention=..., linear=..., gelu=...,
+int8=...)` pins a choice, for tests and for tools (such as FLOP counters) that must see the products.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from .fileio import atomic_write_json
 
 ROUNDS = 5  # timed rounds per candidate, after one warm-up call; each candidate's fastest counts
 MAX_ROUNDS = 40  # on a busy machine, rounds go on until each candidate's best is seen twice (fastest)
+BUDGET_SECONDS = 0.1  # ... but past one round, a key's measurement stops once it has taken this long
 DECODE_ROWS = 16  # products of at most this many rows choose among the linear candidates
 TEXTBOOK_SCORES = 2**24  # the textbook attention is a candidate while B * nh * T * S is at most this
 
@@ -69,7 +70,9 @@ def fastest(
     so that none always runs first. Other work on the machine only adds time, so each candidate's
     fastest round is its figure, and the fastest figure wins; the rounds go on (up to MAX_ROUNDS)
     while some candidate's two fastest rounds differ by more than 10%, i.e. while the machine's other
-    work may still hide a candidate's speed.
+    work may still hide a candidate's speed. A key's measurement stops after BUDGET_SECONDS (one round
+    at least), so that the first request a server answers, or the first step of a run, waits at most
+    a fraction of a second per shape even on a machine too busy to measure well.
     """
     chosen = _chosen.get(key)
     if chosen is not None:
@@ -94,13 +97,14 @@ def _time_candidates(
     for run in candidates.values():
         run()
     times: dict[str, list[float]] = {name: [] for name in names}
+    deadline = time.perf_counter() + BUDGET_SECONDS  # wall time, whatever `clock` is
     for r in range(MAX_ROUNDS):
         for name in names if r % 2 == 0 else names[::-1]:
             start = clock()
             candidates[name]()
             times[name].append(clock() - start)
         two_best = [sorted(t)[:2] for t in times.values()]
-        if r + 1 >= rounds and all(b <= 1.1 * a for a, b in two_best):
+        if (r + 1 >= rounds and all(b <= 1.1 * a for a, b in two_best)) or time.perf_counter() > deadline:
             break
     return {name: min(t) for name, t in times.items()}
 
@@ -140,6 +144,11 @@ def _synchronized(run: Callable[[], object], device: torch.device) -> Callable[[
     return finished
 
 
+def _dtype(name: str) -> torch.dtype:
+    """torch.bfloat16 for "torch.bfloat16" (keys hold dtypes as strings: constants for torch.compile)."""
+    return getattr(torch, name.removeprefix("torch."))
+
+
 def _bucket(n: int) -> int:
     """n rounded up to a power of two: one measurement for every size in between."""
     return 1 << max(0, n - 1).bit_length()
@@ -165,7 +174,7 @@ def _machine_fingerprint() -> str:
                 cpu += line
     except OSError:
         pass
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)]
     text = json.dumps([cpu, gpus, torch.__version__, torch.__config__.show()])
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -315,7 +324,7 @@ def attention_path(key: tuple) -> str:
 
     def build() -> dict[str, Callable[[], object]]:
         generator = torch.Generator().manual_seed(0)
-        dt, where = getattr(torch, dtype.removeprefix("torch.")), torch.device(device)
+        dt, where = _dtype(dtype), torch.device(device)
 
         def randn(*shape: int) -> torch.Tensor:
             return torch.randn(*shape, generator=generator).to(where, dt).requires_grad_(grad)
@@ -412,7 +421,7 @@ def gelu_form(n: int, dtype: str, device: str, grad: bool) -> str:
     """
     def build() -> dict[str, Callable[[], object]]:
         where = torch.device(device)
-        x = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(where, getattr(torch, dtype.removeprefix("torch.")))
+        x = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(where, _dtype(dtype))
         x.requires_grad_(grad)
 
         def run(form: str) -> Callable[[], object]:
@@ -436,7 +445,7 @@ def _compiled_gelu_form(dtype: str, device: str) -> str:
     """
     def build() -> dict[str, Callable[[], object]]:
         where = torch.device(device)
-        x = torch.randn(1 << 16, generator=torch.Generator().manual_seed(0)).to(where, getattr(torch, dtype.removeprefix("torch.")))
+        x = torch.randn(1 << 16, generator=torch.Generator().manual_seed(0)).to(where, _dtype(dtype))
         return {"tanh": _synchronized(lambda: torch.tanh(x), where),
                 "sigmoid": _synchronized(lambda: torch.sigmoid(x), where)}
 
@@ -548,7 +557,8 @@ def int8_linear(
         key = ("int8 linear", rows if rows <= DECODE_ROWS else _bucket(rows), *weight.shape, str(x.dtype),
                str(weight.device), torch.get_num_threads())
         path = fastest(key, tuple(products), lambda: {
-            name: _synchronized(lambda p=product: p(flat, weight, scales), x.device) for name, product in products.items()
+            name: _synchronized(lambda p=product: p(flat, weight, scales), x.device)
+            for name, product in products.items()
         })
     y = products[path](flat, weight, scales)  # (R, out)
     if bias is not None:
