@@ -153,6 +153,9 @@ def test_crop_block_size_keeps_the_first_positions() -> None:
 
 
 def test_the_old_method_names_still_work_and_say_what_replaces_them(tmp_path) -> None:
+    import gptlab
+
+    assert gptlab.GPT is GPT  # the package's GPT is the model's class, given its old methods back
     model = tiny_model(block_size=8)
     idx = torch.randint(0, 50, (1, 3))
     with pytest.warns(DeprecationWarning, match=r"gptlab.generate\("):

@@ -1,22 +1,32 @@
-"""gptlab: a from-scratch GPT-2 you can train on your own text, sample from, evaluate and serve."""
+"""gptlab: a from-scratch GPT-2 you can train on your own text, sample from, evaluate and serve.
+
+Names load with their module on first use (`gptlab.lazy`): importing gptlab costs nothing until then.
+"""
+
+from __future__ import annotations
 
 import functools
 import warnings
 
-from .checkpoint import load_model, load_pretrained, save_model
-from .config import GPTConfig, model_preset
-from .errors import GptlabError
-from .inference import Completion, SamplingParams, TextStream, complete, generate
-from .model import GPT, ModelOutput
-from .tokenizers import load_tokenizer
-from .train.config import TrainConfig
+from .lazy import lazy_attributes
 
-__all__ = [
-    "GPT", "GPTConfig", "Completion", "GptlabError", "ModelOutput", "SamplingParams", "TextStream",
-    "TrainConfig", "complete", "generate", "load_model", "load_pretrained", "load_tokenizer", "model_preset",
-    "save_model",
-]
 __version__ = "0.1.0"
+_EXPORTS = {
+    "GPT": ".model", "ModelOutput": ".model", "GPTConfig": ".config", "model_preset": ".config",
+    "GptlabError": ".errors", "TrainConfig": ".train.config", "load_tokenizer": ".tokenizers",
+    "load_model": ".checkpoint", "load_pretrained": ".checkpoint", "save_model": ".checkpoint",
+    "Completion": ".inference", "SamplingParams": ".inference", "TextStream": ".inference",
+    "complete": ".inference", "generate": ".inference",
+}
+__all__ = sorted(_EXPORTS)
+_load, __dir__ = lazy_attributes(__name__, _EXPORTS)
+
+
+def __getattr__(name: str) -> object:
+    value = _load(name)
+    if name == "GPT":
+        _add_deprecated_methods(value)
+    return value
 
 
 def _deprecated(replacement: str, function):
@@ -30,9 +40,13 @@ def _deprecated(replacement: str, function):
     return wrapper
 
 
-# GPT's loading, saving and sampling methods of earlier versions: model.py is the architecture alone now
-# (it imports nothing above it), so they live at the package level and these names point there.
-GPT.from_pretrained = staticmethod(_deprecated("gptlab.load_model(path)", load_model))
-GPT.save_pretrained = _deprecated("gptlab.save_model(model, directory, require_hf=True)",
-                                  lambda self, directory: save_model(self, directory, require_hf=True))
-GPT.generate = _deprecated("gptlab.generate(model, idx, max_new_tokens, ...)", generate)
+def _add_deprecated_methods(gpt: type) -> None:
+    """GPT's loading, saving and sampling methods of earlier versions, on `gptlab.GPT`: model.py is the
+    architecture alone now (it imports nothing above it), so they live at the package level."""
+    from .checkpoint import load_model, save_model
+    from .inference import generate
+
+    gpt.from_pretrained = staticmethod(_deprecated("gptlab.load_model(path)", load_model))
+    gpt.save_pretrained = _deprecated("gptlab.save_model(model, directory, require_hf=True)",
+                                      lambda self, directory: save_model(self, directory, require_hf=True))
+    gpt.generate = _deprecated("gptlab.generate(model, idx, max_new_tokens, ...)", generate)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import ServerLimits
-from .data import DEFAULT_SHARD_TOKENS
+from .data.pipeline import DEFAULT_SHARD_TOKENS
 from .train.config import FIELD_CHOICES, TRAIN_PRESETS, TrainConfig
 from .errors import GptlabError
 from .fileio import describe_os_error

@@ -10,10 +10,12 @@ Modules: `inputs` (which sources), `readers` (one per format), `workers` (tokeni
 `layout` (the directory's format), `dataset` (reading it back).
 """
 
-from .dataset import TokenDataset, TokenSplit
-from .inputs import default_corpus_files, resolve_inputs
-from .layout import SPLITS
-from .pipeline import DEFAULT_SHARD_TOKENS, prepare
+from ..lazy import lazy_attributes
 
-__all__ = ["DEFAULT_SHARD_TOKENS", "SPLITS", "TokenDataset", "TokenSplit", "default_corpus_files", "prepare",
-           "resolve_inputs"]
+_EXPORTS = {
+    "TokenDataset": ".dataset", "TokenSplit": ".dataset", "default_corpus_files": ".inputs",
+    "resolve_inputs": ".inputs", "SPLITS": ".layout", "DEFAULT_SHARD_TOKENS": ".pipeline", "prepare": ".pipeline",
+}
+__all__ = sorted(_EXPORTS)
+# prepare needs no torch, and neither do the workers it forks: only TokenDataset imports it
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS)
