@@ -37,6 +37,7 @@ from .distributed import Group
 from .metrics import MetricsLog
 from .optim import learning_rate, schedule_position
 from .progress import CpuWait, ProgressBar
+from .threads import ThreadTuner
 from .run_dir import BEST_DIR, METRICS_FILE
 from .setup import Dataset, Run
 from .state import process_rng_state, save_checkpoint
@@ -123,6 +124,7 @@ class Loop:
         self.clock = self.elapsed_before  # the run's seconds so far, the same number in every process
         self.meter = ThroughputMeter(self._peak_flops(), warn=self._warn_on_main)
         self.cpu_wait = CpuWait()  # how long the threads waited for a core: was the machine busy?
+        self.threads = ThreadTuner(self.config.adapt_threads and run.device.type == "cpu", self._warn_on_main)
 
     def fit(self) -> str:
         """Train to the end of the budget; returns the signal that stopped the run early ("" if none)."""
@@ -158,6 +160,9 @@ class Loop:
         """One optimizer step; returns why the run must stop now ("" to go on)."""
         config, state, run = self.config, self.state, self.run
         group, device = run.group, run.device
+        started = time.perf_counter()
+        if self.session_steps:  # the first step compiles and warms up: no measure of a thread count
+            self.threads.before_step()
         self.meter.start()
         # the clock as agreed at the end of the previous step
         lr = learning_rate(schedule_position(state.step, self.clock, state.schedule_start, config), config)
@@ -202,6 +207,7 @@ class Loop:
             self.meter.cancel()  # the first step pays for warm-up (and compilation): not counted
         else:
             self.meter.stop(tokens, tokens * flops_per_token(state.model.config, config.block_size))
+            self.threads.after_step(time.perf_counter() - started)
         self.session_steps += 1
         if nonfinite:
             self.metrics.write({"step": state.step, "skipped": nonfinite, "lr": lr})
