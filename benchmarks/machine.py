@@ -1,4 +1,5 @@
-"""One line naming the machine a benchmark ran on, read off the machine itself, for every results table."""
+"""One line naming the machine a benchmark ran on, read off the machine itself, for every results table;
+and where the tables go."""
 
 from __future__ import annotations
 
@@ -51,6 +52,17 @@ def describe() -> str:
 
 
 MACHINE = describe()
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def save_results(name: str, results: dict, table: str) -> None:
+    """Write benchmarks/results/NAME.json and NAME.md (atomically, through gptlab.fileio) and print the table."""
+    from gptlab.fileio import atomic_write_json, atomic_write_text
+
+    RESULTS.mkdir(exist_ok=True)
+    atomic_write_json(RESULTS / f"{name}.json", results)
+    atomic_write_text(RESULTS / f"{name}.md", table)
+    print(table)
 
 if __name__ == "__main__":
     print(MACHINE)

@@ -1,14 +1,24 @@
-"""Load on `gptlab serve`: 32 concurrent completions, with the server's batching on and off, side by side.
+"""Load on `gptlab serve`: concurrent clients against the continuous-batching engine, against the previous
+scheduler, and against one offline batched `generate` call at the same batch size, side by side in one run.
 
-Each configuration starts a real server on a free loopback port (in this process), sends one warm-up
-request, then 32 requests at once (varied prompts, 32 sampled tokens each) and records each request's
-latency. Two models: a tiny one, where per-call overhead dominates, and a GPT-2 124M-shaped one
-(random weights: the speed of a forward pass does not depend on what the weights are). Batching off
-is `--max-batch 1`: every request gets its own generation. Runs alternate on/off and each
-configuration reports its repeat with the shortest wall time, the least disturbed by other work.
-Torch runs one intra-op thread by default here: the client and the server share the process and the
-2 cores, and with 2 OpenMP threads competing for them a forward pass was measured 20x slower.
+For each concurrency C (16 and 32): C clients send their requests at once, each with its own seed and
+temperature, half of them streaming, every prompt 32 tokens (token ids, so that every contender reads
+the same lengths), 32 sampled tokens each. Aggregate tokens/s is the completion tokens over the wall
+time from the first request to the last answer; time to first token is measured by the streaming
+clients (the first `data:` chunk that carries text). A late arrival then probes the promise that a
+new request waits at most one decode step plus its own prefill: one more streaming request sent while
+the C - 1 others are mid-way, its time to first token against the engine's step time (/metrics).
 
+The contenders, on one GPT-2 124M-shaped model with random weights (speed does not depend on the
+weights): the engine (this checkout, in this process); the previous server, commit 69885c2 (a checkout
+at --old-src, in a subprocess on its own PYTHONPATH); and `generate` on a (C, 32) batch, the offline
+ceiling. Torch runs one intra-op thread everywhere: client and server share a process and the
+machine's 2 cores, and 2 OpenMP threads competing with the event loop were measured 20x slower.
+
+Bounded: about 5 minutes on a quiet 2-core machine, most of it the previous server (which answers 16
+clients in about 35 s and 32 in about 70 s there). Prepare the old checkout once:
+
+    git worktree add --detach /tmp/old-serve 69885c2
     flock /tmp/gptlab-bench.lock .venv/bin/python benchmarks/serve_load.py
 """
 
@@ -17,112 +27,221 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
 import torch
 
-from gptlab.config import GPTConfig, ServerLimits
-from gptlab.model import GPT
-from gptlab.serve import create_app, running_server
-from gptlab.tokenizers import CharTokenizer, GPT2Tokenizer, Tokenizer
-
 from machine import MACHINE  # benchmarks/machine.py: a script's own folder is on sys.path
+
 RESULTS = Path(__file__).resolve().parent / "results"
-TEXT = ("First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. First Citizen: "
-        "You are all resolved rather to die than to famish? All: Resolved. resolved. ") * 4
+PROMPT_TOKENS = 32
+OLD_COMMIT = "69885c2"
 
 
-def models() -> list[tuple[str, GPT, Tokenizer]]:
+def build_model():
+    """GPT-2 124M's shape with random weights, and GPT-2's tokenizer, from whichever gptlab is on the path."""
+    from gptlab.config import GPTConfig
+    from gptlab.model import GPT
+    from gptlab.tokenizers import GPT2Tokenizer
+
     torch.manual_seed(0)
-    chars = CharTokenizer.from_text(TEXT)
-    tiny = GPT(GPTConfig(vocab_size=chars.vocab_size, block_size=128, n_layer=4, n_head=4, n_embd=128))
-    gpt2 = GPT(GPTConfig())  # GPT-2 124M's shape
-    return [(f"tiny char model ({tiny.num_parameters() / 1e6:.1f}M params)", tiny, chars),
-            ("GPT-2 124M shape", gpt2, GPT2Tokenizer())]
+    return GPT(GPTConfig()).eval(), GPT2Tokenizer()
 
 
-async def burst(url: str, prompts: list[str], max_tokens: int) -> tuple[list[float], float, int]:
-    """All requests at once; (per-request latencies, wall time, completion tokens)."""
-    async def one(client: httpx.AsyncClient, prompt: str) -> tuple[float, int]:
-        started = time.perf_counter()
-        response = await client.post("/v1/completions", json=dict(model="bench", prompt=prompt,
-                                                                  max_tokens=max_tokens, temperature=0.8))
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 50000, (n, PROMPT_TOKENS), generator=g).tolist()
+
+
+def percentile(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+async def client(http: httpx.AsyncClient, i: int, prompt: list[int], max_tokens: int, stream: bool) -> dict:
+    """One request; returns its latency, time to first token (streams only) and completion tokens."""
+    body = dict(model="bench", prompt=prompt, max_tokens=max_tokens, temperature=0.5 + 0.03 * i, seed=1000 + i)
+    started = time.perf_counter()
+    if not stream:
+        response = await http.post("/v1/completions", json=body)
         response.raise_for_status()
-        return time.perf_counter() - started, response.json()["usage"]["completion_tokens"]
+        return dict(latency=time.perf_counter() - started, ttft=None,
+                    tokens=response.json()["usage"]["completion_tokens"])
+    first, tokens = None, 0
+    body.update(stream=True, stream_options={"include_usage": True})
+    async with http.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if first is None and any(c["text"] for c in chunk["choices"]):
+                first = time.perf_counter() - started
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return dict(latency=time.perf_counter() - started, ttft=first, tokens=tokens)
 
-    limits = httpx.Limits(max_connections=len(prompts))
-    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0), limits=limits) as client:
-        await one(client, prompts[0])  # warm-up
+
+async def burst(url: str, clients: int, max_tokens: int, late: bool) -> dict:
+    limits = httpx.Limits(max_connections=clients + 2)
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(1800.0), limits=limits) as http:
+        await client(http, 0, prompts(1, seed=99)[0], 2, stream=False)  # warm-up
+        batch = prompts(clients)
         started = time.perf_counter()
-        results = await asyncio.gather(*(one(client, p) for p in prompts))
-        wall = time.perf_counter() - started
-    return [seconds for seconds, _ in results], wall, sum(tokens for _, tokens in results)
+        if not late:
+            results = await asyncio.gather(*(client(http, i, p, max_tokens, stream=bool(i % 2))
+                                             for i, p in enumerate(batch)))
+            wall = time.perf_counter() - started
+            return dict(results=results, wall=wall)
+        # the late arrival: C - 1 clients first, one more once they are half-way through their tokens
+        running = [asyncio.ensure_future(client(http, i, p, max_tokens, stream=bool(i % 2)))
+                   for i, p in enumerate(batch[:-1])]
+        while (await http.get("/health")).json()["stats"]["completion_tokens"] < (clients - 1) * max_tokens // 2 + 2:
+            await asyncio.sleep(0.05)
+        probe = await client(http, clients - 1, batch[-1], 4, stream=True)
+        await asyncio.gather(*running)
+        metrics = (await http.get("/metrics")).text
+    steps = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+             if line.startswith("gptlab_engine_step_seconds_")}
+    return dict(probe_ttft=probe["ttft"],
+                mean_step=steps["gptlab_engine_step_seconds_sum"] / steps["gptlab_engine_step_seconds_count"])
 
 
-def measure(name: str, model: GPT, tokenizer: Tokenizer, max_batch: int, args: argparse.Namespace) -> dict:
-    prompts = [TEXT[i * 7:i * 7 + 20 + (i * 13) % 60] for i in range(args.requests)]
-    limits = ServerLimits(max_tokens=args.max_tokens, max_choices=1, max_batch=max_batch)
+def measure_server(create_app, running_server, limits, model, tokenizer, clients: int, max_tokens: int,
+                   late: bool = False) -> dict:
     app = create_app(model, tokenizer, "bench", limits)
     with running_server(app) as url:
-        latencies, wall, tokens = asyncio.run(burst(url, prompts, args.max_tokens))
-        stats = httpx.get(url + "/health").json()["stats"]
-    cuts = statistics.quantiles(latencies, n=100, method="inclusive")
-    return {
-        "model": name, "max_batch": max_batch, "requests": args.requests, "max_tokens": args.max_tokens,
-        "p50_ms": round(cuts[49] * 1000, 1), "p95_ms": round(cuts[94] * 1000, 1),
-        "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 1),
-        "generation_calls": stats["batches"] - 1,  # less the warm-up's
-    }
+        run = asyncio.run(burst(url, clients, max_tokens, late))
+    if late:
+        return run
+    results = run["results"]
+    ttfts = [r["ttft"] for r in results if r["ttft"] is not None]
+    latencies = [r["latency"] for r in results]
+    tokens = sum(r["tokens"] for r in results)
+    return dict(clients=clients, tokens=tokens, wall_s=round(run["wall"], 3),
+                tokens_per_s=round(tokens / run["wall"], 1),
+                ttft_p50_s=round(percentile(ttfts, 50), 3), ttft_p95_s=round(percentile(ttfts, 95), 3),
+                latency_p50_s=round(percentile(latencies, 50), 3), latency_p95_s=round(percentile(latencies, 95), 3))
+
+
+def measure_offline(model, clients: int, max_tokens: int) -> dict:
+    from gptlab.inference import generate
+
+    idx = torch.tensor(prompts(clients))  # (C, 32)
+    generate(model, idx[:, :4], 2, temperature=0.8)  # warm-up
+    started = time.perf_counter()
+    out = generate(model, idx, max_tokens, temperature=0.8, generator=torch.Generator().manual_seed(0))
+    wall = time.perf_counter() - started
+    tokens = (out.size(1) - PROMPT_TOKENS) * clients
+    return dict(clients=clients, tokens=tokens, wall_s=round(wall, 3), tokens_per_s=round(tokens / wall, 1))
+
+
+def run_old(args: argparse.Namespace) -> None:
+    """In the subprocess, on the old checkout's path: the previous server under the same load."""
+    from gptlab.config import ServerLimits
+    from gptlab.server import create_app, running_server
+
+    model, tokenizer = build_model()
+    rows = []
+    for clients in args.clients:
+        limits = ServerLimits(max_tokens=args.max_tokens, max_choices=1, max_batch=clients)
+        rows.append(measure_server(create_app, running_server, limits, model, tokenizer, clients, args.max_tokens))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    print(json.dumps(rows))
+
+
+def old_server(args: argparse.Namespace) -> list[dict]:
+    src = Path(args.old_src)
+    if not (src / "gptlab" / "server.py").is_file():
+        sys.exit(f"serve_load: error: no checkout of {OLD_COMMIT} at {src.parent}; create it with "
+                 f"git worktree add --detach {src.parent} {OLD_COMMIT}")
+    env = dict(os.environ, PYTHONPATH=f"{src}{os.pathsep}{Path(__file__).resolve().parent}")
+    command = [sys.executable, __file__, "--old", "--threads", str(args.threads), "--max-tokens", str(args.max_tokens),
+               "--clients", *map(str, args.clients)]
+    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--clients", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--max-batch", type=int, default=ServerLimits().max_batch, help="batching on")
-    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--old-src", default="/tmp/old-serve/src", help=f"src/ of a checkout of {OLD_COMMIT}")
+    parser.add_argument("--skip-old", action="store_true", help="leave the previous server out (quick runs)")
+    parser.add_argument("--old", action="store_true", help=argparse.SUPPRESS)  # the subprocess's role
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.old:
+        run_old(args)
+        return
+
+    from gptlab.config import ServerLimits
+    from gptlab.serve import create_app, running_server
+
+    load_before = os.getloadavg()
+    model, tokenizer = build_model()
     rows = []
-    for name, model, tokenizer in models():
-        model.eval()
-        best: dict[int, dict] = {}
-        for _ in range(args.repeats):
-            for max_batch in (args.max_batch, 1):
-                result = measure(name, model, tokenizer, max_batch, args)
-                print(json.dumps(result))
-                if max_batch not in best or result["wall_s"] < best[max_batch]["wall_s"]:
-                    best[max_batch] = result
-        on, off = best[args.max_batch], best[1]
-        on["throughput_vs_unbatched"] = round(on["tokens_per_s"] / off["tokens_per_s"], 2)
-        off["throughput_vs_unbatched"] = 1.0
-        rows += [on, off]
-    write(rows, args)
+    for clients in args.clients:
+        limits = ServerLimits(max_tokens=args.max_tokens, max_choices=1, max_batch=clients, max_queue=4 * clients)
+        offline = measure_offline(model, clients, args.max_tokens)
+        engine = measure_server(create_app, running_server, limits, model, tokenizer, clients, args.max_tokens)
+        probe = measure_server(create_app, running_server, limits, model, tokenizer, clients, args.max_tokens,
+                               late=True)
+        engine.update(vs_offline=round(engine["tokens_per_s"] / offline["tokens_per_s"], 2),
+                      late_arrival_ttft_s=round(probe["probe_ttft"], 3), mean_step_s=round(probe["mean_step"], 3))
+        rows.append(dict(clients=clients, offline=offline, engine=engine))
+        print(json.dumps(rows[-1]), flush=True)
+    if not args.skip_old:
+        for row, old in zip(rows, old_server(args)):
+            old["vs_offline"] = round(old["tokens_per_s"] / row["offline"]["tokens_per_s"], 2)
+            row["previous"] = old
+            row["engine"]["vs_previous"] = round(row["engine"]["tokens_per_s"] / old["tokens_per_s"], 1)
+    write(rows, args, load_before, os.getloadavg())
 
 
-def write(rows: list[dict], args: argparse.Namespace) -> None:
+def write(rows: list[dict], args: argparse.Namespace, before: tuple, after: tuple) -> None:
+    from gptlab.fileio import atomic_write_text
+
     RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": MACHINE, "python": platform.python_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "requests": args.requests, "max_tokens": args.max_tokens}
-    (RESULTS / "serve_load.json").write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
+    load = f"load average {', '.join(f'{x:.2f}' for x in before)} before, {', '.join(f'{x:.2f}' for x in after)} after"
+    meta = {"machine": MACHINE, "load": load, "python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "prompt_tokens": PROMPT_TOKENS, "max_tokens": args.max_tokens,
+            "previous_commit": OLD_COMMIT}
+    atomic_write_text(RESULTS / "serve_load.json", json.dumps({**meta, "results": rows}, indent=2) + "\n")
     lines = [
-        (f"`gptlab serve` under load: {args.requests} concurrent completions of {args.max_tokens} sampled tokens, "
-         f"server and client in one process ({torch.get_num_threads()} torch thread(s)) on {MACHINE}."),
+        f"`gptlab serve` under load on {MACHINE}; {load}. GPT-2 124M shape (random weights), prompts of "
+        f"{PROMPT_TOKENS} tokens, {args.max_tokens} sampled tokens per client, each client its own seed and "
+        f"temperature, half streaming; server and clients in one process, {torch.get_num_threads()} torch thread(s).",
         "",
-        "| model | batching | p50 latency | p95 latency | wall time | tokens/s | vs unbatched | generation calls |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| clients | contender | tokens/s | vs offline `generate` | time to first token p50 / p95 | latency p50 / p95 |",
+        "| ---: | --- | ---: | ---: | ---: | ---: |",
     ]
-    for r in rows:
-        batching = f"on (max {r['max_batch']} rows)" if r["max_batch"] > 1 else "off"
-        lines.append(f"| {r['model']} | {batching} | {r['p50_ms']:.0f} ms | {r['p95_ms']:.0f} ms | "
-                     f"{r['wall_s']:.2f} s | {r['tokens_per_s']:.0f} | {r['throughput_vs_unbatched']:.2f}x | "
-                     f"{r['generation_calls']} |")
-    (RESULTS / "serve_load.md").write_text("\n".join(lines) + "\n")
+    for row in rows:
+        c = row["clients"]
+        lines.append(f"| {c} | offline `generate`, batch {c} | {row['offline']['tokens_per_s']:.1f} | 1.00x | - | "
+                     f"{row['offline']['wall_s']:.2f} s (all) |")
+        for name, label in (("engine", "engine (continuous batching)"), ("previous", f"previous server ({OLD_COMMIT})")):
+            r = row.get(name)
+            if r is None:
+                continue
+            lines.append(f"| {c} | {label} | {r['tokens_per_s']:.1f} | {r['vs_offline']:.2f}x | "
+                         f"{r['ttft_p50_s']:.2f} s / {r['ttft_p95_s']:.2f} s | "
+                         f"{r['latency_p50_s']:.2f} s / {r['latency_p95_s']:.2f} s |")
+    lines.append("")
+    for row in rows:
+        e = row["engine"]
+        lines.append(f"- {row['clients']} clients: a request arriving mid-way got its first token after "
+                     f"{e['late_arrival_ttft_s']:.3f} s; the engine's mean step took {e['mean_step_s']:.3f} s"
+                     + (f"; the engine answered {e['vs_previous']}x the previous server's tokens/s" if "vs_previous" in e
+                        else "") + ".")
+    atomic_write_text(RESULTS / "serve_load.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -10,8 +10,9 @@ flags), in the same process. Two configurations, on the 65-character vocabulary 
 
 Rounds alternate the contenders, and each reports its fastest round: other work on the machine can
 only add time, so the minimum is the least disturbed figure. MFU divides the model's FLOP rate
-(gptlab.throughput.flops_per_token) by the fastest of the square-matmul probes taken between the
-rounds, in the same dtype.
+(gptlab.throughput.flops_per_token) by the fastest of the probes of the model's own matrix products
+(gptlab.throughput.matmul_peak: the linear layers' forward and backward shapes at the batch) taken
+between the rounds, in the same dtype.
 
     flock /tmp/gptlab-bench.lock .venv/bin/python benchmarks/train.py
 """
@@ -19,12 +20,10 @@ rounds, in the same dtype.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -36,8 +35,7 @@ from gptlab.train.optim import configure_optimizer
 from gptlab.throughput import flops_per_token, matmul_peak
 from gptlab.train.device import DTYPES, autocast_context
 
-from machine import MACHINE  # benchmarks/machine.py: a script's own folder is on sys.path
-RESULTS = Path(__file__).resolve().parent / "results"
+from machine import MACHINE, save_results  # benchmarks/machine.py: a script's own folder is on sys.path
 VOCAB = 65
 CONFIGS = {
     "a": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12),
@@ -46,9 +44,13 @@ CONFIGS = {
 DEVICE = torch.device("cpu")
 
 
+def model_config(shape: dict) -> GPTConfig:
+    return GPTConfig(vocab_size=VOCAB, block_size=shape["block_size"], n_layer=shape["n_layer"],
+                     n_head=shape["n_head"], n_embd=shape["n_embd"])
+
+
 def gptlab_model(shape: dict) -> GPT:
-    return GPT(GPTConfig(vocab_size=VOCAB, block_size=shape["block_size"], n_layer=shape["n_layer"],
-                         n_head=shape["n_head"], n_embd=shape["n_embd"]))
+    return GPT(model_config(shape))
 
 
 def transformers_model(shape: dict) -> torch.nn.Module:
@@ -112,7 +114,8 @@ def measure(label: str, shape: dict, dtype: str, rounds: int, steps_per_round: i
     times: dict[str, list[float]] = {name: [] for name in names}
     peaks = []
     for r in range(rounds):
-        peaks.append(matmul_peak(DEVICE, DTYPES[dtype], seconds=0.5))
+        peaks.append(matmul_peak(DEVICE, DTYPES[dtype], seconds=0.5, config=model_config(shape),
+                                 rows=shape["batch_size"] * shape["block_size"]))
         for name in names[r % len(names):] + names[: r % len(names)]:  # rotate who goes first
             step = runners[name][0]
             start = time.perf_counter()
@@ -123,8 +126,7 @@ def measure(label: str, shape: dict, dtype: str, rounds: int, steps_per_round: i
               + ", ".join(f"{n} {times[n][-1] * 1e3:.0f} ms" for n in names), flush=True)
     peak = max(peaks)
     tokens = shape["batch_size"] * shape["block_size"]
-    flops = flops_per_token(GPTConfig(vocab_size=VOCAB, block_size=shape["block_size"], n_layer=shape["n_layer"],
-                                      n_head=shape["n_head"], n_embd=shape["n_embd"]))
+    flops = flops_per_token(model_config(shape))
     reference = min(times["transformers"])
     rows = []
     for name in names:
@@ -158,7 +160,7 @@ def markdown(results: dict) -> str:
                 f"{row['tokens_per_s']:,.0f} | {row['vs_transformers']:.2f}x | {own} | {row['mfu']:.0%} "
                 f"| {row['warmup_s']:.1f} |"
             )
-    lines += ["", "MFU is against the matmul peak of the row's own dtype (fastest probe, square matrices): " + "; ".join(
+    lines += ["", "MFU is against the peak of the row's own dtype on the model's own matrix products (fastest probe): " + "; ".join(
         f"({b['config']}) {b['dtype']} {b['peak_gflops']:.1f} GFLOP/s" for b in results["measurements"])]
     return "\n".join(lines) + "\n"
 
@@ -181,11 +183,7 @@ def main() -> None:
             results["measurements"].append(
                 measure(label, CONFIGS[label], dtype, rounds, steps, with_compile=not args.no_compile))
     results["load_after"] = round(os.getloadavg()[0], 2)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown(results)
-    (RESULTS / f"{args.out}.md").write_text(table)
-    print(table)
+    save_results(args.out, results, markdown(results))
 
 
 if __name__ == "__main__":

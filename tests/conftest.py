@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,12 @@ from gptlab.train.device import compile_unavailable
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
+# The kernel choices the tests measure stay in a temporary file of this session, not ~/.cache. Set at
+# import, before any test module copies os.environ for its child processes, so that a child (a resumed
+# run) chooses as the run it resumes did.
+_KERNEL_CACHE = Path(tempfile.mkdtemp(prefix="gptlab-test-kernels-"))
+os.environ["GPTLAB_KERNEL_CACHE"] = str(_KERNEL_CACHE / "kernels.json")
+atexit.register(shutil.rmtree, _KERNEL_CACHE, ignore_errors=True)
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 TINY_TEXT = (
@@ -31,13 +39,6 @@ TINY_TEXT = (
     "First Citizen:\nYou are all resolved rather to die than to famish?\n\n"
     "All:\nResolved. resolved.\n\n"
 ) * 40
-
-
-@pytest.fixture(scope="session", autouse=True)
-def kernel_choices(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """The kernel choices the tests measure stay in the session's temporary directory, not ~/.cache;
-    child processes inherit it, so a resumed run chooses as the run it resumes did."""
-    os.environ["GPTLAB_KERNEL_CACHE"] = str(tmp_path_factory.mktemp("kernels") / "kernels.json")
 
 
 @pytest.fixture(scope="session")
@@ -124,6 +125,14 @@ def gptlab(capsys: pytest.CaptureFixture):
         return code, captured.out, captured.err
 
     return run
+
+
+def one_line_error(code: int, err: str, expected_code: int, *fragments: str) -> None:
+    """The command failed with `expected_code` and said so in one line holding every fragment, no traceback."""
+    lines = err.strip().splitlines()
+    assert code == expected_code and len(lines) == 1 and "Traceback" not in err, (code, err)
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture

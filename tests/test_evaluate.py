@@ -230,5 +230,7 @@ def test_cli_usage_errors(tiny_run: Path, tmp_path: Path, gptlab) -> None:
     assert code == 2 and "--baselines needs --data" in err
     code, _, err = gptlab("eval", str(tiny_run), "--text", str(text), "--stride", "0")
     assert code == 2 and "--stride must be at least 1" in err
-    with pytest.raises(SystemExit):  # neither --data nor --text: argparse's usage error
-        gptlab("eval", str(tiny_run))
+    code, _, err = gptlab("eval", str(tiny_run))
+    assert code == 2 and "give one of --data DATA_DIR, --text FILE or --tasks" in err
+    with pytest.raises(SystemExit):  # two sources: argparse's usage error
+        gptlab("eval", str(tiny_run), "--text", str(text), "--tasks", "hellaswag")

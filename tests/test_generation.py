@@ -1,7 +1,8 @@
-"""Generation: the KV cache against the plain model, batching, every sampling control, streaming, the CLI.
+"""The inference engine: its KV cache against the plain model, continuous batching, every sampling
+control, log-probabilities, streaming, extreme values, the CLI.
 
 The reference everywhere is `GPT.forward` on the whole context (no cache, all logits), written out
-in the test so that it does not share code with the decoding loop it checks.
+in the test so that it does not share code with the engine it checks.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import math
 import string
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,10 +18,9 @@ import torch
 from conftest import tiny_model
 from gptlab.cli import main
 from gptlab.config import GPTConfig
-from gptlab.generation import (
-    Completion, KVCache, SamplingParams, TextStream, _Decoder, _Sampler, complete, filter_logits, generate,
-    penalize_repetition,
-)
+from gptlab.inference import Completion, Engine, SamplingParams, TextStream, complete, generate
+from gptlab.inference.cache import SlotCache
+from gptlab.inference.sampler import Sampler
 from gptlab.model import GPT
 from gptlab.tokenizers import CharTokenizer, GPT2Tokenizer
 
@@ -47,34 +48,62 @@ def prompts_of(lengths: list[int], vocab: int = 50, seed: int = 0) -> list[list[
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def generate_from_logits(logits: torch.Tensor, params: SamplingParams, n: int) -> torch.Tensor:
+def rows_of(params: list[SamplingParams], generator: torch.Generator | None = None, prompt=(0,)) -> list:
+    """Stand-ins for the engine's sequences, as the sampler reads them."""
+    return [SimpleNamespace(params=p, prompt=list(prompt), token_ids=[], generator=generator, stop_ids=frozenset())
+            for p in params]
+
+
+def sampled_frequencies(logits: torch.Tensor, params: SamplingParams, n: int) -> torch.Tensor:
     """The frequency of each token in n draws by the sampler from the same (1, V) logits."""
-    g = torch.Generator().manual_seed(0)
-    sampler = _Sampler(params, [[0]] * n, logits.size(-1), torch.device("cpu"), [g] * n)
-    draws = torch.tensor(sampler(logits.expand(n, -1)))
+    rows = rows_of([params] * n, torch.Generator().manual_seed(0))
+    draws = Sampler(logits.size(-1), n, torch.device("cpu"))(logits.expand(n, -1), rows)
     return torch.bincount(draws, minlength=logits.size(-1)) / n
+
+
+def processed(logits: torch.Tensor, params: SamplingParams, prompt=(0,), generated=()) -> torch.Tensor:
+    """The logits one row samples from, after bias, min_tokens and penalties."""
+    sampler = Sampler(logits.size(-1), 1, torch.device("cpu"))
+    row = rows_of([params], prompt=prompt)[0]
+    row.token_ids = list(generated)
+    row.stop_ids = frozenset({0})
+    sampler.join(0, row)
+    return sampler.processed(logits, [row])
+
+
+class Recording:
+    """Wraps an engine's sampler: keeps the logits of every step, to compare them with the plain model."""
+
+    def __init__(self, sampler: Sampler) -> None:
+        self.sampler, self.logits = sampler, []
+
+    def __call__(self, logits: torch.Tensor, rows) -> torch.Tensor:
+        self.logits.append(logits.clone())
+        return self.sampler(logits, rows)
+
+    def __getattr__(self, name: str):
+        return getattr(self.sampler, name)
 
 
 # --- the KV cache --------------------------------------------------------------------------------
 
 
-def cached_step(model: GPT, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """(B, T) tokens after the cache's contents -> (B, V) logits of the last one, as decoding runs it."""
-    h = model.hidden_states(idx, cache)
-    cache.advance()
-    return model.lm_head(h[:, -1])
-
-
-def test_cached_logits_match_the_uncached_model_over_the_whole_context() -> None:
+def test_slot_cache_decodes_rows_of_different_lengths_as_the_uncached_model() -> None:
     model = tiny_model(block_size=16)
     seq = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(1))
     expected = model(seq).logits  # (B, T, V)
-    cache = KVCache(model.config, 3, 16)
+    lengths = [5, 2, 9]  # each row's prompt; the prefill right-pads them to 9
+    cache = SlotCache(model.config, device=torch.device("cpu"), dtype=torch.float32)
+    cache.ensure(3, 16)
     with torch.inference_mode():
-        got = [cached_step(model, seq[:, :5], cache)]  # a 5-token prefill, then one token per step
-        got += [cached_step(model, seq[:, t : t + 1], cache) for t in range(5, 16)]
-    torch.testing.assert_close(torch.stack(got, 1), expected[:, 4:], rtol=0, atol=1e-5)
-    assert cache.length == 16
+        h = model.hidden_states(seq[:, :9], cache.prefill(0, 3))  # (3, 9, C)
+        for row, n in enumerate(lengths):
+            torch.testing.assert_close(model.lm_head(h[row, :n]), expected[row, :n], rtol=0, atol=1e-5)
+        for step in range(16 - max(lengths)):  # then one token per row per step, each at its own length
+            at = [n + step for n in lengths]
+            idx = seq[torch.arange(3), torch.tensor(at)][:, None]  # (3, 1)
+            got = model.lm_head(model.hidden_states(idx, cache.decode(at))[:, -1])  # (3, V)
+            torch.testing.assert_close(got, expected[torch.arange(3), torch.tensor(at)], rtol=0, atol=1e-5)
 
 
 def test_cached_greedy_tokens_equal_uncached_within_the_context() -> None:
@@ -93,24 +122,24 @@ def test_sliding_window_beyond_block_size_is_exact_against_the_uncached_model_on
     prompt = prompts_of([20])[0]  # longer than the context: only its last 16 tokens are seen
     steps = 36  # the window slides at step 1, then every 8 tokens
     expected_tokens, expected_logits = reference_greedy(model, prompt, steps)
-    with torch.inference_mode():
-        decoder = _Decoder(model, [prompt], steps, use_cache=True)
-        tokens, logits = [], []
-        for _ in range(steps):
-            logits.append(decoder.logits[0].clone())
-            tokens.append(int(decoder.logits[0].argmax()))
-            decoder.advance(tokens[-1:])
-    assert tokens == expected_tokens
-    torch.testing.assert_close(torch.stack(logits), torch.stack(expected_logits), rtol=0, atol=1e-5)
-    assert generate(model, torch.tensor([prompt]), steps, temperature=0, use_cache=False)[0, 20:].tolist() == tokens
+    engine = Engine(model, max_batch=1)
+    engine.sampler = recording = Recording(engine.sampler)
+    row = engine.submit(prompt, SamplingParams(max_new_tokens=steps, **GREEDY))
+    engine.run()
+    assert row.token_ids == expected_tokens
+    torch.testing.assert_close(torch.cat(recording.logits), torch.stack(expected_logits), rtol=0, atol=1e-5)
+    assert generate(model, torch.tensor([prompt]), steps, temperature=0, use_cache=False)[0, 20:].tolist() == row.token_ids
 
 
 def test_cache_memory_is_two_tensors_of_the_used_context() -> None:
     model = tiny_model(block_size=64)
-    decoder = _Decoder(model, prompts_of([10, 7, 3]), max_new_tokens=20, use_cache=True)
+    engine = Engine(model, max_batch=3, prefill_tokens=None)
+    for prompt in prompts_of([10, 7, 3]):
+        engine.submit(prompt, SamplingParams(max_new_tokens=20, **GREEDY))
+    engine.step()
     c = model.config
     T = 10 + 20 - 1  # the last token is never fed back
-    assert decoder.cache.nbytes() == 2 * c.n_layer * 3 * T * c.n_embd * 4
+    assert engine.cache.nbytes() == 2 * c.n_layer * 3 * T * c.n_embd * 4
 
 
 def test_generate_keeps_its_shape_and_signature() -> None:
@@ -128,7 +157,46 @@ def test_generation_leaves_the_training_mode_as_it_was() -> None:
     assert out[0, 2:].tolist() == reference_greedy(model.eval(), [0, 0], 4)[0]
 
 
-# --- batching ------------------------------------------------------------------------------------
+def test_the_old_module_still_works_and_says_what_replaces_it() -> None:
+    sys.modules.pop("gptlab.generation", None)
+    with pytest.warns(DeprecationWarning, match="gptlab.inference"):
+        import gptlab.generation as old
+    assert old.generate is generate and old.SamplingParams is SamplingParams
+
+
+# --- continuous batching -------------------------------------------------------------------------
+
+
+MIXED = [  # one batch, every row with its own parameters
+    SamplingParams(max_new_tokens=14, **GREEDY),
+    SamplingParams(max_new_tokens=20, temperature=1.0, top_k=20, seed=7, stop_at_eos=False),
+    SamplingParams(max_new_tokens=9, temperature=0.7, top_p=0.8, seed=3, stop_at_eos=False),
+    SamplingParams(max_new_tokens=20, temperature=1.3, repetition_penalty=1.4, presence_penalty=0.5,
+                   frequency_penalty=1.0, seed=11, stop_at_eos=False),
+    SamplingParams(max_new_tokens=17, temperature=0.9, logit_bias={3: 5.0, 4: -100}, seed=5, stop_at_eos=False),
+    SamplingParams(max_new_tokens=20, temperature=1.0, top_k=5, top_p=0.9, seed=1, logprobs=3, stop_at_eos=False),
+    SamplingParams(max_new_tokens=12, temperature=0.8, seed=2, stop_token_ids=(7,), min_tokens=4),
+]
+
+
+def alone(model: GPT, prompt: list[int], params: SamplingParams) -> Completion:
+    return complete(model, CHARS, [prompt], params)[0]
+
+
+def test_every_row_of_a_mixed_batch_gets_the_tokens_it_gets_alone() -> None:
+    model = tiny_model(block_size=16)
+    prompts = prompts_of([1, 4, 9, 13, 16, 6, 3])  # 13 + 20 > 16: windows slide
+    engine = Engine(model, CHARS, max_batch=len(prompts))
+    rows = [engine.submit(p, params) for p, params in zip(prompts, MIXED)]
+    engine.run()
+    for row, prompt, params in zip(rows, prompts, MIXED):
+        expected = alone(model, prompt, params)
+        assert (row.text_so_far, row.token_ids, row.finish_reason) == (
+            expected.text, expected.token_ids, expected.finish_reason)
+        if params.logprobs is not None:  # the same numbers up to float rounding (batched products)
+            assert [(e.token, list(e.top)) for e in row.logprobs] == [(e.token, list(e.top)) for e in expected.logprobs]
+            got = [v for e in row.logprobs for v in (e.logprob, *e.top.values())]
+            assert got == pytest.approx([v for e in expected.logprobs for v in (e.logprob, *e.top.values())], abs=1e-5)
 
 
 @pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=1.0, top_k=20, seed=7)])
@@ -137,9 +205,95 @@ def test_batched_prompts_of_different_lengths_equal_one_by_one(sampling: dict) -
     prompts = prompts_of([1, 4, 9, 13, 16])
     params = SamplingParams(max_new_tokens=20, stop_at_eos=False, **sampling)  # 13 + 20 > 16: windows slide
     batched = complete(model, CHARS, prompts, params)
-    alone = [complete(model, CHARS, [p], params)[0] for p in prompts]
-    assert batched == alone
+    assert batched == [alone(model, p, params) for p in prompts]
     assert all(len(c.token_ids) == 20 and c.finish_reason == "length" for c in batched)
+
+
+class CountingModel(GPT):
+    """Counts forward passes and the rows in each."""
+
+    def __init__(self, model: GPT) -> None:
+        super().__init__(model.config)
+        self.load_state_dict(model.state_dict())
+        self.eval()
+        self.passes: list[tuple[int, int]] = []  # (rows, tokens per row)
+
+    def hidden_states(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
+        self.passes.append(tuple(idx.shape))
+        return super().hidden_states(idx, cache)
+
+
+def test_a_request_joins_the_running_batch_at_the_next_step_and_leaves_when_done() -> None:
+    model = CountingModel(tiny_model(block_size=64))
+    engine = Engine(model, CHARS, max_batch=4)
+    first = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=12, **GREEDY))
+    for _ in range(4):
+        engine.step()
+    second = engine.submit([4, 5], SamplingParams(max_new_tokens=3, temperature=1.0, seed=9, stop_at_eos=False))
+    model.passes.clear()
+    engine.step()  # the first row decodes one token while the second reads its prompt
+    assert model.passes == [(1, 1), (1, 2)] and len(second.token_ids) == 1
+    engine.step()
+    assert model.passes[2:] == [(2, 1)]  # from then on both advance in one pass
+    engine.step()
+    assert second.done and engine.rows == [first]  # a finished row leaves at once
+    engine.run()
+    assert first.token_ids == alone(model, [1, 2, 3], first.params).token_ids
+    assert second.token_ids == alone(model, [4, 5], second.params).token_ids
+    assert engine.cache.nbytes() == 0  # an idle engine holds no cache
+
+
+def test_a_cancelled_row_leaves_before_the_next_pass_and_the_others_are_unchanged() -> None:
+    model = CountingModel(tiny_model(block_size=64))
+    engine = Engine(model, CHARS, max_batch=3)
+    params = SamplingParams(max_new_tokens=20, temperature=1.0, seed=4, stop_at_eos=False)
+    rows = [engine.submit(p, params) for p in prompts_of([3, 5, 2])]
+    engine.step()
+    engine.step()
+    engine.cancel(rows[0])
+    model.passes.clear()
+    engine.step()
+    assert model.passes == [(2, 1)] and engine.rows == [rows[2], rows[1]]  # the last row took slot 0
+    engine.run()
+    assert rows[0].finish_reason is None and len(rows[0].token_ids) == 2
+    for row, prompt in zip(rows[1:], prompts_of([3, 5, 2])[1:]):
+        assert row.token_ids == alone(model, prompt, params).token_ids
+
+
+def test_the_cache_budget_bounds_the_batch_and_waiting_rows_join_first_come_first_served() -> None:
+    model = tiny_model(block_size=32)
+    per_row = 2 * model.config.n_layer * model.config.n_embd * 4 * 16  # 16 positions of one row
+    engine = Engine(model, CHARS, max_batch=8, kv_cache_bytes=2 * per_row)
+    params = SamplingParams(max_new_tokens=13, **GREEDY)  # 3 + 13 - 1 = 15 positions each
+    prompts = prompts_of([3, 3, 3, 3, 3])
+    rows = [engine.submit(p, params) for p in prompts]
+    running = []
+    while engine.busy:
+        engine.step()
+        running.append([rows.index(r) for r in engine.rows])
+    assert max(map(len, running)) == 2
+    finished_order = sorted(range(5), key=lambda i: next(s for s, now in enumerate(running) if i not in now
+                                                          and any(i in r for r in running[:s])))
+    assert finished_order == [0, 1, 2, 3, 4]
+    assert [r.token_ids for r in rows] == [alone(model, p, params).token_ids for p in prompts]
+    with pytest.raises(ValueError, match="KV cache"):  # 20 + 20 - 1 positions, over a budget of 16
+        Engine(model, CHARS, kv_cache_bytes=per_row).submit([1] * 20, SamplingParams(max_new_tokens=20))
+
+
+def test_a_failing_row_fails_alone() -> None:
+    class Broken(CharTokenizer):
+        def decode_bytes(self, ids):
+            if 13 in ids:
+                raise RuntimeError("undecodable")
+            return super().decode_bytes(ids)
+
+    model = tiny_model(block_size=32)
+    engine = Engine(model, Broken(CHARS.chars), max_batch=2)
+    bad = engine.submit([1], SamplingParams(max_new_tokens=5, logit_bias={13: 100}, **GREEDY))
+    good = engine.submit([2], SamplingParams(max_new_tokens=5, **GREEDY))
+    engine.run()
+    assert isinstance(bad.error, RuntimeError) and bad.finish_reason is None
+    assert good.error is None and good.token_ids == alone(model, [2], good.params).token_ids
 
 
 def test_rows_that_stop_early_leave_the_batch_without_changing_the_others() -> None:
@@ -166,32 +320,39 @@ def test_greedy_follows_the_argmax_of_the_model() -> None:
 
 def test_temperature_scales_the_distribution() -> None:
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
-    draws = generate_from_logits(logits, SamplingParams(temperature=0.5), n=20_000)
+    draws = sampled_frequencies(logits, SamplingParams(temperature=0.5), n=20_000)
     expected = torch.softmax(logits[0] / 0.5, -1)
     torch.testing.assert_close(draws, expected, rtol=0, atol=0.015)
 
 
 def test_top_k_keeps_the_k_most_likely_tokens() -> None:
     logits = torch.tensor([[0.5, 3.0, 1.0, 2.0, -1.0]])
-    kept = filter_logits(logits, top_k=2, top_p=None).isfinite()[0].tolist()
-    assert kept == [False, True, False, True, False]
-    draws = generate_from_logits(logits, SamplingParams(temperature=1.0, top_k=2), n=4000)
+    draws = sampled_frequencies(logits, SamplingParams(temperature=1.0, top_k=2), n=4000)
     assert set(draws.nonzero().flatten().tolist()) == {1, 3}
+    expected = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0]) * math.e / (math.e + 1) + torch.tensor([0, 0, 0, 1.0, 0]) / (math.e + 1)
+    torch.testing.assert_close(draws, expected, rtol=0, atol=0.03)
 
 
-def test_top_p_keeps_the_smallest_nucleus_reaching_p() -> None:
-    probs = torch.tensor([[0.05, 0.5, 0.3, 0.15]])
-    logits = probs.log()
-    assert filter_logits(logits, None, 0.5).isfinite()[0].tolist() == [False, True, False, False]
-    assert filter_logits(logits, None, 0.8).isfinite()[0].tolist() == [False, True, True, False]
-    assert filter_logits(logits, None, 0.81).isfinite()[0].tolist() == [False, True, True, True]
-    assert filter_logits(logits, None, 1.0).isfinite().all()
+@pytest.mark.parametrize("top_p, support", [(0.5, {1}), (0.8, {1, 2}), (0.81, {1, 2, 3}), (1.0, {0, 1, 2, 3})])
+def test_top_p_keeps_the_smallest_nucleus_reaching_p(top_p: float, support: set) -> None:
+    logits = torch.tensor([[0.05, 0.5, 0.3, 0.15]]).log()
+    draws = sampled_frequencies(logits, SamplingParams(temperature=1.0, top_p=top_p), n=4000)
+    assert set(draws.nonzero().flatten().tolist()) == support
 
 
-def test_repetition_penalty_lowers_seen_tokens_whatever_their_sign() -> None:
-    logits = torch.tensor([[2.0, -2.0, 2.0, -2.0]])
-    seen = torch.tensor([[True, True, False, False]])
-    assert penalize_repetition(logits, seen, 2.0).tolist() == [[1.0, -4.0, 2.0, -2.0]]
+def test_penalties_and_biases_change_the_logits_as_documented() -> None:
+    logits = torch.tensor([[2.0, -2.0, 2.0, -2.0, 1.0]])
+    # CTRL: a seen token (prompt 0, 1) is divided by the penalty if positive, multiplied if negative
+    assert processed(logits, SamplingParams(repetition_penalty=2.0), prompt=[0, 1]).tolist() == [
+        [1.0, -4.0, 2.0, -2.0, 1.0]]
+    # OpenAI: minus presence once per generated token, minus frequency per time (the prompt does not count)
+    assert processed(logits, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), prompt=[4],
+                     generated=[2, 2, 3]).tolist() == [[2.0, -2.0, 1.0, -2.75, 1.0]]
+    assert processed(logits, SamplingParams(logit_bias={1: 3.0, 4: -100})).tolist() == [[2.0, 1.0, 2.0, -2.0, -99.0]]
+    # min_tokens: the stop ids (here 0) cannot come yet
+    assert processed(logits, SamplingParams(min_tokens=2), generated=[3]).tolist() == [
+        [-math.inf, -2.0, 2.0, -2.0, 1.0]]
+    assert processed(logits, SamplingParams(min_tokens=2), generated=[3, 3]).tolist() == logits.tolist()
 
 
 def test_a_strong_repetition_penalty_stops_greedy_loops() -> None:
@@ -289,6 +450,8 @@ def test_text_that_may_begin_a_stop_string_is_held_back_until_it_cannot() -> Non
 @pytest.mark.parametrize("field, value", [
     ("temperature", -0.1), ("temperature", math.nan), ("top_p", 0.0), ("top_p", 1.5), ("top_k", 0),
     ("max_new_tokens", -1), ("repetition_penalty", 0.0), ("seed", -1), ("stop", "abc"), ("stop", ("",)),
+    ("presence_penalty", 2.5), ("frequency_penalty", -3), ("logit_bias", {1: 101}), ("logit_bias", {-1: 1}),
+    ("stop_token_ids", (-2,)), ("min_tokens", 200), ("logprobs", 21), ("prompt_logprobs", -1),
 ])
 def test_invalid_values_raise_a_clear_value_error(field: str, value: object) -> None:
     params = SamplingParams(**{field: value})
@@ -304,6 +467,8 @@ def test_invalid_prompts_raise_a_value_error() -> None:
     for prompts in ([], [[]], [[1, 50]], [[-1]]):
         with pytest.raises(ValueError, match="prompt"):
             complete(tiny_model(), CHARS, prompts, SamplingParams())
+    with pytest.raises(ValueError, match="stop_token_ids names token 50"):
+        complete(tiny_model(), CHARS, [[1]], SamplingParams(stop_token_ids=(50,)))
 
 
 # --- streaming -----------------------------------------------------------------------------------
@@ -318,7 +483,7 @@ class Scripted(GPT):
         self.calls = 0
         self.lm_head = torch.nn.Identity()  # hidden_states already yields the logits
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
         """The script's next token, as a one-hot vector that `lm_head` below passes through."""
         if cache is not None:
             cache.positions(idx.size(1))
@@ -364,10 +529,77 @@ def test_stream_pieces_add_up_to_the_completion_and_close_stops_early() -> None:
 
 def test_bfloat16_generation_runs_with_a_bfloat16_cache() -> None:
     model = tiny_model().to(torch.bfloat16)
-    decoder = _Decoder(model, [[1, 2, 3]], 5, use_cache=True)
-    assert decoder.cache.keys.dtype == torch.bfloat16
-    out = complete(model, CHARS, [[1, 2, 3]], SamplingParams(max_new_tokens=5, seed=0))[0]
-    assert len(out.token_ids) == 5
+    engine = Engine(model, CHARS)
+    row = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=5, seed=0))
+    engine.step()
+    assert engine.cache.kv.dtype == torch.bfloat16
+    engine.run()
+    assert len(row.token_ids) == 5
+
+
+# --- log-probabilities ---------------------------------------------------------------------------
+
+
+def test_logprobs_are_the_models_log_softmax_for_the_prompt_and_the_output() -> None:
+    model = tiny_model(block_size=32)
+    prompt = prompts_of([6])[0]
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, top_k=10, seed=2, logprobs=3, prompt_logprobs=2,
+                            stop_at_eos=False)
+    out = complete(model, CHARS, [prompt], params)[0]
+    seq = torch.tensor([prompt + out.token_ids])
+    logp = model(seq).logits[0].log_softmax(-1)  # (T, V): position t predicts token t + 1
+    assert [e.token for e in out.prompt_logprobs] == prompt and out.prompt_logprobs[0].logprob is None
+    for t, entry in enumerate(out.prompt_logprobs[1:], start=1):
+        assert entry.logprob == pytest.approx(logp[t - 1, prompt[t]].item(), abs=1e-5)
+        assert list(entry.top)[:2] == logp[t - 1].topk(2).indices.tolist()
+    for j, entry in enumerate(out.logprobs):  # the model's own distribution, before temperature and top-k
+        t = len(prompt) + j - 1
+        assert entry.token == out.token_ids[j]
+        assert entry.logprob == pytest.approx(logp[t, entry.token].item(), abs=1e-5)
+        top = logp[t].topk(3)
+        assert {i: round(v, 5) for i, v in entry.top.items() if i in top.indices.tolist()} == {
+            i: round(v, 5) for i, v in zip(top.indices.tolist(), top.values.tolist())}
+        assert entry.token in entry.top  # the chosen token is always among the alternatives
+
+
+def test_prompt_logprobs_with_no_new_tokens() -> None:
+    model = tiny_model(block_size=32)
+    out = complete(model, CHARS, [[1, 2, 3]], SamplingParams(max_new_tokens=0, prompt_logprobs=0))[0]
+    assert out.token_ids == [] and out.finish_reason == "length" and len(out.prompt_logprobs) == 3
+    logp = model(torch.tensor([[1, 2, 3]])).logits[0].log_softmax(-1)
+    assert [e.logprob for e in out.prompt_logprobs[1:]] == pytest.approx([logp[0, 2].item(), logp[1, 3].item()], abs=1e-5)
+
+
+# --- stop ids, min_tokens, extreme values --------------------------------------------------------
+
+
+def test_stop_token_ids_end_the_text_and_min_tokens_holds_them_off() -> None:
+    model = tiny_model()
+    free = complete(model, CHARS, [[5]], SamplingParams(max_new_tokens=20, **GREEDY))[0].token_ids
+    stop = free[6]
+    first = free.index(stop)
+    out = complete(model, CHARS, [[5]], SamplingParams(max_new_tokens=20, stop_token_ids=(stop,), **GREEDY))[0]
+    assert out == Completion(CHARS.decode(free[:first]), free[:first + 1], "stop", 1)
+    held = complete(model, EosChars(stop), [[5]], SamplingParams(max_new_tokens=20, temperature=0.0,
+                                                                 min_tokens=first + 2))[0]
+    assert len(held.token_ids) >= first + 2 and stop not in held.token_ids[:first + 1]
+
+
+@pytest.mark.parametrize("extreme", [
+    dict(temperature=1e-45), dict(temperature=5e-324), dict(top_p=1e-45), dict(top_p=5e-324),
+    dict(repetition_penalty=1e-45), dict(repetition_penalty=5e-324), dict(repetition_penalty=1e300),
+    dict(temperature=1e300),
+])
+def test_extreme_values_in_range_sample_valid_tokens(extreme: dict) -> None:
+    model = tiny_model(block_size=32)
+    params = SamplingParams(max_new_tokens=20, temperature=extreme.pop("temperature", 1.0), seed=0,
+                            stop_at_eos=False, **extreme)
+    params.validate()
+    out = complete(model, CHARS, [[1, 2, 3]], params)[0]
+    assert len(out.token_ids) == 20 and all(0 <= t < 50 for t in out.token_ids)
+    if params.temperature < 1e-30 or (params.top_p or 1) < 1e-30:  # the limit is greedy
+        assert out.token_ids == complete(model, CHARS, [[1, 2, 3]], SamplingParams(max_new_tokens=20, **GREEDY)
+                                         )[0].token_ids
 
 
 # --- the command line ----------------------------------------------------------------------------
@@ -413,3 +645,11 @@ def test_gptlab_sample_options(tiny_run, capsys: pytest.CaptureFixture) -> None:
     assert main(["sample", str(tiny_run), "--temperature", "-1"]) == 2
     err = capsys.readouterr().err
     assert "gptlab sample: error: temperature" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("option, value", [("--temperature", "1e-45"), ("--temperature", "5e-324"),
+                                           ("--top-p", "5e-324"), ("--repetition-penalty", "5e-324")])
+def test_gptlab_sample_takes_extreme_values(tiny_run, capsys: pytest.CaptureFixture, option: str, value: str) -> None:
+    assert main(["sample", str(tiny_run), "--max-new-tokens", "10", "--seed", "0", option, value]) == 0
+    out = capsys.readouterr()
+    assert len(out.out) == 10 + 1 and "Traceback" not in out.err

@@ -15,7 +15,7 @@ import pytest
 
 from gptlab.checkpoint import load_model
 from gptlab.config import ServerLimits
-from gptlab.generation import SamplingParams, complete
+from gptlab.inference import SamplingParams, complete
 from gptlab.serve import create_app, running_server
 from gptlab.tokenizers import load_tokenizer
 
@@ -83,11 +83,11 @@ def test_playground_streams_the_text_and_stops(browser, served) -> None:
     assert _text(page, "#out-prompt") == prompt
 
     # Stop: the browser aborts the request, and the server stops generating
-    before = httpx.get(url + "/health").json()["stats"]["cancelled_streams"]
+    before = httpx.get(url + "/health").json()["stats"]["cancelled"]
     page.click("#stop")
     page.wait_for_function("document.getElementById('status').textContent.startsWith('stopped')")
     page.wait_for_function(
-        f"fetch('/health').then(r => r.json()).then(h => h.stats.cancelled_streams > {before})",
+        f"fetch('/health').then(r => r.json()).then(h => h.stats.cancelled > {before})",
         timeout=60_000, polling=100,
     )
     assert page.is_enabled("#generate") and not page.is_enabled("#stop")

@@ -6,7 +6,7 @@ import warnings
 from .checkpoint import load_model, load_pretrained, save_model
 from .config import GPTConfig, model_preset
 from .errors import GptlabError
-from .generation import Completion, SamplingParams, TextStream, complete, generate
+from .inference import Completion, SamplingParams, TextStream, complete, generate
 from .model import GPT, ModelOutput
 from .tokenizers import load_tokenizer
 from .train.config import TrainConfig

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from .config import GPTConfig
 from .errors import GptlabError
 from .fileio import atomic_write_json, atomic_write_via
+from .kernels import Int8Linear
 from .model import GPT
 from .tokenizers import GPT2_VOCAB_SIZE, TOKENIZER_FILE, GPT2Tokenizer, Tokenizer, load_tokenizer
 
@@ -381,6 +382,9 @@ def save_model(model: GPT, directory: str | Path, *, require_hf: bool = False) -
     and `transformers` refuses, rather than a GPT-2 config that would load the weights wrongly; with
     `require_hf` (an export) it is refused before anything is written.
     """
+    if any(isinstance(module, Int8Linear) for module in model.modules()):
+        raise GptlabError("cannot save an int8-quantized model (quantization is for inference); save the float "
+                          "model it was made from")
     problems = unsupported_by_hf(model.config)
     if problems and require_hf:
         raise GptlabError(

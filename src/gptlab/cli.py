@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import ServerLimits
+from .data import DEFAULT_SHARD_TOKENS
 from .train.config import FIELD_CHOICES, TRAIN_PRESETS, TrainConfig
 from .errors import GptlabError
 from .fileio import describe_os_error
@@ -18,22 +19,50 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("prepare", help="tokenize a text corpus into train.bin / val.bin",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="text files, directories or glob patterns")
+    p = sub.add_parser(
+        "prepare", help="tokenize a corpus into token shards for training",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Tokenize a corpus, streamed through every core, into a data directory: token shards per "
+                    "split, meta.json and the tokenizer. A file's format comes from its suffix: .jsonl/.json, "
+                    ".csv, .tsv, .parquet (one document per record) or anything else as plain text (one document "
+                    "per file); .gz, .zst, .xz and .bz2 are decompressed. Validation is a set of whole documents, "
+                    "or the last fraction of tokens of a single-document corpus.",
+    )
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="files, directories or glob patterns")
+    p.add_argument("--hf-dataset", metavar="NAME", help="a Hugging Face dataset: a save_to_disk directory, a "
+                   "directory of data files or a Hub name (needs pip install 'gptlab[datasets]')")
+    p.add_argument("--hf-config", metavar="C", help="the dataset's configuration (subset)")
+    p.add_argument("--split", default="train", help="the Hugging Face dataset's split to read")
+    p.add_argument("--text-field", default="text", help="the field or column holding the text in records")
     p.add_argument("--tokenizer", choices=["char", "gpt2"], default="char", help="character-level or GPT-2 BPE")
-    p.add_argument("--out", required=True, help="the data directory to write")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="the last fraction of tokens kept for validation")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing data directory")
+    p.add_argument("--out", required=True, help="the data directory to write (new, empty, or a dataset to "
+                   "replace with --overwrite)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="the share of tokens kept for validation")
+    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard file")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: every core)")
+    p.add_argument("--skip-binary", action="store_true",
+                   help="skip plain-text inputs that are not UTF-8 text (NUL bytes, invalid bytes) and count them")
+    p.add_argument("--overwrite", action="store_true", help="replace the gptlab dataset in --out (only that)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_run_prepare)
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
     from .data import prepare
 
-    meta = prepare(args.inputs, args.tokenizer, args.out, val_fraction=args.val_fraction, overwrite=args.overwrite)
+    if not args.inputs and not args.hf_dataset:
+        raise GptlabError("give input files, directories or patterns, or --hf-dataset NAME")
+    meta = prepare(args.inputs, args.tokenizer, args.out, val_fraction=args.val_fraction, overwrite=args.overwrite,
+                   text_field=args.text_field, hf_dataset=args.hf_dataset, hf_config=args.hf_config,
+                   hf_split=args.split, skip_binary=args.skip_binary, shard_tokens=args.shard_tokens,
+                   workers=args.workers, show_progress=False if args.no_progress else None)
+    documents = meta["documents"]
+    val = ("the last part of its one document" if meta["val_split"] == "tail"
+           else f"{documents['val']:,} of {sum(documents.values()):,} documents")
     print(f"wrote {args.out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} validation tokens "
-          f"({meta['tokenizer']} tokenizer, vocabulary {meta['vocab_size']:,})")
+          f"(validation: {val}; {meta['tokenizer']} tokenizer, vocabulary {meta['vocab_size']:,})")
+    if meta["skipped"]:
+        print(f"skipped {len(meta['skipped']):,} files that are not text, e.g. {meta['skipped'][0]}")
     return 0
 
 
@@ -155,7 +184,15 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="weights and KV cache precision; bfloat16 halves memory, its speed depends on the CPU")
+    _add_quantize(p)
     p.set_defaults(handler=_run_sample)
+
+
+def _add_quantize(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8: weights in int8 with a scale per output channel, activations in float "
+                        "(a quarter of float32's memory; faster decoding where torch's int8 kernel is); "
+                        "the model's files are not changed")
 
 
 def _run_sample(args: argparse.Namespace) -> int:
@@ -163,19 +200,20 @@ def _run_sample(args: argparse.Namespace) -> int:
         raise GptlabError("--num-samples must be at least 1")
     _print_stream(Path(args.model), args.prompt, args.max_new_tokens, args.temperature, args.top_k,
                   args.top_p, args.seed, args.device, repetition_penalty=args.repetition_penalty,
-                  stop=tuple(args.stop), dtype=args.dtype, num_samples=args.num_samples)
+                  stop=tuple(args.stop), dtype=args.dtype, num_samples=args.num_samples, quantize=args.quantize)
     return 0
 
 
 def _print_stream(model_dir: Path, prompt: str, max_new_tokens: int, temperature: float,
                   top_k: int | None, top_p: float | None, seed: int | None, device: str, *,
                   repetition_penalty: float = 1.0, stop: tuple[str, ...] = (), dtype: str = "float32",
-                  num_samples: int = 1) -> None:
+                  num_samples: int = 1, quantize: str | None = None) -> None:
     """Write the prompt, then each sample's text as it is generated; sample i uses seed + i."""
     import torch
 
     from .checkpoint import load_pretrained
-    from .generation import SamplingParams, TextStream
+    from .inference import SamplingParams, TextStream
+    from .kernels import quantize_int8
     from .tokenizers import document_start_ids
     from .train import resolve_device
 
@@ -187,6 +225,8 @@ def _print_stream(model_dir: Path, prompt: str, max_new_tokens: int, temperature
         raise GptlabError(str(exc)) from None
     model, tokenizer = load_pretrained(model_dir, resolve_device(device))
     model = model.to(dtype=getattr(torch, dtype))
+    if quantize == "int8":
+        quantize_int8(model)
     ids = tokenizer.encode(prompt) if prompt else document_start_ids(tokenizer)
     for i in range(num_samples):
         if i:
@@ -204,13 +244,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API, with a playground at /",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Serve a run or a Hugging Face GPT-2 directory: POST /v1/completions (streaming too), "
-                    "GET /v1/models, GET /health, POST /tokenize, API docs at /docs, a playground at /.",
+        description="Serve a run or a Hugging Face GPT-2 directory: POST /v1/completions (streaming, logprobs, "
+                    "echo), GET /v1/models, GET /health, GET /metrics (Prometheus), POST /tokenize and "
+                    "/detokenize, API docs at /docs, a playground at /. One engine advances every request "
+                    "together (continuous batching).",
     )
     p.add_argument("model", metavar="MODEL", help="a run directory or a Hugging Face GPT-2 directory")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind; anything but loopback lets other machines use the model (no auth)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--port", type=int, default=8000, help="TCP port, 1-65535")
     p.add_argument("--model-name", default=None, help="the model id clients send; None: the MODEL directory's name")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--max-tokens-limit", type=int, default=limits.max_tokens,
@@ -220,7 +262,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-choices", type=int, default=limits.max_choices,
                    help="the most choices (prompts x n) one request may ask for")
     p.add_argument("--max-batch", type=int, default=limits.max_batch,
-                   help="rows per batched generation across waiting requests; 1 turns batching off")
+                   help="sequences advanced together in one step; 1 runs them one at a time")
+    p.add_argument("--max-queue", type=int, default=limits.max_queue,
+                   help="sequences that may wait for a place in the batch; beyond, requests get 429")
+    p.add_argument("--kv-cache-mb", type=int, default=limits.kv_cache_mb,
+                   help="MiB the KV cache may hold (sequences wait while the running ones fill it)")
+    _add_quantize(p)
     p.set_defaults(handler=_run_serve)
 
 
@@ -228,16 +275,19 @@ def _run_serve(args: argparse.Namespace) -> int:
     from .serve import is_loopback, serve
     from .train import resolve_device
 
-    for name in ("port", "max_tokens_limit", "max_body_bytes", "max_choices", "max_batch"):
+    if not 1 <= args.port <= 65535:
+        raise GptlabError(f"--port must be in 1-65535, got {args.port}")
+    for name in ("max_tokens_limit", "max_body_bytes", "max_choices", "max_batch", "max_queue", "kv_cache_mb"):
         if getattr(args, name) < 1:
             raise GptlabError(f"--{name.replace('_', '-')} must be at least 1")
     if not is_loopback(args.host):
         print(f"gptlab serve: warning: binding to {args.host}: anyone who can reach this address can use "
               f"the model, without authentication", file=sys.stderr)
     limits = ServerLimits(max_tokens=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
-                          max_choices=args.max_choices, max_batch=args.max_batch)
+                          max_choices=args.max_choices, max_batch=args.max_batch, max_queue=args.max_queue,
+                          kv_cache_mb=args.kv_cache_mb)
     serve(args.model, host=args.host, port=args.port, device=resolve_device(args.device),
-          model_id=args.model_name, limits=limits)
+          model_id=args.model_name, limits=limits, quantize=args.quantize)
     return 0
 
 
@@ -265,24 +315,35 @@ def _run_export(args: argparse.Namespace) -> int:
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "eval", help="loss, perplexity and bits per token/char/byte of a model on a whole split or text",
+        "eval", help="perplexity on a whole split or text, or lm-evaluation-harness tasks (--tasks)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Score every token of a data split (or a text file) once, reading texts longer than the "
-                    "context through a sliding window. With --baselines, Kneser-Ney n-grams fitted on the "
-                    "data's train split are scored on the same tokens.",
+        description="With --data or --text: score every token of a data split (or a text file) once, reading "
+                    "texts longer than the context through a sliding window; with --baselines, Kneser-Ney "
+                    "n-grams fitted on the data's train split are scored on the same tokens. With --tasks: run "
+                    "lm-evaluation-harness tasks (e.g. hellaswag,lambada_openai,wikitext) on the model through "
+                    "lm-eval's API, print lm-eval's table and write its results to RUN/lm_eval/ (needs the "
+                    "eval extra: pip install 'gptlab[eval]').",
     )
     p.add_argument("model", metavar="MODEL", help="a run directory or a Hugging Face GPT-2 directory")
-    source = p.add_mutually_exclusive_group(required=True)
+    source = p.add_mutually_exclusive_group()
     source.add_argument("--data", metavar="DATA_DIR", help="a prepared data directory (gptlab prepare)")
     source.add_argument("--text", metavar="FILE", help="a UTF-8 text file, tokenized with the model's tokenizer")
+    source.add_argument("--tasks", metavar="TASK,...", help="lm-eval task names, comma-separated")
     p.add_argument("--split", choices=["val", "train"], default="val", help="the split of --data to score")
     p.add_argument("--stride", type=int, default=None,
                    help="new tokens scored per window; every token then sees at least context-stride+1 "
                         "tokens of context (None: half the context)")
     p.add_argument("--context", type=int, default=None, help="window length (None: the model's context)")
-    p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (None: automatic)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="windows per forward pass, or lm-eval requests per batch (None: automatic, 16 for tasks)")
     p.add_argument("--baselines", action="store_true", help="also score unigram, bigram and the best n-gram")
     p.add_argument("--max-order", type=int, default=6, help="the highest n-gram order tried by --baselines")
+    p.add_argument("--num-fewshot", type=int, default=None, help="--tasks: examples in each prompt (None: the task's)")
+    p.add_argument("--limit", type=float, default=None,
+                   help="--tasks: at most this many documents per task (below 1: a fraction of them)")
+    p.add_argument("--include-path", metavar="DIR", default=None, help="--tasks: a directory of extra task YAML files")
+    p.add_argument("--output", metavar="FILE.json", default=None,
+                   help="--tasks: where to write lm-eval's results (None: MODEL/lm_eval/TIME-TASKS.json)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=_run_eval)
@@ -297,6 +358,10 @@ def _run_eval(args: argparse.Namespace) -> int:
     for name in ("stride", "context", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise GptlabError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.tasks is not None:
+        return _run_eval_tasks(args, resolve_device(args.device))
+    if args.data is None and args.text is None:
+        raise GptlabError("give one of --data DATA_DIR, --text FILE or --tasks TASK,...")
     result = evaluate_model(
         args.model, data=args.data, split=args.split, text=args.text, stride=args.stride, context=args.context,
         batch_size=args.batch_size, device=resolve_device(args.device),
@@ -308,6 +373,28 @@ def _run_eval(args: argparse.Namespace) -> int:
     print(f"{args.model} on {result.source}: {result.model.tokens:,} tokens scored, "
           f"context {result.context}, stride {result.stride}\n")
     print(markdown_table(result.rows(str(args.model))))
+    return 0
+
+
+def _run_eval_tasks(args: argparse.Namespace, device) -> int:
+    import json
+
+    from .evaluate.tasks import parse_tasks, results_path, run_tasks
+
+    for flag in ("baselines", "stride", "context"):
+        if getattr(args, flag) not in (None, False):
+            raise GptlabError(f"--{flag} scores a whole split (--data/--text), not lm-eval tasks")
+    tasks = parse_tasks(args.tasks)
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    results = run_tasks(tasks, model_path=args.model, num_fewshot=args.num_fewshot, limit=limit,
+                        batch_size=args.batch_size, device=device, include_path=args.include_path)
+    path = results.write(Path(args.output) if args.output else results_path(args.model, tasks))
+    if args.json:
+        print(json.dumps({"model_path": str(args.model), "results_file": str(path), "results": results.raw["results"]},
+                         indent=2, default=str))
+        return 0
+    print(results.table())
+    print(f"results: {path}")
     return 0
 
 

@@ -78,13 +78,15 @@ def model_preset(name: str, **overrides: Any) -> GPTConfig:
 
 @dataclass(frozen=True)
 class ServerLimits:
-    """What one request to `gptlab serve` may ask for; each field is a `gptlab serve` option.
+    """What `gptlab serve` accepts and holds; each field is a `gptlab serve` option.
 
-    Kept here, not in server.py, so the command line can show the defaults without importing the
+    Kept here, not in serve/, so the command line can show the defaults without importing the
     web stack.
     """
 
     max_tokens: int = 256  # the largest max_tokens a request may ask for
     max_body_bytes: int = 1 << 20  # larger request bodies are refused with 413 before they are parsed
     max_choices: int = 16  # prompts x n in one request
-    max_batch: int = 16  # rows of one batched generation; 1 turns cross-request batching off
+    max_batch: int = 16  # sequences the engine advances together in one step
+    max_queue: int = 64  # sequences waiting for a place in the batch; more are refused with 429
+    kv_cache_mb: int = 1024  # the KV cache's budget; sequences wait while the running ones fill it

@@ -22,7 +22,7 @@ fast somewhere else: a row-block product that doubles one CPU's decoding speed h
 Choices are kept for the process and, so that every process on the machine computes the same way (a
 resumed run repeats the bits of an uninterrupted one), in a JSON file per machine under
 ~/.cache/gptlab (`GPTLAB_KERNEL_CACHE` names another file; "off" keeps choices in memory only).
-Measuring never moves torch's random number generators. `force(attention=..., linear=..., gelu=...)`
+Measuring never moves torch's random number generators. `force(attention=..., linear=..., gelu=..., int8=...)`
 pins a choice, for tests and for tools (such as FLOP counters) that must see the products.
 """
 
@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from .fileio import atomic_write_json
 
 ROUNDS = 5  # timed rounds per candidate, after one warm-up call; each candidate's fastest counts
+MAX_ROUNDS = 40  # on a busy machine, rounds go on until each candidate's best is seen twice (fastest)
 DECODE_ROWS = 16  # products of at most this many rows choose among the linear candidates
 TEXTBOOK_SCORES = 2**24  # the textbook attention is a candidate while B * nh * T * S is at most this
 
@@ -64,34 +65,44 @@ def fastest(
 
     A key met before, in this process or (through the disk cache) another, is answered at once.
     Otherwise `build()` makes the candidates, one call each; each runs once to warm up (first calls
-    allocate, pack weights, fill caches), then `rounds` times, the order reversing every round so that
-    none always runs first. Other work on the machine only adds time, so each candidate's fastest
-    round is its figure, and the fastest figure wins.
+    allocate, pack weights, fill caches), then `rounds` times or more, the order reversing every round
+    so that none always runs first. Other work on the machine only adds time, so each candidate's
+    fastest round is its figure, and the fastest figure wins; the rounds go on (up to MAX_ROUNDS)
+    while some candidate's two fastest rounds differ by more than 10%, i.e. while the machine's other
+    work may still hide a candidate's speed.
     """
     chosen = _chosen.get(key)
     if chosen is not None:
         return chosen
     with _disk_cache() as on_disk:
-        chosen = on_disk.get(str(key))
+        entry = on_disk.get(str(key))
+        chosen = entry.get("choice") if isinstance(entry, dict) else None
         if chosen not in names:
             with torch.random.fork_rng(devices=_cuda_devices()):  # dropout in a candidate draws numbers
-                chosen = _time_candidates(build(), rounds, clock)
-            on_disk[str(key)] = chosen
+                seconds = _time_candidates(build(), rounds, clock)
+            chosen = min(seconds, key=seconds.__getitem__)
+            on_disk[str(key)] = {"choice": chosen, "seconds": seconds}
     _chosen[key] = chosen
     return chosen
 
 
-def _time_candidates(candidates: Mapping[str, Callable[[], object]], rounds: int, clock: Callable[[], float]) -> str:
+def _time_candidates(
+    candidates: Mapping[str, Callable[[], object]], rounds: int, clock: Callable[[], float]
+) -> dict[str, float]:
+    """Each candidate's fastest round, in seconds."""
     names = list(candidates)
     for run in candidates.values():
         run()
-    best = dict.fromkeys(names, math.inf)
-    for r in range(rounds):
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(MAX_ROUNDS):
         for name in names if r % 2 == 0 else names[::-1]:
             start = clock()
             candidates[name]()
-            best[name] = min(best[name], clock() - start)
-    return min(names, key=best.__getitem__)
+            times[name].append(clock() - start)
+        two_best = [sorted(t)[:2] for t in times.values()]
+        if r + 1 >= rounds and all(b <= 1.1 * a for a, b in two_best):
+            break
+    return {name: min(t) for name, t in times.items()}
 
 
 @contextlib.contextmanager
@@ -160,7 +171,7 @@ def _machine_fingerprint() -> str:
 
 
 @contextlib.contextmanager
-def _disk_cache() -> Iterator[dict[str, str]]:
+def _disk_cache() -> Iterator[dict[str, dict]]:
     """The choices on disk, under an exclusive lock, written back if the block added any.
 
     The lock makes a second process wait for the first one's measurement and then take it (DDP's
@@ -169,7 +180,7 @@ def _disk_cache() -> Iterator[dict[str, str]]:
     """
     path = cache_path()
     lock = None
-    choices: dict[str, str] = {}
+    choices: dict[str, dict] = {}
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -178,7 +189,7 @@ def _disk_cache() -> Iterator[dict[str, str]]:
             if path.is_file():
                 loaded = json.loads(path.read_text())
                 if isinstance(loaded, dict):
-                    choices = {str(k): str(v) for k, v in loaded.items()}
+                    choices = {str(k): v for k, v in loaded.items()}
         except (OSError, ValueError):
             pass
     before = dict(choices)
@@ -445,4 +456,139 @@ _GELU_LINEAR = 2 * math.sqrt(2 / math.pi)
 _GELU_CUBIC = _GELU_LINEAR * 0.044715
 GELU_FORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"tanh": tanh_gelu, "sigmoid": sigmoid_form_gelu}
 
-CANDIDATES = {"linear": tuple(LINEAR_PRODUCTS), "attention": tuple(ATTENTION_PATHS), "gelu": tuple(GELU_FORMS)}
+
+
+# --- int8 weights ------------------------------------------------------------------------------
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Weight-only int8, in place: every linear layer's weight becomes int8 with one float scale per
+    output channel (its largest magnitude / 127), the activations stay in float. Returns `model`.
+
+    Decoding reads every weight once per step, so a quarter of float32's bytes reads up to four times
+    faster where memory is the limit. An embedding whose matrix a linear layer shares (GPT-2's tied
+    token embedding and LM head) shares the int8 matrix too and looks up dequantized rows. Quantize a
+    model for inference, after moving it to its device and dtype; the files it was loaded from are not
+    touched, and `save_model` refuses a quantized model.
+    """
+    linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    by_weight = {}
+    for name, module in linears:
+        quantized = Int8Linear.from_linear(module)
+        by_weight[id(module.weight)] = quantized
+        _replace_module(model, name, quantized)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Embedding) and id(module.weight) in by_weight:
+            _replace_module(model, name, Int8Embedding(by_weight[id(module.weight)]))
+    return model
+
+
+def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float -> int8 values and (out,) float32 scales, weight ~= values * scales[:, None]."""
+    w = weight.detach().float()
+    scales = (w.abs().amax(dim=1) / 127).clamp_(min=torch.finfo(torch.float32).tiny)  # (out,)
+    values = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)  # (out, in)
+    return values, scales
+
+
+class Int8Linear(nn.Module):
+    """A linear layer whose weight is stored as int8 rows with float scales; it computes through
+    `int8_linear`. Inference only: it holds buffers, not parameters."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)  # (out, in) int8
+        self.register_buffer("scales", scales)  # (out,)
+        self.register_buffer("bias", bias)  # (out,) or None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        values, scales = quantize_rows(linear.weight)
+        dtype = linear.weight.dtype
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(values, scales.to(dtype), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.weight, self.scales, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int8Embedding(nn.Module):
+    """The rows of an `Int8Linear`'s weight, dequantized, looked up by token id (a tied embedding)."""
+
+    def __init__(self, shared: Int8Linear) -> None:
+        super().__init__()
+        self.shared = [shared]  # a plain list: the matrix belongs to the linear layer, not twice to the model
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        linear = self.shared[0]
+        return F.embedding(idx, linear.weight).to(linear.scales.dtype) * linear.scales[idx].unsqueeze(-1)
+
+
+def int8_linear(
+    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x @ (scales[:, None] * weight)^T + bias for an int8 `weight`, through the fastest available product."""
+    flat = x.reshape(-1, x.size(-1))  # (R, in)
+    products = int8_products(flat, weight)
+    if _forced.get("int8") in products:
+        path = _forced["int8"]
+    elif len(products) == 1 or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        path = "dequantized"
+    else:
+        rows = flat.size(0)
+        key = ("int8 linear", rows if rows <= DECODE_ROWS else _bucket(rows), *weight.shape, str(x.dtype),
+               str(weight.device), torch.get_num_threads())
+        path = fastest(key, tuple(products), lambda: {
+            name: _synchronized(lambda p=product: p(flat, weight, scales), x.device) for name, product in products.items()
+        })
+    y = products[path](flat, weight, scales)  # (R, out)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], weight.size(0))
+
+
+def int8_products(x: torch.Tensor, weight: torch.Tensor) -> dict[str, Callable[..., torch.Tensor]]:
+    """The ways to multiply (R, in) float rows by an int8 weight here.
+
+    torch's int8 weight-packed product (`aten._weight_int8pack_mm`) runs on CPUs; measured on an
+    AVX-512 CPU its bfloat16 and float16 paths are vectorised and its float32 path is several times
+    slower, so float32 rows may also go through it in bfloat16 (rounding the activations to bf16's 8
+    significant bits). Its reduced-precision paths need `in` to be a multiple of 16 (other widths
+    read out of bounds). Dequantizing into a float matrix and calling F.linear always works.
+    """
+    products: dict[str, Callable[..., torch.Tensor]] = {"dequantized": dequantized_product}
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return products
+    width_ok = x.size(-1) % 16 == 0
+    if x.dtype == torch.float32 or width_ok:
+        products["int8 kernel"] = packed_int8_product
+    if x.dtype == torch.float32 and width_ok:
+        products["int8 kernel, bf16 rows"] = packed_int8_product_in_bf16
+    return products
+
+
+def dequantized_product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, weight.to(x.dtype) * scales.to(x.dtype)[:, None])
+
+
+def packed_int8_product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._weight_int8pack_mm(x.contiguous(), weight, scales.to(x.dtype))
+
+
+def packed_int8_product_in_bf16(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return packed_int8_product(x.to(torch.bfloat16), weight, scales).to(x.dtype)
+
+
+CANDIDATES = {
+    "linear": tuple(LINEAR_PRODUCTS), "attention": tuple(ATTENTION_PATHS), "gelu": tuple(GELU_FORMS),
+    "int8": ("dequantized", "int8 kernel", "int8 kernel, bf16 rows"),
+}

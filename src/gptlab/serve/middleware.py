@@ -1,18 +1,20 @@
-"""ASGI middleware that runs before FastAPI parses a request: the body size limit."""
+"""ASGI middleware that reads a request's body before FastAPI parses it, and refuses the bodies it would
+not parse well: over the size limit (413), not UTF-8, or nested deeper than any request needs (400)."""
 
 from __future__ import annotations
+
+import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import error_response
 
+MAX_JSON_DEPTH = 32  # the deepest valid request nests 3 levels ({"prompt": [[ids]]})
 
-class BodyLimit:
-    """Refuse a request body over `max_bytes` with 413, by its Content-Length and by what arrives.
 
-    The body is read here, up to the limit, before FastAPI parses it: a chunked upload that never
-    declares its length is cut off at the limit too, and memory never holds more than that.
-    """
+class BodyChecks:
+    """The body is read here, up to `max_bytes`, by its Content-Length and by what arrives: a chunked
+    upload that never declares its length is cut off at the limit too, and memory never holds more."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -24,7 +26,7 @@ class BodyLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await self._refuse(scope, receive, send)
+            await self._too_large(scope, receive, send)
             return
         chunks: list[bytes] = []
         size = 0
@@ -35,12 +37,16 @@ class BodyLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await self._refuse(scope, receive, send)
+                await self._too_large(scope, receive, send)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        problem = unparseable(body)
+        if problem:
+            await error_response(400, problem, code="invalid_body")(scope, receive, send)
+            return
         replayed = False
 
         async def replay() -> Message:
@@ -52,6 +58,32 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         message = f"request body exceeds the limit of {self.max_bytes} bytes (--max-body-bytes)"
         await error_response(413, message, code="request_too_large")(scope, receive, send)
+
+
+def unparseable(body: bytes) -> str | None:
+    """Why the body cannot be read as a request, if it is not UTF-8 or nests too deep; None otherwise
+    (invalid JSON is left to FastAPI, which names the place)."""
+    if not body:
+        return None
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"the body is not UTF-8: byte 0x{body[exc.start]:02x} at position {exc.start}"
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        return f"the body nests deeper than {MAX_JSON_DEPTH} levels"
+    except ValueError:
+        return None
+    containers = [(value, 1)]  # (a dict or list, how deep it sits); scalars add no depth
+    while containers:
+        item, depth = containers.pop()
+        if not isinstance(item, (dict, list)):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            return f"the body nests deeper than {MAX_JSON_DEPTH} levels"
+        containers.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return None

@@ -29,13 +29,15 @@ class CompletionRequest(BaseModel):
 
     model_config = _STRICT
 
-    model: str = Field(description="the id listed by GET /v1/models")
+    model: str | None = Field(None, description="the id listed by GET /v1/models; null: the served model")
     prompt: PromptType = Field(
         description="the text to continue; a list of strings for several prompts; token ids "
                     "(a list of ints, or a list of such lists) are accepted too. An empty prompt "
-                    "starts a new document."
+                    "starts a new document. `<|endoftext|>` in a string is the end-of-text token (id 50256 "
+                    "for GPT-2), as in OpenAI's and Hugging Face's tokenizers."
     )
-    max_tokens: int | None = Field(16, description="tokens to generate per choice, at most the server's limit")
+    max_tokens: int | None = Field(16, description="tokens to generate per choice, at most the server's limit; "
+                                                   "0 with `echo` scores the prompt only")
     temperature: float | None = Field(1.0, description="softmax temperature, >= 0; 0 is greedy")
     top_p: float | None = Field(None, description="nucleus sampling mass, in (0, 1]")
     n: int | None = Field(1, description="choices per prompt, >= 1")
@@ -47,19 +49,45 @@ class CompletionRequest(BaseModel):
     )
     stream: bool | None = Field(False, description="send Server-Sent Events as tokens arrive")
     stream_options: StreamOptions | None = None
-    top_k: int | None = Field(None, description="gptlab: sample only among the k most likely tokens, >= 1")
-    repetition_penalty: float | None = Field(
-        None, description="gptlab: > 0; above 1 makes tokens already present less likely"
-    )
+    logprobs: int | None = Field(
+        None, description="per token: its log-probability under the model and the N most likely tokens "
+                          "(0 <= N <= 20), in `choices[].logprobs`")
+    echo: bool | None = Field(False, description="put the prompt before the completion (with `logprobs`: the "
+                                                 "prompt's tokens and their log-probabilities too)")
+    presence_penalty: float | None = Field(0.0, description="in [-2, 2]; subtracted once from the logit of "
+                                                            "every token generated so far")
+    frequency_penalty: float | None = Field(0.0, description="in [-2, 2]; subtracted from a token's logit once "
+                                                             "per time it was generated")
+    logit_bias: dict[str, float] | None = Field(
+        None, description="token id (as a string, as OpenAI's) -> a bias in [-100, 100] added to its logit")
     user: str | None = Field(None, description="accepted for compatibility, not used")
+    top_k: int | None = Field(None, description="vLLM/gptlab: sample only among the k most likely tokens, >= 1")
+    repetition_penalty: float | None = Field(
+        None, description="vLLM/gptlab: > 0; above 1 makes tokens already present (prompt and output) less likely"
+    )
+    min_tokens: int | None = Field(0, description="vLLM: end-of-text and `stop_token_ids` cannot end a choice "
+                                                  "before this many tokens (<= max_tokens)")
+    stop_token_ids: list[int] | None = Field(None, description="vLLM: more token ids that end a choice "
+                                                               "like end-of-text (left out of the text)")
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy logprobs object: one entry per token of the choice's text (prompt first with echo)."""
+
+    tokens: list[str] = Field(description="each token as text; one that is not whole UTF-8 as `bytes:\\xNN...`")
+    token_logprobs: list[float | None] = Field(description="log-probability under the model, before sampling "
+                                                           "controls; null for the prompt's first token")
+    top_logprobs: list[dict[str, float] | None] = Field(description="the N most likely tokens at each position, "
+                                                                    "and the chosen one")
+    text_offset: list[int] = Field(description="where each token's text starts in the choice's text")
 
 
 class CompletionChoice(BaseModel):
     text: str
     index: int
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = Field(
-        description="`stop`: a stop string or the end-of-text token; `length`: max_tokens reached. "
+        description="`stop`: a stop string, a stop token or the end-of-text token; `length`: max_tokens reached. "
                     "null in a streamed chunk that is not a choice's last."
     )
 
@@ -96,15 +124,17 @@ class ModelList(BaseModel):
 
 
 class ServerStats(BaseModel):
-    """Counters since start-up, for operators and for tests that check what the server did."""
+    """Counters since start-up (the same as /metrics), for operators and tests that check what the server did."""
 
     requests_in_flight: int = 0
     completions: int = Field(0, description="completion requests answered in full")
     failures: int = Field(0, description="completion requests that failed with a server error")
-    cancelled_streams: int = Field(0, description="streams stopped because the client went away")
-    completion_tokens: int = Field(0, description="tokens generated, counting cancelled streams")
-    batches: int = Field(0, description="batched generation calls made for non-streamed requests")
-    batched_rows: int = Field(0, description="prompt rows those calls generated for")
+    cancelled: int = Field(0, description="requests stopped because their client went away, streamed or not")
+    rejected: int = Field(0, description="requests refused with 429 because the queue was full")
+    completion_tokens: int = Field(0, description="tokens generated, counting cancelled requests")
+    steps: int = Field(0, description="batched forward steps of the engine")
+    running: int = Field(0, description="sequences in the batch now")
+    queued: int = Field(0, description="sequences waiting for a place in the batch now")
 
 
 class Health(BaseModel):
@@ -114,9 +144,14 @@ class Health(BaseModel):
 
 
 class TokenizeRequest(BaseModel):
+    """Ours: `{"text"}`; vLLM's: `{"prompt", "model"?, "add_special_tokens"?}`, answered in vLLM's shape."""
+
     model_config = _STRICT
 
-    text: str
+    text: str | None = None
+    prompt: str | None = Field(None, description="vLLM's name for `text`")
+    model: str | None = None
+    add_special_tokens: bool | None = Field(None, description="vLLM's; GPT-2 adds no special tokens either way")
 
 
 class TokenizeResponse(BaseModel):
@@ -125,14 +160,39 @@ class TokenizeResponse(BaseModel):
     count: int
 
 
+class VllmTokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
 class DetokenizeRequest(BaseModel):
+    """Ours: `{"ids"}`; vLLM's: `{"tokens", "model"?}`, answered `{"prompt"}` as vLLM does."""
+
     model_config = _STRICT
 
-    ids: list[int]
+    ids: list[int] | None = None
+    tokens: list[int] | None = Field(None, description="vLLM's name for `ids`")
+    model: str | None = None
 
 
 class DetokenizeResponse(BaseModel):
     text: str
+
+
+class VllmDetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    """vLLM's GET /tokenizer_info, which lm-eval's remote tokenizer reads (then it calls /tokenize)."""
+
+    tokenizer_class: str = Field(description="gptlab's tokenizer name: gpt2 (byte-level BPE) or char")
+    eos_token: str | None = Field(description="the end-of-text token's text, null when the vocabulary has none")
+    bos_token: str | None = Field(description="GPT-2 starts documents with its end-of-text token")
+    pad_token: str | None = None
+    model_max_length: int
+    vocab_size: int
 
 
 class ErrorDetail(BaseModel):

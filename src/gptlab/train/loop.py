@@ -97,18 +97,6 @@ def estimate_loss(
     return losses
 
 
-def draw_batch(
-    dataset: Dataset, batch_size: int, block_size: int, rng: np.random.Generator, rows: slice, pin: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """This process's `rows` of a global training batch of `batch_size` windows, page-locked if `pin`.
-
-    Every process draws all the offsets (so the generators stay in step) and reads only its rows.
-    """
-    x, y = dataset.get_batch("train", batch_size, block_size, rng)
-    x, y = x[rows], y[rows]
-    return (x.pin_memory(), y.pin_memory()) if pin else (x, y)
-
-
 class Loop:
     """Steps, evaluates and checkpoints `run` until its budget (steps or seconds) or a signal ends it."""
 
@@ -169,8 +157,9 @@ class Loop:
         for param_group in state.optimizer.param_groups:
             param_group["lr"] = lr
         rows = distributed.rows_of(group, run.micro_steps * config.batch_size)
-        x, y = draw_batch(run.dataset, config.batch_size * config.grad_accum, config.block_size, state.data_rng,
-                          rows, pin=device.type == "cuda")
+        # every process draws the whole step's offsets (the generators stay in step) and reads its rows
+        x, y = run.dataset.get_batch("train", config.batch_size * config.grad_accum, config.block_size,
+                                     state.data_rng, rows=rows, pin_memory=device.type == "cuda")
         loss_sum = torch.zeros((), device=device)
         micro_batches = list(zip(x.split(config.batch_size), y.split(config.batch_size)))
         for i, (xb, yb) in enumerate(micro_batches):

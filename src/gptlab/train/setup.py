@@ -27,6 +27,7 @@ from ..adder import AdderDataset
 from ..checkpoint import load_model
 from ..config import GPTConfig
 from ..data import TokenDataset, default_corpus_files, prepare
+from ..data.layout import inspect as inspect_data_dir
 from ..errors import GptlabError
 from ..fileio import atomic_write_json, remove_temporaries
 from ..model import GPT
@@ -209,10 +210,12 @@ def open_dataset(config: TrainConfig) -> tuple[TrainConfig, Dataset]:
 
 
 def default_data() -> Path:
-    """The built-in corpus, the complete works of Shakespeare, prepared once into DEFAULT_DATA_DIR."""
-    if not (DEFAULT_DATA_DIR / "meta.json").is_file():
+    """The built-in corpus, the complete works of Shakespeare, prepared once into DEFAULT_DATA_DIR (and
+    again where an older gptlab or an interrupted prepare left it; prepare refuses anything else there)."""
+    existing = inspect_data_dir(DEFAULT_DATA_DIR).kind
+    if existing != "dataset":
         print(f"preparing the built-in corpus (complete works of Shakespeare) in {DEFAULT_DATA_DIR}")
-        prepare([str(p) for p in default_corpus_files()], "char", DEFAULT_DATA_DIR)
+        prepare([str(p) for p in default_corpus_files()], "char", DEFAULT_DATA_DIR, overwrite=existing != "none")
     return DEFAULT_DATA_DIR
 
 
