@@ -90,8 +90,9 @@ def estimate_loss(
         for i in range(config.eval_iters):
             x, y = dataset.get_batch(split, config.batch_size, config.block_size, rng)
             if i % group.world_size == group.rank:
-                with autocast_context(device, config.dtype):
-                    total += token_nll(model, x.to(device), y.to(device)).double().mean()
+                x, y = x.to(device), y.to(device)
+                with autocast_context(device, config.dtype):  # the positions the loss takes (not the adder's prompt)
+                    total += token_nll(model, x, y, where=y >= 0).double().mean()
         losses[split] = distributed.all_reduce_sum(total, group).item() / config.eval_iters
     model.train(was_training)
     return losses
