@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
 import subprocess
@@ -63,6 +64,30 @@ def gpt2_data(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 TINY_RUN = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, max_iters=30,
                 eval_interval=10, eval_iters=2, log_interval=5, warmup_iters=5, sample_tokens=0)
+TINY_ARGS = [f"--{name.replace('_', '-')}={value}" for name, value in TINY_RUN.items()]  # TINY_RUN as options
+
+
+def expect_one_line_error(code: int, err: str, expected_code: int, *fragments: str) -> None:
+    """A command's failure as the house rules want it: one line naming the problem, no traceback, and
+    the exit status of its kind (2: usage and input, 3: the environment)."""
+    assert code == expected_code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every file's bytes and every directory under `root`: what a refused command must leave as it was."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def steps_logged(run_dir: Path) -> list[int]:
+    """The steps whose training loss metrics.jsonl holds; a step logged twice fails."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [row["step"] for row in rows if "loss" in row]
+    assert len(steps) == len(set(steps)), "a step was logged twice"
+    return steps
 
 
 @pytest.fixture(scope="session")

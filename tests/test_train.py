@@ -411,3 +411,22 @@ def test_a_fine_tuned_run_records_the_pretrained_models_shape(tiny_run: Path, ch
     assert (recorded["n_layer"], recorded["n_embd"], recorded["out"]) == (2, 32, str(out))
     assert recorded["data"] == str(char_data.resolve())
     assert (config.n_layer, config.n_embd, config.data) == (7, 64, str(char_data))  # the caller's is untouched
+
+
+@pytest.mark.parametrize("task", ["text", "adder"])
+def test_the_periodic_evaluation_is_the_training_loss_on_its_batches(task: str, char_data: Path) -> None:
+    """The same mean as the model's loss: over the positions it takes (the adder: the answer digits only)."""
+    import numpy as np
+
+    from gptlab.adder import AdderDataset
+    from gptlab.data import TokenDataset
+    from gptlab.train.loop import estimate_loss
+
+    dataset = AdderDataset() if task == "adder" else TokenDataset(char_data)
+    config = build_train_config(overrides={"task": task, "block_size": 8, "batch_size": 4, "eval_iters": 1})
+    torch.manual_seed(0)
+    model = GPT(config.model_config(dataset.tokenizer.vocab_size)).eval()
+    x, y = dataset.get_batch("val", 4, 8, np.random.default_rng([config.seed, 5, True]))
+    with torch.no_grad():
+        expected = model(x, y).loss.item()
+    assert estimate_loss(model, dataset, config, torch.device("cpu"), step=5)["val"] == pytest.approx(expected, rel=1e-5)

@@ -8,20 +8,10 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
-from conftest import TINY_RUN
+from conftest import TINY_ARGS, expect_one_line_error
 
 from gptlab.cli import build_parser
 from gptlab.train.config import FIELD_CHOICES, TrainConfig, build_train_config
-
-TINY = [f"--{name.replace('_', '-')}={value}" for name, value in TINY_RUN.items()]
-
-
-def assert_one_line_error(code: int, err: str, expected_code: int, *fragments: str) -> None:
-    assert code == expected_code, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("option, value, fragment", [
@@ -46,9 +36,9 @@ def test_a_value_training_cannot_use_is_one_line(
     char_data: Path, tmp_path: Path, gptlab, option: str, value: str, fragment: str
 ) -> None:
     out = tmp_path / "run"
-    code, _, err = gptlab("train", "--data", str(char_data), "--out", str(out), "--no-progress", *TINY,
+    code, _, err = gptlab("train", "--data", str(char_data), "--out", str(out), "--no-progress", *TINY_ARGS,
                           f"{option}={value}")
-    assert_one_line_error(code, err, 2, fragment)
+    expect_one_line_error(code, err, 2, fragment)
     assert not out.exists()
 
 
@@ -68,8 +58,8 @@ def test_a_config_file_with_values_of_the_wrong_type_is_one_line(
     config = tmp_path / "config.json"
     config.write_text(json.dumps(values))
     out = tmp_path / "run"
-    code, _, err = gptlab("train", "--data", str(char_data), "--out", str(out), "--config", str(config), *TINY)
-    assert_one_line_error(code, err, 2, f"config file {config}: {fragment}")
+    code, _, err = gptlab("train", "--data", str(char_data), "--out", str(out), "--config", str(config), *TINY_ARGS)
+    expect_one_line_error(code, err, 2, f"config file {config}: {fragment}")
     assert not out.exists()
 
 
@@ -88,8 +78,8 @@ def test_sizes_that_cannot_fit_in_memory_are_refused_before_allocating(
     char_data: Path, tmp_path: Path, gptlab, sizes: list[str], fragment: str
 ) -> None:
     out = tmp_path / "run"
-    code, _, err = gptlab("train", "--data", str(char_data), "--out", str(out), "--no-progress", *TINY, *sizes)
-    assert_one_line_error(code, err, 2, "this run needs at least", fragment, "choose a smaller")
+    code, _, err = gptlab("train", "--data", str(char_data), "--out", str(out), "--no-progress", *TINY_ARGS, *sizes)
+    expect_one_line_error(code, err, 2, "this run needs at least", fragment, "choose a smaller")
     assert not out.exists()
 
 

@@ -9,27 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RUN
+from conftest import TINY_ARGS, expect_one_line_error, snapshot
 
 from gptlab.model import GPT
 from gptlab.train.state import checkpoint_keys, load_checkpoint
 
-TINY = [f"--{name.replace('_', '-')}={value}" for name, value in TINY_RUN.items()]
 # small enough that a whole run (checkpoint, best/, report, loss plot) fits on the 256 KiB disk
 MICRO = ["--n-layer=1", "--n-head=1", "--n-embd=8", "--block-size=8", "--batch-size=4", "--eval-interval=2",
          "--eval-iters=1", "--log-interval=1", "--sample-tokens=0", "--no-progress"]
-
-
-def assert_one_line_error(code: int, err: str, expected_code: int, *fragments: str) -> None:
-    assert code == expected_code, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def fill(directory: Path) -> Path:
@@ -62,7 +49,7 @@ def test_a_disk_that_fills_during_a_checkpoint_is_one_line_and_keeps_the_last_ch
     monkeypatch.setattr(GPT, "forward", filling_forward)
     code, _, err = gptlab("train", "--out", str(out), "--resume", "--max-iters=8", "--no-progress")
     monkeypatch.setattr(GPT, "forward", forward)
-    assert_one_line_error(code, err, 3, "no space left on device", "(saving step 6)",
+    expect_one_line_error(code, err, 3, "no space left on device", "(saving step 6)",
                           "--resume continues from the checkpoint of step 4")
     after = snapshot(out)
     for name in ("training_state.pt", "model.safetensors", "config.json"):
@@ -83,8 +70,8 @@ def test_running_out_of_memory_is_one_line_with_exit_3(
                            "memory: you tried to allocate 40000000000000 bytes. Error code 12")
 
     monkeypatch.setattr(GPT, "forward", exhausted)
-    code, _, err = gptlab("train", "--data", str(char_data), "--out", str(tmp_path / "run"), "--no-progress", *TINY)
-    assert_one_line_error(code, err, 3, "out of memory on cpu", "--batch-size", "--grad-accum")
+    code, _, err = gptlab("train", "--data", str(char_data), "--out", str(tmp_path / "run"), "--no-progress", *TINY_ARGS)
+    expect_one_line_error(code, err, 3, "out of memory on cpu", "--batch-size", "--grad-accum")
 
 
 def test_any_other_runtime_error_keeps_its_traceback(
@@ -96,13 +83,13 @@ def test_any_other_runtime_error_keeps_its_traceback(
 
     monkeypatch.setattr(GPT, "forward", broken)
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
-        gptlab("train", "--data", str(char_data), "--out", str(tmp_path / "run"), "--no-progress", *TINY)
+        gptlab("train", "--data", str(char_data), "--out", str(tmp_path / "run"), "--no-progress", *TINY_ARGS)
 
 
 @pytest.fixture
 def finished_run(char_data: Path, tmp_path: Path, gptlab) -> Path:
     out = tmp_path / "run"
-    code, _, err = gptlab("train", "--data", str(char_data), "--out", str(out), "--no-progress", *TINY,
+    code, _, err = gptlab("train", "--data", str(char_data), "--out", str(out), "--no-progress", *TINY_ARGS,
                           "--max-iters=10")
     assert code == 0, err
     return out
@@ -115,7 +102,7 @@ def test_a_training_state_missing_keys_is_one_line(finished_run: Path, gptlab, m
     del state[missing]
     torch.save(state, finished_run / "training_state.pt")
     code, _, err = gptlab("train", "--out", str(finished_run), "--resume", "--max-iters=12", "--no-progress")
-    assert_one_line_error(code, err, 2, "training_state.pt: the training state lacks", missing)
+    expect_one_line_error(code, err, 2, "training_state.pt: the training state lacks", missing)
 
 
 @pytest.mark.parametrize("damage", ["weights", "optimizer", "rng", "model_config"])
@@ -131,14 +118,14 @@ def test_a_training_state_with_entries_that_do_not_fit_is_one_line(finished_run:
         state["model_config"] = {"n_layer": "two"}
     torch.save(state, finished_run / "training_state.pt")
     code, _, err = gptlab("train", "--out", str(finished_run), "--resume", "--max-iters=12", "--no-progress")
-    assert_one_line_error(code, err, 2, "training_state.pt: cannot resume from this training state")
+    expect_one_line_error(code, err, 2, "training_state.pt: cannot resume from this training state")
 
 
 def test_a_damaged_train_config_is_one_line(finished_run: Path, gptlab) -> None:
     path = finished_run / "train_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "lr": "fast"}))
     code, _, err = gptlab("train", "--out", str(finished_run), "--resume", "--max-iters=12", "--no-progress")
-    assert_one_line_error(code, err, 2, f"{path}: --lr must be a finite number, got 'fast'")
+    expect_one_line_error(code, err, 2, f"{path}: --lr must be a finite number, got 'fast'")
 
 
 @pytest.mark.parametrize("device, available, expected_code, fragment", [
@@ -154,7 +141,7 @@ def test_a_device_this_machine_lacks_is_one_line(
     if available:
         pytest.skip(f"this machine has {device}, so its absence cannot be shown")
     out = tmp_path / "run"
-    code, _, err = gptlab("train", "--data", str(char_data), "--out", str(out), "--no-progress", *TINY,
+    code, _, err = gptlab("train", "--data", str(char_data), "--out", str(out), "--no-progress", *TINY_ARGS,
                           "--device", device)
-    assert_one_line_error(code, err, expected_code, fragment)
+    expect_one_line_error(code, err, expected_code, fragment)
     assert not out.exists()

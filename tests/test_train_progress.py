@@ -8,13 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_RUN
+from conftest import TINY_ARGS, TINY_RUN
 
 from gptlab.train import build_train_config, train
 from gptlab.train import progress as progress_module
 from gptlab.train.progress import CpuWait, busy_warning
-
-TINY = [f"--{name.replace('_', '-')}={value}" for name, value in TINY_RUN.items()]
 
 
 def test_a_time_limited_runs_bar_counts_the_seconds_of_its_budget(
@@ -63,7 +61,7 @@ def test_the_command_line_warns_of_a_busy_cpu_and_says_what_the_time_counted(
 ) -> None:
     monkeypatch.setattr(progress_module.CpuWait, "share", lambda self: 0.8)  # as if 4 programs had spun alongside
     out = tmp_path / "run"
-    code, stdout, err = gptlab("train", "--data", str(char_data), "--out", str(out), "--no-progress", *TINY,
+    code, stdout, err = gptlab("train", "--data", str(char_data), "--out", str(out), "--no-progress", *TINY_ARGS,
                                "--max-iters=100000", "--max-time=2", "--eval-interval=0")
     assert code == 0, err
     assert re.search(r"gptlab train: warning: the CPU was busy: .* 80% .*, so [\d,]+ steps where a quiet machine "
@@ -76,6 +74,6 @@ def test_the_command_line_warns_of_a_busy_cpu_and_says_what_the_time_counted(
 
 def test_a_quiet_run_is_not_warned(char_data: Path, tmp_path: Path, gptlab, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(progress_module.CpuWait, "share", lambda self: 0.05)
-    code, _, err = gptlab("train", "--data", str(char_data), "--out", str(tmp_path / "run"), "--no-progress", *TINY,
+    code, _, err = gptlab("train", "--data", str(char_data), "--out", str(tmp_path / "run"), "--no-progress", *TINY_ARGS,
                           "--max-iters=100000", "--max-time=1", "--eval-interval=0")
     assert code == 0 and "warning" not in err, err

@@ -8,14 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import TINY_RUN
-
-TINY = [f"--{name.replace('_', '-')}={value}" for name, value in TINY_RUN.items()]
-
-
-def steps_logged(run_dir: Path) -> list[int]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [row["step"] for row in rows if "loss" in row]
+from conftest import TINY_ARGS, TINY_RUN, steps_logged
 
 
 def saved(run_dir: Path) -> dict:
@@ -29,7 +22,7 @@ def relative_run(char_data: Path, tmp_path: Path, gptlab, monkeypatch: pytest.Mo
     work.mkdir()
     shutil.copytree(char_data, work / "data")
     monkeypatch.chdir(work)
-    code, _, err = gptlab("train", "--data", "data", "--out", "run", "--no-progress", *TINY, "--max-iters=20")
+    code, _, err = gptlab("train", "--data", "data", "--out", "run", "--no-progress", *TINY_ARGS, "--max-iters=20")
     assert code == 0, err
     monkeypatch.chdir(tmp_path)  # and resumed from elsewhere
     return work / "run"

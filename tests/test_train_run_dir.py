@@ -13,11 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_RUN
+from conftest import TINY_ARGS, expect_one_line_error, snapshot, steps_logged
 
 from gptlab.data import TokenDataset
 
-TINY = [f"--{name.replace('_', '-')}={value}" for name, value in TINY_RUN.items()]
 def child_env(**extra: str) -> dict[str, str]:
     """The environment of a child `gptlab train`, read when the child starts: it must see what the
     session's fixtures set (the kernel choices' file among them), not the environment at import."""
@@ -42,30 +41,10 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def snapshot(root: Path) -> dict[str, bytes | None]:
-    """Every file's bytes and every directory under `root`: what must not change."""
-    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
-
-
-def assert_one_line_error(code: int, err: str, expected_code: int, *fragments: str) -> None:
-    assert code == expected_code, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
-def steps_logged(run_dir: Path) -> list[int]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [row["step"] for row in rows if "loss" in row]
-    assert len(steps) == len(set(steps)), "a step was logged twice"
-    return steps
-
-
 @pytest.fixture
 def old_run(char_data: Path, tmp_path: Path, gptlab) -> Path:
     out = tmp_path / "old"
-    code, _, err = gptlab("train", "--data", str(char_data), "--out", str(out), "--no-progress", *TINY, "--max-iters=2")
+    code, _, err = gptlab("train", "--data", str(char_data), "--out", str(out), "--no-progress", *TINY_ARGS, "--max-iters=2")
     assert code == 0, err
     return out
 
@@ -79,8 +58,8 @@ def test_overwrite_refuses_the_current_directory_holding_a_thesis(
     (home / "src" / "main.py").write_text("print('hello')\n")
     monkeypatch.chdir(home)
     before = snapshot(home)
-    code, _, err = gptlab("train", "--data", str(char_data), "--out", ".", "--overwrite", "--no-progress", *TINY)
-    assert_one_line_error(code, err, 2, "is not a gptlab run", "thesis.tex", "--overwrite replaces only a gptlab run")
+    code, _, err = gptlab("train", "--data", str(char_data), "--out", ".", "--overwrite", "--no-progress", *TINY_ARGS)
+    expect_one_line_error(code, err, 2, "is not a gptlab run", "thesis.tex", "--overwrite replaces only a gptlab run")
     assert snapshot(home) == before
 
 
@@ -88,8 +67,8 @@ def test_overwrite_refuses_a_dataset(char_data: Path, tmp_path: Path, gptlab) ->
     data = tmp_path / "data"
     shutil.copytree(char_data, data)
     before = snapshot(data)
-    code, _, err = gptlab("train", "--data", str(data), "--out", str(data), "--overwrite", "--no-progress", *TINY)
-    assert_one_line_error(code, err, 2, "is not a gptlab run", "meta.json")
+    code, _, err = gptlab("train", "--data", str(data), "--out", str(data), "--overwrite", "--no-progress", *TINY_ARGS)
+    expect_one_line_error(code, err, 2, "is not a gptlab run", "meta.json")
     assert snapshot(data) == before
     TokenDataset(data).check_length("train", 8)  # still a dataset
 
@@ -103,9 +82,9 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_fails_a_check(
     old_run: Path, char_data: Path, tmp_path: Path, gptlab, bad: list[str], fragment: str
 ) -> None:
     before = snapshot(old_run)
-    args = ["train", "--data", str(char_data), "--out", str(old_run), "--overwrite", "--no-progress", *TINY]
+    args = ["train", "--data", str(char_data), "--out", str(old_run), "--overwrite", "--no-progress", *TINY_ARGS]
     code, _, err = gptlab(*args, *(arg.format(tmp=tmp_path) for arg in bad))
-    assert_one_line_error(code, err, 2, fragment)
+    expect_one_line_error(code, err, 2, fragment)
     assert snapshot(old_run) == before
 
 
@@ -115,15 +94,15 @@ def test_overwrite_refuses_a_run_that_also_holds_the_users_files(
     (old_run / "notes.txt").write_text("what I learnt from this run\n")
     before = snapshot(old_run)
     code, _, err = gptlab("train", "--data", str(char_data), "--out", str(old_run), "--overwrite", "--no-progress",
-                          *TINY)
-    assert_one_line_error(code, err, 2, "also holds notes.txt")
+                          *TINY_ARGS)
+    expect_one_line_error(code, err, 2, "also holds notes.txt")
     assert snapshot(old_run) == before
 
 
 def test_overwrite_replaces_a_run_entirely(old_run: Path, char_data: Path, gptlab) -> None:
     before = snapshot(old_run)
     code, _, err = gptlab("train", "--data", str(char_data), "--out", str(old_run), "--overwrite", "--no-progress",
-                          *TINY, "--max-iters=5", "--seed=5")
+                          *TINY_ARGS, "--max-iters=5", "--seed=5")
     assert code == 0, err
     assert set(snapshot(old_run)) == set(before)  # the same kinds of files, all of them rewritten
     assert steps_logged(old_run) == [5]  # the old run's rows went with it
@@ -136,8 +115,8 @@ def test_out_naming_a_file_is_refused(char_data: Path, tmp_path: Path, gptlab, b
     notes.write_text("keep me\n")
     out = notes / "run" if below else notes
     for extra in ([], ["--overwrite"]):
-        code, _, err = gptlab("train", "--data", str(char_data), "--out", str(out), "--no-progress", *TINY, *extra)
-        assert_one_line_error(code, err, 2, "is a file")
+        code, _, err = gptlab("train", "--data", str(char_data), "--out", str(out), "--no-progress", *TINY_ARGS, *extra)
+        expect_one_line_error(code, err, 2, "is a file")
     assert notes.read_text() == "keep me\n"
 
 
@@ -150,14 +129,14 @@ def test_an_unwritable_output_path_is_one_line_with_exit_3(
     before = snapshot(shelf)
     read_only(shelf)
     for out, extra in ((shelf / "new", []), (shelf / "run", ["--overwrite"])):
-        code, _, err = gptlab("train", "--data", str(char_data), "--out", str(out), "--no-progress", *TINY, *extra)
-        assert_one_line_error(code, err, 3, str(out), "read-only file system")
+        code, _, err = gptlab("train", "--data", str(char_data), "--out", str(out), "--no-progress", *TINY_ARGS, *extra)
+        expect_one_line_error(code, err, 3, str(out), "read-only file system")
     assert snapshot(shelf) == before
 
 
 def test_a_run_in_use_is_refused_and_a_killed_run_resumes(char_data: Path, tmp_path: Path, gptlab) -> None:
     out, marker = tmp_path / "run", tmp_path / "holding"
-    args = ["train", "--data", str(char_data), "--out", str(out), "--no-progress", *TINY]
+    args = ["train", "--data", str(char_data), "--out", str(out), "--no-progress", *TINY_ARGS]
     child = subprocess.Popen([sys.executable, "-c", HOLDING_CHILD, *args], stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True,
                              env=child_env(HOLD_AT_CALL="15", HOLD_MARKER=str(marker)))
@@ -170,7 +149,7 @@ def test_a_run_in_use_is_refused_and_a_killed_run_resumes(char_data: Path, tmp_p
         before = snapshot(out)
         for extra in (["--overwrite"], ["--resume"]):
             code, _, err = gptlab(*args, *extra)
-            assert_one_line_error(code, err, 3, "another gptlab train is using this run directory")
+            expect_one_line_error(code, err, 3, "another gptlab train is using this run directory")
         assert snapshot(out) == before
         child.send_signal(signal.SIGKILL)  # the kernel drops its lock: nothing stale is left to clean
         child.wait(timeout=60)
@@ -190,7 +169,7 @@ def start_child(args: list[str], cwd: Path) -> subprocess.Popen:
 
 def test_two_runs_started_together_into_one_directory(char_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    args = ["train", "--data", str(char_data), "--out", str(out), "--no-progress", *TINY]
+    args = ["train", "--data", str(char_data), "--out", str(out), "--no-progress", *TINY_ARGS]
     children = [start_child(args, tmp_path) for _ in range(2)]
     results = sorted((child.wait(timeout=300), child.stderr.read()) for child in children)
     for child in children:
@@ -204,7 +183,7 @@ def test_two_runs_started_together_into_one_directory(char_data: Path, tmp_path:
 
 def test_auto_numbered_runs_started_together_get_numbers_of_their_own(char_data: Path, tmp_path: Path) -> None:
     (tmp_path / "runs" / "run-1").mkdir(parents=True)  # just claimed by a run still setting up
-    children = [start_child(["train", "--data", str(char_data), "--no-progress", *TINY], tmp_path)
+    children = [start_child(["train", "--data", str(char_data), "--no-progress", *TINY_ARGS], tmp_path)
                 for _ in range(2)]
     for child in children:
         assert child.wait(timeout=300) == 0, child.stderr.read()

@@ -72,18 +72,22 @@ class AdderDataset:
         return self.split(split)
 
     def get_batch(
-        self, split: str, batch_size: int, block_size: int, rng: np.random.Generator
+        self, split: str, batch_size: int, block_size: int, rng: np.random.Generator, *,
+        rows: slice | None = None, pin_memory: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Random problems: x is (batch_size, 8), y is x shifted left with only the answer kept.
 
-        The windows are 8 tokens whatever `block_size` is: one problem per row, nothing to pad.
+        The windows are 8 tokens whatever `block_size` is: one problem per row, nothing to pad. As
+        TokenDataset's: all `batch_size` draws are made, `rows` picks this process's, `pin_memory`
+        page-locks them.
         """
         data = self.check_length(split, block_size)
-        rows = data[rng.integers(0, len(data), size=batch_size)]  # (B, 9)
-        x = torch.from_numpy(rows[:, :-1].copy())  # (B, 8)
-        y = torch.from_numpy(rows[:, 1:].copy())  # (B, 8)
+        picked = rng.integers(0, len(data), size=batch_size)  # (B,)
+        problems = data[picked if rows is None else picked[rows]]  # (B, 9)
+        x = torch.from_numpy(problems[:, :-1].copy())  # (B, 8)
+        y = torch.from_numpy(problems[:, 1:].copy())  # (B, 8)
         y[:, : PROMPT_LENGTH - 1] = IGNORE  # y[:, 5:] are the three answer digits
-        return x, y
+        return (x.pin_memory(), y.pin_memory()) if pin_memory else (x, y)
 
     @torch.no_grad()
     def exact_match(

@@ -12,7 +12,7 @@ checkpoint: everything `--resume` needs, model included; see state.py), `metrics
     loop.py       steps, evaluates, checkpoints
     run_dir.py    what may be replaced, the lock, the auto-numbered default
     device.py     device, dtype, TF32, torch.compile, memory
-    optim.py, distributed.py, metrics.py, progress.py
+    optim.py, distributed.py, metrics.py, progress.py (the bar, the busy-CPU warning), threads.py
 """
 
 from __future__ import annotations

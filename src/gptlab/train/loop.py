@@ -37,6 +37,7 @@ from .distributed import Group
 from .metrics import MetricsLog
 from .optim import learning_rate, schedule_position
 from .progress import CpuWait, ProgressBar
+from .threads import ThreadTuner
 from .run_dir import BEST_DIR, METRICS_FILE
 from .setup import Dataset, Run
 from .state import process_rng_state, save_checkpoint
@@ -89,23 +90,12 @@ def estimate_loss(
         for i in range(config.eval_iters):
             x, y = dataset.get_batch(split, config.batch_size, config.block_size, rng)
             if i % group.world_size == group.rank:
-                with autocast_context(device, config.dtype):
-                    total += token_nll(model, x.to(device), y.to(device)).double().mean()
+                x, y = x.to(device), y.to(device)
+                with autocast_context(device, config.dtype):  # the positions the loss takes (not the adder's prompt)
+                    total += token_nll(model, x, y, where=y >= 0).double().mean()
         losses[split] = distributed.all_reduce_sum(total, group).item() / config.eval_iters
     model.train(was_training)
     return losses
-
-
-def draw_batch(
-    dataset: Dataset, batch_size: int, block_size: int, rng: np.random.Generator, rows: slice, pin: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """This process's `rows` of a global training batch of `batch_size` windows, page-locked if `pin`.
-
-    Every process draws all the offsets (so the generators stay in step) and reads only its rows.
-    """
-    x, y = dataset.get_batch("train", batch_size, block_size, rng)
-    x, y = x[rows], y[rows]
-    return (x.pin_memory(), y.pin_memory()) if pin else (x, y)
 
 
 class Loop:
@@ -123,6 +113,7 @@ class Loop:
         self.clock = self.elapsed_before  # the run's seconds so far, the same number in every process
         self.meter = ThroughputMeter(self._peak_flops(), warn=self._warn_on_main)
         self.cpu_wait = CpuWait()  # how long the threads waited for a core: was the machine busy?
+        self.threads = ThreadTuner(self.config.adapt_threads and run.device.type == "cpu", self._warn_on_main)
 
     def fit(self) -> str:
         """Train to the end of the budget; returns the signal that stopped the run early ("" if none)."""
@@ -158,14 +149,18 @@ class Loop:
         """One optimizer step; returns why the run must stop now ("" to go on)."""
         config, state, run = self.config, self.state, self.run
         group, device = run.group, run.device
+        started = time.perf_counter()
+        if self.session_steps:  # the first step compiles and warms up: no measure of a thread count
+            self.threads.before_step()
         self.meter.start()
         # the clock as agreed at the end of the previous step
         lr = learning_rate(schedule_position(state.step, self.clock, state.schedule_start, config), config)
         for param_group in state.optimizer.param_groups:
             param_group["lr"] = lr
         rows = distributed.rows_of(group, run.micro_steps * config.batch_size)
-        x, y = draw_batch(run.dataset, config.batch_size * config.grad_accum, config.block_size, state.data_rng,
-                          rows, pin=device.type == "cuda")
+        # every process draws the whole step's offsets (the generators stay in step) and reads its rows
+        x, y = run.dataset.get_batch("train", config.batch_size * config.grad_accum, config.block_size,
+                                     state.data_rng, rows=rows, pin_memory=device.type == "cuda")
         loss_sum = torch.zeros((), device=device)
         micro_batches = list(zip(x.split(config.batch_size), y.split(config.batch_size)))
         for i, (xb, yb) in enumerate(micro_batches):
@@ -202,6 +197,7 @@ class Loop:
             self.meter.cancel()  # the first step pays for warm-up (and compilation): not counted
         else:
             self.meter.stop(tokens, tokens * flops_per_token(state.model.config, config.block_size))
+            self.threads.after_step(time.perf_counter() - started)
         self.session_steps += 1
         if nonfinite:
             self.metrics.write({"step": state.step, "skipped": nonfinite, "lr": lr})

@@ -10,20 +10,24 @@ pretrained model's shape, the run directory) goes into a new config, which train
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 from torch.nn.parallel import DistributedDataParallel
 
 from ..adder import AdderDataset
 from ..checkpoint import load_model
 from ..config import GPTConfig
 from ..data import TokenDataset, default_corpus_files, prepare
+from ..data.layout import inspect as inspect_data_dir
 from ..errors import GptlabError
 from ..fileio import atomic_write_json, remove_temporaries
 from ..model import GPT
@@ -44,7 +48,8 @@ DEFAULT_DATA_DIR = Path("data/shakespeare-char")
 # is watched, and where its data now lives (a moved dataset, which must have the model's vocabulary).
 # (A new max_iters also moves the end of the learning-rate decay unless --lr-decay-iters was set.)
 RESUME_OPTIONS = ("max_iters", "max_time", "device", "compile", "on_nonfinite", "log_interval", "sample_tokens",
-                  "eval_interval", "eval_iters", "data", "nproc")
+                  "eval_interval", "eval_iters", "data", "nproc", "activation_checkpointing",
+                  "adapt_threads")
 
 Dataset = TokenDataset | AdderDataset
 
@@ -205,10 +210,12 @@ def open_dataset(config: TrainConfig) -> tuple[TrainConfig, Dataset]:
 
 
 def default_data() -> Path:
-    """The built-in corpus, the complete works of Shakespeare, prepared once into DEFAULT_DATA_DIR."""
-    if not (DEFAULT_DATA_DIR / "meta.json").is_file():
+    """The built-in corpus, the complete works of Shakespeare, prepared once into DEFAULT_DATA_DIR (and
+    again where an older gptlab or an interrupted prepare left it; prepare refuses anything else there)."""
+    existing = inspect_data_dir(DEFAULT_DATA_DIR).kind
+    if existing != "dataset":
         print(f"preparing the built-in corpus (complete works of Shakespeare) in {DEFAULT_DATA_DIR}")
-        prepare([str(p) for p in default_corpus_files()], "char", DEFAULT_DATA_DIR)
+        prepare([str(p) for p in default_corpus_files()], "char", DEFAULT_DATA_DIR, overwrite=existing != "none")
     return DEFAULT_DATA_DIR
 
 
@@ -284,8 +291,27 @@ def restore(
         print(f"resuming {run_dir} at step {state.step}")
 
 
+def checkpoint_activations(model: GPT) -> None:
+    """Keep only each block's input for the backward pass and recompute the block there
+    (torch.utils.checkpoint, non-reentrant): activation memory falls from every intermediate of every
+    block to one (B, T, C) tensor per block, for about a third more compute. The blocks stay the
+    modules they are, so parameter names, the optimizer's groups and the checkpoint keys do not change;
+    without gradients (evaluation) or with a KV cache (generation) a block runs as usual."""
+    for block in model.transformer.h:
+        block.forward = functools.partial(_checkpointed, block.forward)
+
+
+def _checkpointed(forward: Callable[..., torch.Tensor], x: torch.Tensor, cache: Any = None) -> torch.Tensor:
+    if cache is not None or not torch.is_grad_enabled():
+        return forward(x, cache)
+    return torch.utils.checkpoint.checkpoint(forward, x, use_reentrant=False)
+
+
 def prepare_for_training(model: GPT, config: TrainConfig, group: Group, device: torch.device) -> torch.nn.Module:
-    """The module the steps call: compiled if asked and possible, wrapped in DDP under torchrun."""
+    """The module the steps call: with activation checkpointing and compiled if asked (and possible),
+    wrapped in DDP under torchrun."""
+    if config.activation_checkpointing:
+        checkpoint_activations(model)
     step_model: torch.nn.Module = model
     if config.compile:
         reason = compile_unavailable(device)
