@@ -280,6 +280,26 @@ def test_the_cache_budget_bounds_the_batch_and_waiting_rows_join_first_come_firs
         Engine(model, CHARS, kv_cache_bytes=per_row).submit([1] * 20, SamplingParams(max_new_tokens=20))
 
 
+def test_a_failing_step_fails_its_batch_and_the_engine_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_model(block_size=32)
+    engine = Engine(model, CHARS, max_batch=2)
+    params = SamplingParams(max_new_tokens=6, **GREEDY)
+    rows = [engine.submit(p, params) for p in ([1], [2])]
+    engine.step()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(model, "hidden_states", broken)
+    assert engine.step() == rows
+    assert all(isinstance(r.error, RuntimeError) and r.done for r in rows) and not engine.busy
+    assert engine.cache.nbytes() == 0
+    monkeypatch.undo()
+    again = engine.submit([3], params)
+    engine.run()
+    assert again.error is None and again.token_ids == alone(model, [3], params).token_ids
+
+
 def test_a_failing_row_fails_alone() -> None:
     class Broken(CharTokenizer):
         def decode_bytes(self, ids):

@@ -198,13 +198,13 @@ class Engine:
         with _eval_mode(self.model):
             if self._cancelled:
                 self._drop_cancelled()
-            self._prefills_last()
-            self._admit()
-            rows = list(self.rows)
-            if not rows:
-                self._idle()
-                return []
             try:
+                self._prefills_last()
+                self._admit()  # allocates the cache, which can fail too
+                rows = list(self.rows)
+                if not rows:
+                    self._idle()
+                    return []
                 logits = self._forward()  # (B, V)
                 tokens = self.sampler(logits, rows)  # (B,)
                 wanted = [r for r, s in enumerate(rows) if s.logprobs is not None]
@@ -212,6 +212,7 @@ class Engine:
                                                        [rows[r].params.logprobs for r in wanted]))) if wanted else {}
             except Exception as exc:  # the batch cannot go on; every sequence in it fails, the engine not
                 logger.exception("a generation step failed")
+                rows = list(self.rows)
                 for seq in rows:
                     seq.finish(None, exc)
                 self.rows.clear()

@@ -119,6 +119,14 @@ class EngineThread:
     def _take(self, command: Job | tuple[str, Job]) -> None:
         if isinstance(command, Job):
             job = command
+            try:  # the handler checked the request already; this is the engine's last word
+                for ids, params in job.choices:
+                    self.engine.check(ids, params)
+            except ValueError as exc:
+                with self._lock:
+                    self._queued -= len(job.choices)
+                job.post("error", exc)
+                return
             for index, (ids, params) in enumerate(job.choices):
                 seq = self.engine.submit(ids, params)
                 job.sequences.append(seq)
