@@ -148,3 +148,28 @@ def test_pyproject_declares_the_lm_eval_plugin_entry_point() -> None:
     assert any(req.startswith("lm_eval") for req in project["optional-dependencies"]["eval"])
     assert os.path.isfile(TASKS_DIR / "README.md")
 
+
+def test_training_records_task_scores_without_changing_the_run(char_data: Path, tmp_path: Path) -> None:
+    """`gptlab train --eval-tasks ... --eval-tasks-every N`, as llm.c logs HellaSwag while training."""
+    def run(name: str, **extra) -> Path:
+        out = tmp_path / name
+        overrides = dict(TINY_RUN, data=str(char_data), out=str(out), max_iters=10, eval_interval=5, **extra)
+        train(build_train_config(overrides=overrides), show_progress=False)
+        return out
+
+    plain = run("plain")
+    scored = run("scored", eval_tasks="gptlab_mc,gptlab_last_word", eval_tasks_every=10,
+                 eval_tasks_path=str(TASKS_DIR), eval_tasks_limit=4)
+    rows = [json.loads(line) for line in (scored / "metrics.jsonl").read_text().splitlines()]
+    tasks = [row for row in rows if "task_scores" in row]
+    assert [row["step"] for row in tasks] == [10]  # step 5's evaluation is not a multiple of 10
+    assert set(tasks[0]["task_scores"]) >= {"gptlab_mc/acc", "gptlab_mc/acc_norm", "gptlab_last_word/perplexity"}
+    def trace(path: Path) -> list[dict]:  # what training computed, without the timings
+        rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in row.items() if k not in ("tokens_per_s", "mfu")} for row in rows
+                if "task_scores" not in row]
+
+    assert trace(scored) == trace(plain)  # lm-eval's seeding did not move any training generator
+    report = (scored / "report.md").read_text()
+    assert "## lm-eval task scores during training" in report and "`gptlab_mc/acc`" in report
+    assert json.loads((scored / "report.json").read_text())["task_scores"] == tasks[0]["task_scores"]

@@ -79,6 +79,7 @@ def write_report(
         lines += _adder_section(model, dataset, device, headline)
     else:
         lines += _text_section(model, dataset, config, device, headline)
+    lines += _tasks_section(run_dir / "metrics.jsonl", headline)
     lines += ["## Loss", "", "![training and validation loss](loss.png)", "", "## Configuration", "",
               "| option | value |", "| --- | --- |"]
     lines += [f"| `{name}` | `{value!r}` |" for name, value in config.to_dict().items()]
@@ -128,6 +129,22 @@ def _text_section(
         markdown_table(rows),
         "",
     ]
+
+
+def _tasks_section(metrics: Path, headline: dict) -> list[str]:
+    """The lm-eval task scores `--eval-tasks` logged during training, one row per evaluated step."""
+    rows = [row for row in map(json.loads, metrics.read_text().splitlines()) if "task_scores" in row] \
+        if metrics.is_file() else []
+    if not rows:
+        return []
+    names = sorted(rows[-1]["task_scores"])
+    headline["task_scores"] = rows[-1]["task_scores"]
+    lines = ["## lm-eval task scores during training", "",
+             "`--eval-tasks`, scored by lm-evaluation-harness on the model at each step (see metrics.jsonl).", "",
+             "| step | " + " | ".join(f"`{name}`" for name in names) + " |", "| ---: |" + " ---: |" * len(names)]
+    lines += [f"| {row['step']:,} | " + " | ".join(f"{row['task_scores'].get(name, float('nan')):.4f}" for name in names)
+              + " |" for row in rows]
+    return lines + [""]
 
 
 def headline(run_dir: str | Path) -> str:

@@ -34,10 +34,11 @@ from ..model import GPT
 from ..tokenizers import CharTokenizer, Tokenizer
 
 LN2 = math.log(2)
-# Logits are computed for this many (row x vocabulary) entries at a time: 2**24 float32 logits are
-# 64 MiB, 333 rows at GPT-2's vocabulary. Smaller blocks cost throughput (the head's matrix is read
-# once per block: 2**20 ran at half the speed on a CPU), larger ones only memory (benchmarks/scorer.py).
-LOGIT_BLOCK = 2**24
+# Logits are computed for this many (row x vocabulary) entries at a time: 2**22 float32 logits are
+# 16 MiB, 83 rows at GPT-2's vocabulary, which stay in cache between the head's product and the
+# cross-entropy. benchmarks/scorer.py measured 2**20 to 2**26 on 2 cores: 2**20 re-reads the head's
+# matrix too often (50-65% of the forward pass's throughput), 2**24 and 2**26 spill (59-74%), 2**22 86-96%.
+LOGIT_BLOCK = 2**22
 
 
 def token_nll(

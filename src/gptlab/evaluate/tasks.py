@@ -8,11 +8,13 @@ absence is one line naming the install command.
 from __future__ import annotations
 
 import json
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import GptlabError
@@ -57,7 +59,7 @@ class TaskResults:
         for task, values in self.raw["results"].items():
             for key, value in values.items():
                 metric, _, _filter = key.partition(",")
-                if isinstance(value, (int, float)) and "stderr" not in metric and metric != "alias":
+                if isinstance(value, (int, float)) and "stderr" not in metric and metric not in ("alias", "sample_len"):
                     flat[f"{task}/{metric}"] = float(value)
         return flat
 
@@ -81,12 +83,14 @@ def run_tasks(
     batch_size: int | None = None,
     device: torch.device | str | None = None,
     include_path: str | Path | None = None,
+    bootstrap_iters: int = 100_000,
 ) -> TaskResults:
     """Evaluate a run directory (`model_path`) or an in-memory model and tokenizer on lm-eval tasks.
 
     `include_path` adds a directory of task YAML files to lm-eval's own tasks. Task names are checked
     before anything is loaded; lm-eval downloads a task's data set from the Hugging Face hub on first
-    use (an offline machine gets one line, exit 3, from the CLI).
+    use (an offline machine gets one line, exit 3, from the CLI). `bootstrap_iters` (lm-eval's default)
+    resamples for the standard errors of non-mean metrics such as perplexity, in a forked process pool.
     """
     require_lm_eval()
     import lm_eval
@@ -112,7 +116,8 @@ def run_tasks(
     was_training = lm.model.training
     try:
         raw = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
-                                      task_manager=manager, log_samples=False, verbosity="WARNING")
+                                      task_manager=manager, log_samples=False, verbosity="WARNING",
+                                      bootstrap_iters=bootstrap_iters)
     finally:
         lm.model.train(was_training)
     raw.pop("samples", None)
@@ -130,3 +135,29 @@ def results_path(model_path: str | Path, tasks: list[str]) -> Path:
         path = stem.with_name(f"{stem.name}-{n}.json")
     return path
 
+
+def tasks_due(config: Any, step: int) -> bool:
+    """`gptlab train --eval-tasks`: score the tasks at this evaluation? (every one, or steps N divides)."""
+    return bool(config.eval_tasks) and (config.eval_tasks_every == 0 or step % config.eval_tasks_every == 0)
+
+
+def task_scores(model: GPT, tokenizer: Tokenizer, config: Any, device: torch.device) -> dict[str, float]:
+    """The training model's `task/metric` scores, as llm.c and modded-nanogpt log HellaSwag while training.
+
+    lm-eval seeds Python's, numpy's and torch's global generators; their states are put back, so
+    scoring tasks never changes what training draws next. No bootstrapped standard errors: lm-eval
+    computes them in a pool of processes forked from this one, and a child forked from a training
+    process (its OpenMP and other threads mid-work) deadlocked.
+    """
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+              torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    try:
+        return run_tasks(parse_tasks(config.eval_tasks), model=model, tokenizer=tokenizer, device=device,
+                         limit=config.eval_tasks_limit or None, include_path=config.eval_tasks_path or None,
+                         bootstrap_iters=0).metrics()
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if states[3] is not None:
+            torch.cuda.set_rng_state_all(states[3])

@@ -80,6 +80,10 @@ class TrainConfig:
     eval_iters: int = option(20, "random batches per split in each evaluation")
     log_interval: int = option(10, "optimizer steps between logged losses")
     sample_tokens: int = option(300, "tokens (characters, for a char model) of text printed at the end; 0: none")
+    eval_tasks: str = option("", "lm-eval tasks scored during training, comma-separated, e.g. hellaswag (the eval extra)")
+    eval_tasks_every: int = option(0, "steps between task scores, at evaluations whose step it divides; 0: every evaluation")
+    eval_tasks_limit: int = option(0, "documents per task in those scores; 0: all")
+    eval_tasks_path: str = option("", "a directory of extra lm-eval task YAML files for --eval-tasks")
     # system
     seed: int = option(1337, "random seed (a non-negative integer) of the weights, batches and dropout")
     device: str = option("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps")
@@ -120,7 +124,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise GptlabError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         for name in ("eval_interval", "warmup_iters", "lr_decay_iters", "sample_tokens", "max_time",
-                     "weight_decay", "grad_clip", "seed"):
+                     "weight_decay", "grad_clip", "seed", "eval_tasks_every", "eval_tasks_limit"):
             if getattr(self, name) < 0:
                 raise GptlabError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if self.seed >= 2**63:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from ..checkpoint import save_model
 from ..errors import EnvironmentProblem, GptlabError
 from ..evaluate.scorer import token_nll
+from ..evaluate.tasks import task_scores, tasks_due
 from ..model import GPT
 from ..throughput import ThroughputMeter, flops_per_token, matmul_peak
 from . import distributed
@@ -260,6 +261,8 @@ class Loop:
         self.losses = estimate_loss(state.model, run.dataset, self.config, run.device, state.step, run.group)
         state.last_eval_step = state.step
         self.metrics.write({"step": state.step, "val_loss": self.losses["val"], "train_eval_loss": self.losses["train"]})
+        if run.group.is_main and tasks_due(self.config, state.step):
+            self.metrics.write({"step": state.step, "task_scores": task_scores(state.model, run.tokenizer, self.config, run.device)})
         if not math.isfinite(self.losses["val"]):
             self._raise_nonfinite(f"the validation loss is {self.losses['val']} at step {state.step}")
         return self.losses
