@@ -180,3 +180,12 @@ def test_version_and_plain_gptlab_print_help(gptlab, capsys: pytest.CaptureFixtu
     assert info.value.code == 0 and capsys.readouterr().out == f"gptlab {__version__}\n"
     code, out, err = gptlab()
     assert code == 0 and "usage: gptlab" in out and "train" in out and err == ""
+
+
+def test_the_command_line_and_prepare_import_no_torch() -> None:
+    """`gptlab --version`, the help and `prepare` (with the workers it forks) must not pay for torch."""
+    code = ("import sys; from gptlab.cli import build_parser; build_parser(); "
+            "from gptlab.data import prepare; import gptlab; gptlab.__version__; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
