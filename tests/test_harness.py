@@ -15,17 +15,15 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, TINY_RUN
+from lm_eval_reference import TASKS, TASKS_DIR, answers, assert_same_scores, evaluate
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is the eval extra: pip install 'gptlab[eval]'")
+
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from gptlab.train import build_train_config  # noqa: E402
 from gptlab.evaluate.tasks import run_tasks  # noqa: E402
 from gptlab.tokenizers import load_tokenizer  # noqa: E402
-from gptlab.train import train  # noqa: E402
-
-TASKS_DIR = REPO / "tests" / "lm_eval_tasks"
-TASKS = ["gptlab_mc", "gptlab_last_word", "gptlab_rolling", "gptlab_gen"]
+from gptlab.train import build_train_config, train  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -44,38 +42,13 @@ def gpt2_run(gpt2_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def evaluate(model: str, run: Path, **kwargs) -> dict:
-    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
-    return lm_eval.simple_evaluate(model=model, model_args=f"pretrained={run},dtype=float32", tasks=TASKS,
-                                   task_manager=manager, batch_size=4, device="cpu", log_samples=True,
-                                   verbosity="WARNING", **kwargs)
-
-
-def responses(results: dict) -> dict[tuple[str, int], list]:
-    """Each (task, document) -> the model's answers to its requests, as lm-eval recorded them."""
-    return {(task, sample["doc_id"]): sample["filtered_resps"]
-            for task, samples in results["samples"].items() for sample in samples}
-
-
 def test_every_request_type_scores_as_the_hf_model_does(gpt2_run: Path) -> None:
     import gptlab.evaluate.harness  # noqa: F401  (registers --model gptlab)
 
-    ours, theirs = evaluate("gptlab", gpt2_run), evaluate("hf", gpt2_run)
-    mine, hf = responses(ours), responses(theirs)
-    assert mine.keys() == hf.keys() and {task for task, _ in mine} == set(TASKS)
-    for key, answers in mine.items():
-        for a, b in zip(answers, hf[key], strict=True):
-            if key[0] == "gptlab_gen":
-                assert a == b, key  # greedy text, cut at the stop string
-            elif key[0] == "gptlab_rolling":
-                assert a == pytest.approx(b, abs=1e-4), key  # ln P(document)
-            else:  # (ln P(continuation | context), is_greedy)
-                assert a[0] == pytest.approx(b[0], abs=1e-4) and a[1] == b[1], key
-    for task in TASKS:
-        for metric, value in ours["results"][task].items():
-            if isinstance(value, float) and "stderr" not in metric:
-                assert value == pytest.approx(theirs["results"][task][metric], rel=1e-4, abs=1e-4), (task, metric)
-    lls = [answers[0][0] for (task, _), answers in mine.items() if task == "gptlab_mc"]
+    args = f"pretrained={gpt2_run},dtype=float32"
+    ours, theirs = evaluate("gptlab", args), evaluate("hf", args)
+    assert_same_scores(ours, theirs)
+    lls = [got[0][0] for (task, _), got in answers(ours).items() if task == "gptlab_mc"]
     assert len(set(lls)) == len(lls) and max(lls) < 0  # distinct scores per document: nothing trivially equal
 
 

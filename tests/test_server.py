@@ -826,20 +826,12 @@ def test_lm_eval_local_completions_scores_as_the_hf_model(gpt2_run_dir: Path, mo
     /tokenizer_info, /tokenize and /detokenize, as lm-eval detects it) gives what `--model hf` gives on the
     same directory: a multiple-choice, a last-word, a rolling perplexity and a generation task, every
     document's answer within 1e-4."""
-    lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is the eval extra: pip install 'gptlab[eval]'")
-    from lm_eval.tasks import TaskManager
-
-    from conftest import REPO
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is the eval extra: pip install 'gptlab[eval]'")
+    from lm_eval_reference import assert_same_scores, evaluate
 
     for name, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"),
                         ("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))):
         monkeypatch.setenv(name, value)
-    tasks = ["gptlab_mc", "gptlab_last_word", "gptlab_rolling", "gptlab_gen"]
-
-    def evaluate(model: str, model_args: str) -> dict:
-        manager = TaskManager(include_path=str(REPO / "tests" / "lm_eval_tasks"), include_defaults=False)
-        return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks, task_manager=manager,
-                                       batch_size=4, device="cpu", log_samples=True, verbosity="WARNING")
 
     app = create_app(load_model(gpt2_run_dir), load_tokenizer(gpt2_run_dir), "gpt2-run")
     with running_server(app) as url:
@@ -853,23 +845,7 @@ def test_lm_eval_local_completions_scores_as_the_hf_model(gpt2_run_dir: Path, mo
     # boundaries, and so the rolling score, would differ: a property of lm-eval's API models, not the server)
     reference = evaluate("hf", f"pretrained={gpt2_run_dir},dtype=float32,max_length=63")
 
-    def answers(results: dict) -> dict:
-        return {(task, s["doc_id"]): s["filtered_resps"] for task, samples in results["samples"].items() for s in samples}
-
-    ours, theirs = answers(served), answers(reference)
-    assert ours.keys() == theirs.keys() and {task for task, _ in ours} == set(tasks)
-    for key, got in ours.items():
-        for a, b in zip(got, theirs[key], strict=True):
-            if key[0] == "gptlab_gen":
-                assert a == b, key  # greedy text, cut at the stop string
-            elif key[0] == "gptlab_rolling":
-                assert a == pytest.approx(b, abs=1e-4), key  # ln P(document)
-            else:  # (ln P(continuation | context), is_greedy)
-                assert a[0] == pytest.approx(b[0], abs=1e-4) and a[1] == b[1], key
-    for task in tasks:
-        for metric, value in served["results"][task].items():
-            if isinstance(value, float) and "stderr" not in metric:
-                assert value == pytest.approx(reference["results"][task][metric], rel=1e-4, abs=1e-4), (task, metric)
+    assert_same_scores(served, reference)
 
 
 @pytest.fixture(scope="module")

@@ -272,14 +272,21 @@ def checked_train_config(values: dict[str, Any]) -> TrainConfig:
 def _read_config_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise GptlabError(f"config file not found: {path}")
+    return read_options(path, f"config file {path}")
+
+
+def read_options(path: Path, label: str, *, flags: bool = False) -> dict[str, Any]:
+    """A JSON object of option: value (a --config file, a run's train_config.json), each known option's
+    value of its field's type; anything else is one line led by `label`, naming the option as a field
+    or (`flags`) as its command-line flag."""
     try:
         values = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise GptlabError(f"config file {path} is not valid JSON: {exc}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GptlabError(f"{label} is not a readable JSON file: {exc}") from None
     if not isinstance(values, dict):
-        raise GptlabError(f"config file {path} must hold a JSON object of option: value")
+        raise GptlabError(f"{label} must hold a JSON object of option: value")
     kinds = {f.name: f.type for f in fields(TrainConfig)}
     for name, value in values.items():
         if name in kinds:
-            check_type(f"config file {path}: {name}", value, kinds[name])
+            check_type(f"{label}: {'--' + name.replace('_', '-') if flags else name}", value, kinds[name])
     return values

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -33,7 +32,7 @@ from ..fileio import atomic_write_json, remove_temporaries
 from ..model import GPT
 from ..tokenizers import Tokenizer
 from . import distributed
-from .config import TrainConfig, check_type, checked_train_config
+from .config import TrainConfig, checked_train_config, read_options
 from .device import check_memory, compile_unavailable, enable_tf32, resolve_dtype
 from .distributed import Group
 from .metrics import truncate_metrics
@@ -154,17 +153,9 @@ def saved_options(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / TRAIN_CONFIG_FILE
     if not (Path(run_dir) / STATE_FILE).is_file():
         raise GptlabError(f"{run_dir}: no {STATE_FILE} to resume from")
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise GptlabError(f"{path}: cannot read the run's options ({exc})") from None
-    if not isinstance(saved, dict):
-        raise GptlabError(f"{path}: cannot read the run's options (not a JSON object)")
-    kinds = {f.name: f.type for f in fields(TrainConfig)}
-    for name, value in saved.items():
-        if name in kinds:
-            check_type(f"{path}: --{name.replace('_', '-')}", value, kinds[name])
-    return {k: v for k, v in saved.items() if k in kinds}
+    saved = read_options(path, str(path), flags=True)
+    known = {f.name for f in fields(TrainConfig)}
+    return {k: v for k, v in saved.items() if k in known}
 
 
 def resumed_config(run_dir: Path, given: TrainConfig) -> TrainConfig:
