@@ -33,14 +33,22 @@ browser:
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
-# About 30 minutes on 2 CPU cores; the benchmarks that need ../shared/data say so and skip without it.
+# About 75 minutes on 2 CPU cores; the benchmarks that need ../shared/data say so and skip without it.
+# serve_load runs the previous server beside ours, from that commit's src/ (git archive: no worktree).
+OLD_SERVE := 69885c2
 bench: $(STAMP)
 	$(BIN)/python benchmarks/generate.py
 	$(BIN)/python benchmarks/train.py
 	$(BIN)/python benchmarks/train_profile.py
+	rm -rf build/old-serve && mkdir -p build/old-serve && git archive $(OLD_SERVE) src | tar -x -C build/old-serve
+	$(BIN)/python benchmarks/serve_load.py --old-src build/old-serve/src
+	$(BIN)/python benchmarks/scorer.py
+	$(BIN)/python benchmarks/lm_eval_model.py
 	$(BIN)/python benchmarks/ngram.py
+	$(BIN)/python benchmarks/prepare.py
 	$(BIN)/python benchmarks/adder.py
 	$(BIN)/python benchmarks/shakespeare.py
+	$(BIN)/python benchmarks/demo_load.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

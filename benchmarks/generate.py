@@ -37,7 +37,7 @@ from gptlab import generate
 from gptlab.checkpoint import load_model, save_model
 from gptlab.config import model_preset
 from gptlab.inference import Engine, SamplingParams
-from gptlab.kernels import Int8Linear, quantize_int8
+from gptlab.kernels import Int8Linear, largest_cache_bytes, quantize_int8
 from gptlab.model import GPT
 
 from machine import MACHINE, save_results  # benchmarks/machine.py: a script's own folder is on sys.path
@@ -54,17 +54,6 @@ def read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
     x = torch.ones(megabytes * 2**20 // 4)
     x.sum()
     return x.nbytes / min(timed(x.sum)[0] for _ in range(repeats))
-
-
-def last_level_cache() -> str:
-    """The largest CPU cache, as Linux names it (e.g. '32768K'), or '' where that cannot be read."""
-    sizes = []
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        try:
-            sizes.append(((index / "level").read_text().strip(), (index / "size").read_text().strip()))
-        except OSError:
-            pass
-    return max(sizes)[1] if sizes else ""
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -170,7 +159,9 @@ def markdown(report: dict) -> str:
         f"Machine: {report['machine']}; {report['threads']} threads; load average "
         f"{report['load_before']} before, {report['load_after']} after. Read bandwidth (sum of a "
         f"{report['bandwidth_probe_mb']} MB float32 tensor): {report['read_gb_s']:.1f} GB/s; largest CPU cache "
-        f"{report['last_level_cache'] or 'unknown'}, so no model here fits in cache.",
+        f"{report['last_level_cache_mb']:.0f} MB, " + (
+            f"which holds the {' and '.join(report['weights_fit_in_cache'])} weights." if report["weights_fit_in_cache"]
+            else "so no model here fits in cache." if report["last_level_cache_mb"] else "(unknown).")
         f"Model: GPT-2 124M shape, random weights; prompts of {report['prompt_tokens']} tokens; "
         f"{report['rows'][0]['new_tokens']} greedy tokens; gptlab {report['gptlab_weight_mb']}.",
         "",
@@ -230,14 +221,16 @@ def main() -> None:
     bandwidth = read_bandwidth()
     report = dict(machine=MACHINE, threads=torch.get_num_threads(), torch=torch.__version__,
                   python=platform.python_version(), prompt_tokens=args.prompt_tokens, load_before=load_before,
-                  bandwidth_probe_mb=512, read_gb_s=bandwidth / 1e9, last_level_cache=last_level_cache(), rows=[])
+                  bandwidth_probe_mb=512, read_gb_s=bandwidth / 1e9, last_level_cache_mb=largest_cache_bytes() / 2**20,
+                  rows=[])
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         torch.manual_seed(0)
         model = GPT(model_preset("gpt2"))
-        report["gptlab_weight_mb"] = ", ".join(
-            f"{label} {weight_bytes(m) / 1e6:.0f} MB of weights" for label, m in
-            (("float32", model), ("bf16", copy.deepcopy(model).bfloat16()), ("int8", quantize_int8(copy.deepcopy(model)))))
+        sizes = {label: weight_bytes(m) for label, m in
+                 (("float32", model), ("bf16", copy.deepcopy(model).bfloat16()), ("int8", quantize_int8(copy.deepcopy(model))))}
+        report["gptlab_weight_mb"] = ", ".join(f"{label} {n / 1e6:.0f} MB of weights" for label, n in sizes.items())
+        report["weights_fit_in_cache"] = [label for label, n in sizes.items() if n <= largest_cache_bytes()]
         save_model(model, directory, require_hf=True)
         del model
         for dtype in args.dtypes.split(","):

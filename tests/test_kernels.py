@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -288,3 +289,24 @@ def test_a_compiled_graph_takes_the_measured_gelu_form(
     assert verdicts == [["sigmoid", "tanh"]]  # measured once, while tracing
     torch.testing.assert_close(compiled, eager)  # float32's default tolerances: another formula rounds otherwise
     torch.testing.assert_close(compiled_grad, eager_grad)
+
+
+def test_decoding_candidates_are_timed_on_weights_read_from_memory(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decoding step reads each weight after all the others: the candidates must not all meet one
+    cache-resident matrix. They see copies in turn, equal to the weight, twice the cache in all."""
+    monkeypatch.setattr(kernels, "largest_cache_bytes", lambda: 4096)
+    weight = torch.randn(16, 32)  # 2 KiB: four copies make twice the fake 4 KiB cache
+    seen: list[torch.Tensor] = []
+
+    def recording(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        seen.append(w)
+        return F.linear(x, w, bias)
+
+    monkeypatch.setattr(kernels, "LINEAR_PRODUCTS", {"F.linear": recording})
+    with torch.inference_mode():
+        kernels.linear_path(torch.randn(1, 32), weight)
+    storages = {w.untyped_storage().data_ptr() for w in seen}
+    assert len(storages) == 4 and weight.untyped_storage().data_ptr() in storages
+    assert all(torch.equal(w, weight) for w in seen)
+    big = list(itertools.islice(kernels.from_memory(torch.randn(64, 64)), 5))  # 16 KiB > twice the cache
+    assert all(w is big[0] for w in big)
