@@ -155,13 +155,14 @@ def measure(batch: int, dtype: torch.dtype, args: argparse.Namespace, directory:
 
 
 def markdown(report: dict) -> str:
+    in_cache = report["weights_fit_in_cache"]
+    cache = (f"{report['last_level_cache_mb']:.0f} MB, " + (f"which holds the {' and '.join(in_cache)} weights. "
+             if in_cache else "so no model here fits in cache. ")) if report["last_level_cache_mb"] else "unknown. "
     lines = [
         f"Machine: {report['machine']}; {report['threads']} threads; load average "
         f"{report['load_before']} before, {report['load_after']} after. Read bandwidth (sum of a "
         f"{report['bandwidth_probe_mb']} MB float32 tensor): {report['read_gb_s']:.1f} GB/s; largest CPU cache "
-        f"{report['last_level_cache_mb']:.0f} MB, " + (
-            f"which holds the {' and '.join(report['weights_fit_in_cache'])} weights." if report["weights_fit_in_cache"]
-            else "so no model here fits in cache." if report["last_level_cache_mb"] else "(unknown).")
+        f"{cache}"
         f"Model: GPT-2 124M shape, random weights; prompts of {report['prompt_tokens']} tokens; "
         f"{report['rows'][0]['new_tokens']} greedy tokens; gptlab {report['gptlab_weight_mb']}.",
         "",
