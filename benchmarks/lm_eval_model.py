@@ -72,6 +72,11 @@ def close(a, b) -> bool:
     return abs(a - b) <= max(1e-4, 1e-6 * abs(b))
 
 
+def number(answer) -> float:
+    """The log-likelihood in an answer: a float, or the first of (log-likelihood, is_greedy)."""
+    return answer[0] if isinstance(answer, tuple) else answer
+
+
 def main() -> None:
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     load_before = round(os.getloadavg()[0], 2)
@@ -92,9 +97,14 @@ def main() -> None:
                     start = time.perf_counter()
                     answers[name] = getattr(models[name], kind)(batch, disable_tqdm=True)
                     best[name] = min(best[name], time.perf_counter() - start)
-            agree = all(close(a, b) for a, b in zip(answers["gptlab"], answers["hf"], strict=True))
+            pairs = list(zip(answers["gptlab"], answers["hf"], strict=True))
+            agree = all(close(a, b) for a, b in pairs)
+            gaps = [abs(number(a) - number(b)) for a, b in pairs if not isinstance(a, str)]
             rows[kind] = {"requests": len(batch), **{f"{name}_requests_per_s": len(batch) / t for name, t in best.items()},
-                          "speedup": best["hf"] / best["gptlab"], "answers_agree": agree}
+                          "speedup": best["hf"] / best["gptlab"], "answers_agree": agree,
+                          "largest_difference": max(gaps, default=None),
+                          "largest_relative_difference": max((abs(number(a) - number(b)) / max(abs(number(b)), 1e-30)
+                                                              for a, b in pairs if not isinstance(a, str)), default=None)}
             print(kind, rows[kind], flush=True)
     results = {"machine": MACHINE, "torch": torch.__version__, "threads": torch.get_num_threads(),
                "model": "GPT-2 BPE, 6 layers, 256 wide, context 256", "batch_size": BATCH, "rounds": ROUNDS,
@@ -104,10 +114,14 @@ def main() -> None:
     lines = [f"gptlab's lm-eval model against lm-eval's `hf` model ({MACHINE}; {results['threads']} threads; load "
              f"{load_before} before, {results['load_after']} after). {results['model']}, batch {BATCH}, float32, "
              f"best of {ROUNDS} rounds.", "",
-             "| request type | requests | gptlab req/s | hf req/s | gptlab speed-up | answers agree |",
-             "| --- | ---: | ---: | ---: | ---: | --- |"]
+             "| request type | requests | gptlab req/s | hf req/s | gptlab speed-up | answers agree | largest difference "
+             "(relative) |",
+             "| --- | ---: | ---: | ---: | ---: | --- | ---: |"]
     lines += [f"| {kind} | {r['requests']} | {r['gptlab_requests_per_s']:.2f} | {r['hf_requests_per_s']:.2f} | "
-              f"{r['speedup']:.2f}x | {'yes' if r['answers_agree'] else 'NO'} |" for kind, r in rows.items()]
+              f"{r['speedup']:.2f}x | {'yes' if r['answers_agree'] else 'NO'} | " + (
+                  "texts" if r["largest_difference"] is None
+                  else f"{r['largest_difference']:.2e} ({r['largest_relative_difference']:.1e})") + " |"
+              for kind, r in rows.items()]
     (RESULTS / "lm_eval_model.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
