@@ -3,6 +3,7 @@ cut points that let a long document be tokenised in pieces."""
 
 import bz2
 import gzip
+import io
 import json
 import lzma
 
@@ -15,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gptlab.data import TokenDataset, prepare
+from gptlab.data import readers
 from gptlab.data.readers import cut_pieces
 from gptlab.errors import GptlabError
 from gptlab.tokenizers import GPT2Tokenizer
@@ -71,6 +73,7 @@ def test_text_field_chooses_the_field_and_a_missing_one_is_named(tmp_path, gptla
 @pytest.mark.parametrize(("content", "fragment"), [
     (b'{"text": "a"}\nnot json\n', "not valid JSON lines"),
     (b'{"text": 5}\n', "not valid JSON lines"),
+    (b'{"text": "a"}\n' * 40000 + b'{"text": "b"\n', "in record 40001"),  # a bad record past the first block
     (b"[1, 2]", "must hold objects"),
 ])
 def test_bad_json_is_one_line(tmp_path, gptlab, content, fragment):
@@ -89,6 +92,70 @@ def test_csv_and_tsv_with_quotes_commas_and_newlines_in_values(tmp_path):
     (tmp_path / "c.tsv").write_text("id\tbody\n" + tsv, encoding="utf-8")
     prepare([str(tmp_path / "c.tsv")], "gpt2", tmp_path / "tsv", text_field="body", val_fraction=0)
     assert tokens_of(tmp_path / "tsv") == expected_gpt2(DOCS)
+
+
+class CountingReads(io.BytesIO):
+    """A file that counts the bytes its readers have taken from it."""
+
+    taken = 0
+
+    def read(self, size=-1):
+        data = super().read(size)
+        self.taken += len(data)
+        return data
+
+    def read1(self, size=-1):  # what io.TextIOWrapper reads through
+        data = super().read1(size)
+        self.taken += len(data)
+        return data
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv"])
+def test_records_are_read_as_they_are_needed_not_ahead(tmp_path, monkeypatch, fmt):
+    """Memory must not grow with the corpus: by the first batch of documents, a reader has taken about
+    one block of the file (here 1 MB), not the 32 blocks pyarrow's streaming readers take ahead."""
+    text = "word " * 200  # 1 kB documents, 20 MB in all
+    if fmt == "json":
+        data = "".join(json.dumps({"text": f"{i} {text}"}) + "\n" for i in range(20000)).encode()
+    else:
+        data = ("id,text\n" + "".join(f'{i},"{i} {text}"\n' for i in range(20000))).encode()
+    monkeypatch.setattr(readers, "RECORD_BLOCK_BYTES", 2**20)
+    opened: list[CountingReads] = []
+    monkeypatch.setattr(readers, "open", lambda *a, **k: opened.append(CountingReads(data)) or opened[-1],
+                        raising=False)
+    path = tmp_path / f"c.{fmt}"
+    pieces = readers.read(readers.FileSource(path, fmt, None, len(data)), "text")
+    first = next(pieces)
+    assert first.text.startswith("0 word") and first.first
+    assert opened[-1].taken <= 2 * 2**20, opened[-1].taken  # about one block, not 20 MB
+    assert sum(p.first for p in pieces) == 19999 and opened[-1].taken == len(data)
+
+
+def test_line_blocks_hold_whole_lines_however_long():
+    lines = [b'{"a": 1}', b'{"b": "' + b"x" * 50 + b'"}', b"", b"", b"", b"", b'{"c": 3}']
+    blocks = list(readers._line_blocks(io.BytesIO(b"\n".join(lines)), size=8))
+    assert [line for b in blocks for line in b.split(b"\n") if line] == [line for line in lines if line]
+    assert all(b.endswith(b"\n") for b in blocks[:-1]) and blocks[-1] == b'{"c": 3}'
+    assert all(b.strip() for b in blocks) and len(blocks) == 3  # the blank lines' own block is left out
+
+
+@pytest.mark.parametrize(("content", "fragment"), [
+    (b"id,text\n1,hello\n2,a,b\n", "line 3: 3 fields where the header has 2"),
+    (b'id,text\n1,"never closed\n', "not valid CSV"),
+    (b"id,text\n1,caf\xe9\n", "not UTF-8"),
+])
+def test_bad_csv_is_one_line(tmp_path, gptlab, content, fragment):
+    (tmp_path / "bad.csv").write_bytes(content)
+    code, _, err = gptlab("prepare", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "out"))
+    one_line_error(code, err, 2, "bad.csv", fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_csv_value_longer_than_the_csv_modules_default_limit(tmp_path):
+    long = "To be, or not to be. " * 20000  # 420 kB in one field; the csv module's default limit is 128 KiB
+    (tmp_path / "c.csv").write_text(f'id,text\n1,"{long}"\n', encoding="utf-8")
+    prepare([str(tmp_path / "c.csv")], "gpt2", tmp_path / "out", val_fraction=0)
+    assert tokens_of(tmp_path / "out") == GPT2Tokenizer().encode(long)
 
 
 def test_csv_without_the_column_lists_its_columns(tmp_path):
