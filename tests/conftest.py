@@ -67,6 +67,12 @@ TINY_RUN = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, max
 TINY_ARGS = [f"--{name.replace('_', '-')}={value}" for name, value in TINY_RUN.items()]  # TINY_RUN as options
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child `gptlab train`, read when the child starts: it must see what the
+    session's fixtures set (the kernel choices' file among them), not the environment at import."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
 def expect_one_line_error(code: int, err: str, expected_code: int, *fragments: str) -> None:
     """A command's failure as the house rules want it: one line naming the problem, no traceback, and
     the exit status of its kind (2: usage and input, 3: the environment)."""

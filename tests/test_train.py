@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
-from conftest import needs_compile
+from conftest import child_env, needs_compile
 
 from gptlab import kernels
 from gptlab.train import device as device_module
@@ -35,11 +35,6 @@ from gptlab.train.state import load_checkpoint
 # dropout on, so that resuming must restore torch's random state too; two micro-batches per step
 RUN = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, grad_accum=2, dropout=0.1,
            max_iters=24, eval_interval=8, eval_iters=2, log_interval=1, warmup_iters=4, sample_tokens=0)
-def child_env(**extra: str) -> dict[str, str]:
-    """The environment of a child `gptlab train`, read when the child starts: it must see what the
-    session's fixtures set (the kernel choices' file among them), not the environment at import."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
-
 # A child `gptlab train` that sends itself a signal in the forward pass of its STOP_AT_CALL-th training
 # micro-batch, i.e. in the middle of a step: deterministic, yet the real signal path.
 SIGNAL_CHILD = r"""

@@ -4,7 +4,6 @@ new run has passed; one process per run, even when two start together or one was
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -13,14 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_ARGS, expect_one_line_error, snapshot, steps_logged
+from conftest import TINY_ARGS, child_env, expect_one_line_error, snapshot, steps_logged
 
 from gptlab.data import TokenDataset
-
-def child_env(**extra: str) -> dict[str, str]:
-    """The environment of a child `gptlab train`, read when the child starts: it must see what the
-    session's fixtures set (the kernel choices' file among them), not the environment at import."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
 
 # A child `gptlab train` that, in the forward pass of its HOLD_AT_CALL-th training step, touches
 # HOLD_MARKER and sleeps: a run in progress, holding its directory, for as long as the test wants.
