@@ -14,7 +14,7 @@ from conftest import needs_compile, tiny_model
 from gptlab import kernels
 from gptlab.config import GPTConfig
 from gptlab.inference.cache import SlotCache
-from gptlab.kernels import fastest, force, matvec_rows, sigmoid_form_gelu, tall_product
+from gptlab.kernels import can_prepack, fastest, force, matvec_rows, prepacked_product, sigmoid_form_gelu, tall_product
 from gptlab.model import GPT
 
 
@@ -164,12 +164,30 @@ def test_every_linear_candidate_equals_f_linear(n_threads: int, rows: int) -> No
         x = torch.randn(rows, 1, 300, generator=g)  # (B, T, in) as a decoding step has it
         with torch.inference_mode():
             for b in (bias, None):
-                for product in (matvec_rows, tall_product):
+                for product in (matvec_rows, tall_product, *([prepacked_product] if can_prepack(weight) else [])):
                     got = product(x, weight, b)
                     assert got.shape == (rows, 1, 1001)
+                    # row-major like F.linear's: a transposed result sends attention to its slow math kernel
+                    assert got.is_contiguous(), product.__name__
                     torch.testing.assert_close(got, F.linear(x, weight, b), rtol=0, atol=1e-4)
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_prepacked_weight_follows_changes_to_the_weight() -> None:
+    """The reordered copy is made once, reused, and made again after the weight changes in place."""
+    weight = torch.randn(64, 32)
+    if not can_prepack(weight):
+        pytest.skip("this torch build has no oneDNN (mkldnn), so there is no prepacked product")
+    x = torch.randn(3, 32)
+    with torch.inference_mode():
+        first = kernels.prepacked_weight(weight)
+        assert kernels.prepacked_weight(weight) is first
+    with torch.no_grad():
+        weight.mul_(2)  # as load_state_dict or an optimizer step changes a parameter
+    with torch.inference_mode():
+        assert kernels.prepacked_weight(weight) is not first
+        torch.testing.assert_close(prepacked_product(x, weight), F.linear(x, weight), rtol=0, atol=1e-5)
 
 
 class GrowingCache:
@@ -204,6 +222,8 @@ def cached_step(model: GPT, idx: torch.Tensor, cache: GrowingCache) -> torch.Ten
 
 @pytest.mark.parametrize("path", kernels.LINEAR_PRODUCTS)
 def test_decoding_through_each_linear_candidate_matches_the_uncached_model(path: str) -> None:
+    if path == "prepacked" and not can_prepack(torch.zeros(2, 2)):
+        pytest.skip("this torch build has no oneDNN (mkldnn), so there is no prepacked product")
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=1101, block_size=24, n_layer=2, n_head=4, n_embd=256)).eval()
     seq = torch.randint(0, 1101, (6, 24), generator=torch.Generator().manual_seed(3))
@@ -308,5 +328,27 @@ def test_decoding_candidates_are_timed_on_weights_read_from_memory(fresh: Path, 
     storages = {w.untyped_storage().data_ptr() for w in seen}
     assert len(storages) == 4 and weight.untyped_storage().data_ptr() in storages
     assert all(torch.equal(w, weight) for w in seen)
-    big = list(itertools.islice(kernels.from_memory(torch.randn(64, 64)), 5))  # 16 KiB > twice the cache
+    big = list(itertools.islice(itertools.cycle(kernels.from_memory(torch.randn(64, 64))), 5))  # 16 KiB > twice the cache
     assert all(w is big[0] for w in big)
+
+
+def test_prepacked_copies_are_reordered_before_the_clock_starts(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each copy a decoding candidate meets is reordered once, before timing: a timed call that
+    reorders would charge the prepacked product for work a decoding step never does."""
+    weight = torch.randn(16, 32)
+    if not can_prepack(weight):
+        pytest.skip("this torch build has no oneDNN (mkldnn), so there is no prepacked product")
+    monkeypatch.setattr(kernels, "largest_cache_bytes", lambda: 4096)  # four copies of the 2 KiB weight
+    timing = kernels._time_candidates
+    reordered_while_timed = []
+
+    def spy(candidates, rounds, clock):
+        before = len(kernels._PREPACKED)
+        seconds = timing(candidates, rounds, clock)
+        reordered_while_timed.append(len(kernels._PREPACKED) - before)
+        return seconds
+
+    monkeypatch.setattr(kernels, "_time_candidates", spy)
+    with torch.inference_mode():
+        kernels.linear_path(torch.randn(1, 32), weight)
+    assert reordered_while_timed == [0]
