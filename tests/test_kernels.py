@@ -352,3 +352,23 @@ def test_prepacked_copies_are_reordered_before_the_clock_starts(fresh: Path, mon
     with torch.inference_mode():
         kernels.linear_path(torch.randn(1, 32), weight)
     assert reordered_while_timed == [0]
+
+
+def test_decoding_rows_share_a_measurement_per_power_of_two(fresh: Path) -> None:
+    """A server's batch passes through every size: 5, 6, 7 and 8 rows take one measurement, not four."""
+    weight = torch.randn(64, 32)
+    with torch.inference_mode():
+        for rows in (5, 6, 7, 8):
+            kernels.linear(torch.randn(rows, 1, 32), weight)
+    assert [key[1] for key in kernels._chosen if key[0] == "linear"] == [8]
+
+
+def test_the_engine_warms_up_every_batch_size_it_will_decode(fresh: Path) -> None:
+    """Engine.warm_up (the server runs it before its first request) makes the kernels' choices for batch
+    sizes 1, 2, 4, 8 up to max_batch, so no request waits on a measurement."""
+    from gptlab.inference import Engine
+
+    model = tiny_model()
+    Engine(model, max_batch=6).warm_up()
+    rows = {key[1] for key in kernels._chosen if key[0] == "linear"}
+    assert rows == {1, 2, 4, 8}

@@ -235,8 +235,10 @@ def linear_path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """The fastest of LINEAR_PRODUCTS for these shapes on this machine (measured once)."""
     if "linear" in _forced:
         return _forced["linear"]
-    key = ("linear", x.numel() // x.size(-1), *weight.shape, str(x.dtype), str(weight.dtype), bias is not None,
-           str(weight.device), torch.get_num_threads(), "weights from memory", "row-major result")
+    # rows rounded up to a power of two: a server's batch passes through every size, and each new key
+    # costs copies of the weight (`from_memory`)
+    key = ("linear", _bucket(x.numel() // x.size(-1)), *weight.shape, str(x.dtype), str(weight.dtype),
+           bias is not None, str(weight.device), torch.get_num_threads(), "weights from memory", "row-major result")
 
     names = tuple(name for name in LINEAR_PRODUCTS if name != "prepacked" or can_prepack(weight))
 
@@ -645,8 +647,8 @@ def int8_linear(
     else:
         rows = flat.size(0)
         decode = rows <= DECODE_ROWS
-        key = ("int8 linear", rows if decode else _bucket(rows), *weight.shape, str(x.dtype),
-               str(weight.device), torch.get_num_threads(), *(["weights from memory"] if decode else []))
+        key = ("int8 linear", _bucket(rows), *weight.shape, str(x.dtype), str(weight.device),
+               torch.get_num_threads(), *(["weights from memory", "rows bucketed"] if decode else []))
 
         def build() -> dict[str, Callable[[], object]]:
             weights = itertools.cycle(from_memory(weight)) if decode else itertools.repeat(weight)

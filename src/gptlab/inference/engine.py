@@ -139,6 +139,19 @@ class Engine:
         self._cancelled = False
         self.steps = 0  # forward steps run, for the server's statistics
 
+    def warm_up(self) -> None:
+        """Run one forward pass at every batch size a decoding step will use (powers of two up to
+        max_batch), so that the kernels' one-time measurements of those shapes (`gptlab.kernels`) happen
+        now and not under the first requests. They are cached on disk: after the first start on a
+        machine this takes a few passes' time."""
+        rows = 1
+        with torch.inference_mode():
+            while True:
+                self.model(torch.zeros((min(rows, self.max_batch), 1), dtype=torch.long, device=self.device))
+                if rows >= self.max_batch:
+                    break
+                rows *= 2
+
     # -- requests -----------------------------------------------------------------------------------
 
     def check(self, prompt: Seq[int], params: SamplingParams, name: str = "the prompt") -> None:

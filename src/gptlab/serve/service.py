@@ -60,6 +60,7 @@ class CompletionService:
         self.metrics = Metrics()
         self.engine = Engine(model, tokenizer, max_batch=limits.max_batch, kv_cache_bytes=limits.kv_cache_mb * 2**20,
                              grow_ahead=True)
+        self.engine.warm_up()  # the kernels' measurements of every batch size, before the first request
         self.engine_thread = EngineThread(self.engine, self.metrics, limits.max_queue)
 
     # -- checks ---------------------------------------------------------------------------------------
