@@ -145,3 +145,29 @@ def test_adapt_threads_leaves_torch_alone_unless_asked(monkeypatch: pytest.Monke
     tuner.before_step()
     tuner.after_step(1.0)
     assert calls == []
+
+
+def test_the_amx_shakespeare_preset_changes_only_the_shape_and_the_weight_decay() -> None:
+    """shakespeare-char-amx is shakespeare-char-cpu made wider and deeper (with the weight decay its
+    larger model needed): every other setting, the budget included, stays the same."""
+    cpu, amx = TRAIN_PRESETS["shakespeare-char-cpu"], TRAIN_PRESETS["shakespeare-char-amx"]
+    changed = {name for name in {**cpu, **amx} if cpu.get(name) != amx.get(name)}
+    assert changed == {"n_layer", "n_head", "n_embd", "weight_decay"}
+    config = build_train_config("shakespeare-char-amx", overrides={"data": "unused"})
+    assert (config.n_layer, config.n_embd, config.n_embd // config.n_head, config.max_time) == (4, 192, 32, 300.0)
+
+
+def test_the_shakespeare_benchmark_takes_the_wide_preset_where_bf16_runs_4x() -> None:
+    import importlib.util
+
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(benchmarks))  # the script imports its neighbour machine.py
+    try:
+        spec = importlib.util.spec_from_file_location("shakespeare_bench", benchmarks / "shakespeare.py")
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.remove(str(benchmarks))
+    assert bench.choose_preset(2.2) == "shakespeare-char-cpu"  # AVX-512-bf16 without AMX, as measured
+    assert bench.choose_preset(3.99) == "shakespeare-char-cpu"
+    assert bench.choose_preset(4.8) == "shakespeare-char-amx"  # the AMX Xeon, as measured
