@@ -106,6 +106,24 @@ def test_slot_cache_decodes_rows_of_different_lengths_as_the_uncached_model() ->
             torch.testing.assert_close(got, expected[torch.arange(3), torch.tensor(at)], rtol=0, atol=1e-5)
 
 
+def test_a_growing_cache_never_makes_slots_past_the_engines_batch() -> None:
+    """Growing ahead doubles the slots, but not past max_slots: slots no sequence can use cost a zero-fill
+    of the whole cache (a 16th sequence joining 15 once grew a GPT-2 cache to 30 slots, 557 MB, 1.45 s)."""
+    model = tiny_model(block_size=16)
+    cache = SlotCache(model.config, device=torch.device("cpu"), dtype=torch.float32, max_slots=16)
+    cache.ensure(15, 8, ahead=True)
+    cache.ensure(16, 8, ahead=True)
+    assert cache.slots == 16
+    cache.ensure(16, 9, ahead=True)  # the positions still grow ahead
+    assert (cache.slots, cache.capacity) == (16, 16)
+    small = SlotCache(model.config, device=torch.device("cpu"), dtype=torch.float32, max_slots=16)
+    small.ensure(2, 8, ahead=True)
+    small.ensure(5, 8, ahead=True)  # more slots: the positions stay as they are
+    assert (small.slots, small.capacity) == (10, 8)
+    engine = Engine(model, max_batch=5)
+    assert engine.cache.max_slots == 5
+
+
 def test_cached_greedy_tokens_equal_uncached_within_the_context() -> None:
     model = tiny_model(block_size=32)
     prompt = prompts_of([6])[0]

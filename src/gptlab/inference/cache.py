@@ -26,11 +26,12 @@ from ..config import GPTConfig
 
 class SlotCache:
     def __init__(self, config: GPTConfig, *, device: torch.device, dtype: torch.dtype,
-                 budget_bytes: int | None = None) -> None:
+                 budget_bytes: int | None = None, max_slots: int | None = None) -> None:
         self.config = config
         self.device = device
         self.dtype = dtype
         self.budget_bytes = budget_bytes
+        self.max_slots = max_slots  # the most sequences that will ever run at once (the engine's max_batch)
         # keys and values of one position in every layer
         self.bytes_per_position = 2 * config.n_layer * config.n_embd * torch.empty((), dtype=dtype).element_size()
         self.kv: torch.Tensor | None = None  # (L, 2, slots, nh, capacity, hs)
@@ -53,15 +54,18 @@ class SlotCache:
     def ensure(self, slots: int, capacity: int, *, ahead: bool = False) -> None:
         """Make room for `slots` sequences of `capacity` positions, keeping what the slots hold.
 
-        With `ahead`, a buffer that must grow doubles (within the budget and `capacity`'s block size),
-        so that sequences joining one by one cost a copy of the cache only a few times, not each time.
+        With `ahead`, a dimension that must grow doubles (within the budget, `capacity`'s block size and
+        `max_slots`), so that sequences joining one by one cost a copy of the cache only a few times, not
+        each time. Slots past `max_slots` would never be used, and zero-filling them is not free: a 16th
+        sequence joining 15 once grew a GPT-2 cache to 30 slots, 557 MB, in 1.45 s.
         """
         if slots <= self.slots and capacity <= self.capacity:
             return
         want_slots, want_capacity = max(slots, self.slots), max(capacity, self.capacity)
-        if ahead:
-            grown_slots = max(want_slots, 2 * self.slots)
-            grown_capacity = min(self.config.block_size, max(want_capacity, 2 * self.capacity))
+        if ahead:  # only what must grow grows ahead: each costs a zero-fill and a copy of the whole cache
+            grown_slots = want_slots if slots <= self.slots else min(2 * want_slots, self.max_slots or 2 * want_slots)
+            grown_capacity = want_capacity if capacity <= self.capacity else \
+                min(self.config.block_size, max(want_capacity, 2 * self.capacity))
             if self.fits(grown_slots, grown_capacity):
                 want_slots, want_capacity = grown_slots, grown_capacity
         c = self.config

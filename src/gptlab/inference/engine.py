@@ -131,7 +131,8 @@ class Engine:
         self.prefill_tokens = prefill_tokens
         weight = model.transformer.wpe.weight  # float in every model, int8-quantized ones too: device and dtype
         self.device = weight.device
-        self.cache = SlotCache(model.config, device=weight.device, dtype=weight.dtype, budget_bytes=kv_cache_bytes)
+        self.cache = SlotCache(model.config, device=weight.device, dtype=weight.dtype, budget_bytes=kv_cache_bytes,
+                               max_slots=max_batch)
         self.sampler = Sampler(model.config.vocab_size, max_batch, weight.device)
         self.waiting: deque[Sequence] = deque()
         self.rows: list[Sequence] = []  # the running batch; rows[r] holds cache slot r
