@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import itertools
 import json
@@ -343,7 +344,13 @@ def prepacked_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 def can_prepack(weight: torch.Tensor) -> bool:
     """Whether oneDNN can take `weight` prepacked: a CPU float32 or bf16 matrix, in a build with oneDNN."""
     return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and weight.dim() == 2
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+            and _onednn_prepacks())
+
+
+@functools.cache
+def _onednn_prepacks() -> bool:
+    """Whether this torch build has oneDNN's weight reordering (asked once: decoding asks every product)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 def prepacked_weight(weight: torch.Tensor) -> torch.Tensor:

@@ -63,7 +63,8 @@ class SlotCache:
             return
         want_slots, want_capacity = max(slots, self.slots), max(capacity, self.capacity)
         if ahead:  # only what must grow grows ahead: each costs a zero-fill and a copy of the whole cache
-            grown_slots = want_slots if slots <= self.slots else min(2 * want_slots, self.max_slots or 2 * want_slots)
+            grown_slots = want_slots if slots <= self.slots else \
+                max(want_slots, min(2 * want_slots, self.max_slots or 2 * want_slots))
             grown_capacity = want_capacity if capacity <= self.capacity else \
                 min(self.config.block_size, max(want_capacity, 2 * self.capacity))
             if self.fits(grown_slots, grown_capacity):
