@@ -103,3 +103,27 @@ def test_training_with_explicit_bf16_on_an_emulating_cpu_warns(
     train(config, show_progress=False)
     err = capsys.readouterr().err
     assert err.count("--dtype bfloat16: this CPU multiplies bf16 matrices 12.5x slower than float32") == 1
+
+
+def test_the_peak_probe_keeps_the_best_of_one_thread_and_all(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a busy machine a two-thread product waits for its descheduled thread (0.5 GFLOP/s read where one
+    thread ran at 17): the probe times both counts and keeps each product's best, then restores the count."""
+    from gptlab import throughput
+    from gptlab.config import GPTConfig
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = set()
+
+        def timed(p, operands, device) -> float:
+            seen.add(torch.get_num_threads())
+            return p.flops / (17e9 if torch.get_num_threads() == 1 else 0.5e9)
+
+        monkeypatch.setattr(throughput, "_time_product", timed)
+        peak = throughput.matmul_peak("cpu", torch.float32, seconds=0.0, config=GPTConfig(
+            vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32), rows=64)
+        assert seen == {1, 2} and torch.get_num_threads() == 2
+        assert peak == pytest.approx(17e9)
+    finally:
+        torch.set_num_threads(before)
