@@ -335,9 +335,9 @@ def test_newton_schulz_shapes_are_the_iterations_products() -> None:
         (32, 32, 32), (32, 32, 96), (32, 32, 128), (32, 96, 32), (32, 128, 32))
 
 
-@pytest.mark.parametrize("muon, expected", [(0.03, True), (0.064, True), (0.066, False), (0.6, False)])
-def test_muon_pays_while_it_adds_at_most_half_the_rest_of_the_step(muon: float, expected: bool) -> None:
-    """0.01 + half of (0.1 + 0.01) = 0.065 s. AVX2 measured here: bf16 iterations 592 ms a step against 97 ms forward and backward (no);
+@pytest.mark.parametrize("muon, expected", [(0.03, True), (0.119, True), (0.121, False), (0.6, False)])
+def test_muon_pays_while_it_adds_at_most_the_rest_of_the_step(muon: float, expected: bool) -> None:
+    """0.01 + (0.1 + 0.01) = 0.12 s. AVX2 measured here: bf16 iterations 592 ms a step against 97 ms forward and backward (no);
     float32 iterations 30 ms (yes)."""
     assert MuonCost(torch.float32, muon=muon, adamw=0.01, forward_backward=0.1).pays is expected
     assert MuonCost(torch.float32, muon=0.592, adamw=0.001, forward_backward=0.097).pays is False
