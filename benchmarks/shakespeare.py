@@ -34,7 +34,11 @@ from gptlab.data import TokenDataset, prepare
 from gptlab.evaluate import score_tokens
 from gptlab.inference import generate
 from gptlab.kernels import quantize_int8
+from gptlab.model import GPT
+from gptlab.precision import bf16_native
 from gptlab.throughput import matmul_peak
+from gptlab.train.device import resolve_dtype
+from gptlab.train.optim import hidden_matrices, measure_muon_cost, muon_iteration_dtype
 from gptlab.train.state import load_checkpoint
 
 from machine import MACHINE, RESULTS, save_results  # benchmarks/machine.py: a script's own folder is on sys.path
@@ -113,13 +117,34 @@ def choose_preset(bf16_over_float32: float) -> str:
     return PRESETS[1] if bf16_over_float32 >= AMX_RATIO else PRESETS[0]
 
 
-def bf16_over_float32() -> float:
-    """How many times faster the wide preset's own products run in bf16 than in float32, here."""
+def bf16_over_float32() -> float | None:
+    """How many times faster the wide preset's own products run in bf16 than in float32, here; None
+    where this CPU has no bf16 in hardware (asked first: an emulated bf16 is not timed)."""
+    if not bf16_native("cpu"):
+        return None
     config = build_train_config(PRESETS[1], overrides={"data": "unused"})
     shape, rows = config.model_config(SPLIT["vocab_size"]), config.batch_size * config.block_size
     bf16, fp32 = (matmul_peak("cpu", dtype, seconds=0.25, config=shape, rows=rows)
                   for dtype in (torch.bfloat16, torch.float32))
     return bf16 / fp32
+
+
+def recipe(preset: str) -> dict:
+    """What `gptlab train --preset PRESET` measures and takes on this machine before its first step: the
+    dtype `auto` resolves to, and for a Muon preset the dtype of its iterations and whether Muon pays
+    (else the preset trains with AdamW; train/setup.py `choose_muon`)."""
+    config = build_train_config(preset, overrides={"data": "unused"})
+    model = GPT(config.model_config(SPLIT["vocab_size"]))
+    dtype = resolve_dtype(config.dtype, torch.device("cpu"), model=model.config,
+                          rows=config.batch_size * config.block_size)
+    found = {"dtype": dtype, "optimizer": config.optimizer}
+    if config.optimizer == "muon":
+        iterations = muon_iteration_dtype(hidden_matrices(model), torch.device("cpu"))
+        cost = measure_muon_cost(model, build_train_config(preset, overrides={"data": "unused", "dtype": dtype}),
+                                 torch.device("cpu"), config.grad_accum // config.nproc, iterations)
+        found.update(muon_iterations=str(iterations).removeprefix("torch."), muon_cost=cost.describe(),
+                     optimizer="muon" if cost.pays else "adamw (Muon does not pay here)")
+    return found
 
 
 def wait_for_quiet(seconds: float) -> None:
@@ -137,7 +162,7 @@ def compiled(r: dict) -> str:
 
 
 def optimizer(preset: str, options: dict) -> str:
-    config = build_train_config(preset, overrides=options)
+    config = build_train_config(preset, overrides=options)  # options: as train_config.json recorded them
     name = "muon for the blocks' matrices, adamw for the rest" if config.optimizer == "muon" else config.optimizer
     return f"{name}; lr {config.lr:g} to {config.min_lr:g}, weight decay {config.weight_decay:g}"
 
@@ -176,6 +201,19 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def choose(given: str | None) -> tuple[str, str]:
+    """The preset to train, and why: given, or by measurement (`choose_preset`)."""
+    if given:
+        return given, "was given (--preset)"
+    ratio = bf16_over_float32()
+    if ratio is None:
+        return PRESETS[0], ("was chosen by measurement: this CPU has no bf16 in hardware (oneDNN says so), so a "
+                            "float32 recipe: --dtype auto takes float32 and Muon iterates in float32")
+    return choose_preset(ratio), (
+        f"was chosen by measurement: this machine's bf16 products run {ratio:.2f}x its float32 ones "
+        f"on the wide preset's shapes ({'at least' if ratio >= AMX_RATIO else 'under'} {AMX_RATIO:g}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, default=None,
@@ -190,7 +228,13 @@ def main() -> None:
     parser.add_argument("--wait-quiet", type=float, default=600,
                         help="first wait up to this many seconds for the 1-minute load average to fall below 1")
     parser.add_argument("--corpus", type=Path, default=CORPUS, help="Tiny Shakespeare's input.txt")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="measure and print the preset and the recipe this machine gets, then stop (seconds)")
     args = parser.parse_args()
+    if args.dry_run:
+        preset, reason = choose(args.preset)
+        print(json.dumps({"preset": preset, "reason": reason, **recipe(preset)}, indent=2))
+        return
     if not args.corpus.is_file():  # a fresh clone has no ../shared: say so and leave the results as they are
         print(f"benchmarks/shakespeare.py: skipped: the shared Tiny Shakespeare corpus is not at {args.corpus} "
               f"(the published results this benchmark compares with are on that file and its split)")
@@ -201,13 +245,7 @@ def main() -> None:
     got = {key: meta[key] for key in SPLIT}
     assert got == SPLIT, f"the split differs from the benchmark convention: {got} != {SPLIT}"
 
-    if args.preset:
-        preset, reason = args.preset, "was given (--preset)"
-    else:
-        ratio = bf16_over_float32()
-        preset = choose_preset(ratio)
-        reason = (f"was chosen by measurement: this machine's bf16 products run {ratio:.2f}x its float32 ones "
-                  f"on the wide preset's shapes ({'at least' if ratio >= AMX_RATIO else 'under'} {AMX_RATIO:g}x)")
+    preset, reason = choose(args.preset)
     overrides = {name: json.loads(value) for name, value in (item.split("=", 1) for item in args.set)}
     if args.max_time is not None:
         overrides["max_time"] = args.max_time
@@ -241,8 +279,8 @@ def main() -> None:
     results = dict(
         machine=MACHINE, torch=torch.__version__, threads=torch.get_num_threads(), preset=preset,
         preset_reason=reason,
-        options={k: v for k, v in config.to_dict().items() if k in {**TRAIN_PRESETS[preset], **overrides}
-                 and k not in ("data", "out")},
+        options={k: v for k, v in json.loads((run_dir / "train_config.json").read_text()).items()
+                 if k in {**TRAIN_PRESETS[preset], **overrides} and k not in ("data", "out")},
         model=f"{config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, context {config.block_size}, "
               f"{model.num_parameters():,} parameters, dropout {config.dropout}",
         dtype=json.loads((run_dir / "train_config.json").read_text())["dtype"],  # what --dtype auto chose

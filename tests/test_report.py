@@ -42,7 +42,7 @@ def test_report_compares_with_the_bigram_on_the_same_tokens(tiny_run: Path) -> N
     assert facts["val_perplexity"] == pytest.approx(model_score.perplexity, rel=1e-6)
     assert facts["bigram_val_perplexity"] == pytest.approx(score_ngram(bigram, dataset.tokenizer, val).perplexity)
     report = (tiny_run / "report.md").read_text()
-    assert "## Validation perplexity against the bigram baseline" in report
+    assert "## Validation perplexity against n-gram baselines" in report
     assert f"| this model | {model_score.loss:.4f} | {model_score.perplexity:.2f} |" in report
     assert "| bigram (Kneser-Ney) |" in report
     assert headline(tiny_run).startswith(f"validation perplexity {facts['val_perplexity']:.3f} vs ")

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
 from conftest import child_env, needs_compile
 
-from gptlab import kernels
+from gptlab import kernels, precision
 from gptlab.train import device as device_module
 from gptlab.checkpoint import load_model
 from gptlab.config import GPTConfig
@@ -374,6 +374,7 @@ def test_dtype_auto_takes_bfloat16_only_where_its_matmuls_are_fast(
     monkeypatch: pytest.MonkeyPatch, bf16_rate: float, expected: str
 ) -> None:
     rates = {torch.float32: 2.0e11, torch.bfloat16: bf16_rate}  # an AVX-512-bf16 CPU, then an AVX2 one
+    monkeypatch.setattr(precision, "bf16_native", lambda device: True)  # what the rates say, on every CPU
     monkeypatch.setattr(device_module, "matmul_peak", lambda device, dtype, seconds, **shapes: rates[dtype])
     assert resolve_dtype("auto", torch.device("cpu")) == expected
     assert resolve_dtype("float32", torch.device("cpu")) == "float32"  # an explicit choice is kept
@@ -388,13 +389,16 @@ def test_dtype_auto_is_recorded_as_the_dtype_it_chose(
         probed.append(shapes)
         return {torch.float32: 2.0e11, torch.bfloat16: 4.1e11}[dtype]  # an AVX-512-bf16 CPU
 
+    monkeypatch.setattr(precision, "bf16_native", lambda device: True)
     monkeypatch.setattr(device_module, "matmul_peak", probe)  # for the dtype
     monkeypatch.setattr(loop_module, "matmul_peak", probe)  # for MFU
     out = tmp_path / "run"
     train(config_for(char_data, out, dtype="auto", max_iters=2, eval_interval=0), show_progress=False)
     assert json.loads((out / "train_config.json").read_text())["dtype"] == "bfloat16"
     # every probe ran the run's own model at one micro-batch (4 windows of 32 tokens)
-    assert all(s["config"].n_embd == 32 and s["rows"] == 4 * 32 for s in probed) and len(probed) == 3
+    # (each dtype in precision.ROUNDS interleaved rounds, then the run's dtype for MFU)
+    assert all(s["config"].n_embd == 32 and s["rows"] == 4 * 32 for s in probed)
+    assert len(probed) == 2 * precision.ROUNDS + 1
 
 
 def test_a_fine_tuned_run_records_the_pretrained_models_shape(tiny_run: Path, char_data: Path, tmp_path: Path) -> None:

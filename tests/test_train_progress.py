@@ -49,7 +49,7 @@ def test_the_busy_warning_names_the_steps_a_quiet_machine_gives() -> None:
     timed = build_train_config(overrides={"max_time": 240.0})
     message = busy_warning(117, 0.75, timed, "cpu")
     assert message.startswith("the CPU was busy: this run's threads waited for a core 75% of the time")
-    assert "so 117 steps where a quiet machine gives about 468; expect a weak model" in message
+    assert "so 117 steps where a quiet machine gives about 468; expect a weaker model" in message
     assert busy_warning(117, 0.2, timed, "cpu") == ""  # hardly waited
     assert busy_warning(117, 0.75, timed, "cuda") == ""  # the GPU did the work
     assert busy_warning(117, 0.75, build_train_config(), "cpu") == ""  # a step budget buys the same model, later
@@ -65,7 +65,7 @@ def test_the_command_line_warns_of_a_busy_cpu_and_says_what_the_time_counted(
                                "--max-iters=100000", "--max-time=2", "--eval-interval=0")
     assert code == 0, err
     assert re.search(r"gptlab train: warning: the CPU was busy: .* 80% .*, so [\d,]+ steps where a quiet machine "
-                     r"gives about [\d,]+; expect a weak model", err), err
+                     r"gives about [\d,]+; expect a weaker model", err), err
     assert re.search(r"steps in 2 s of training \(what --max-time counts: steps, evaluations, checkpoints\), "
                      r"then \d+ s for the final evaluation and report", stdout), stdout
     assert f"next:\n  gptlab sample {out} --max-new-tokens 500" in stdout

@@ -25,6 +25,7 @@ the convention of Chowdhery et al. (2022, PaLM, appendix B): a causal kernel may
 from __future__ import annotations
 
 import itertools
+import math
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -99,24 +100,42 @@ def matmul_peak(
     fits in `seconds`, so the probe stays short where a dtype is emulated in software and 100x slower;
     then passes repeat for `seconds`. Rates of large products hardly depend on M, so the probe
     also caps M where one product would exceed PRODUCT_FLOPS (GPT-2's LM head at thousands of rows).
+
+    On a CPU each pass runs at torch's thread count and at one thread, alternately, each product keeping
+    its best: on a busy machine a parallel product waits for its descheduled thread, and two threads
+    read 0.5 GFLOP/s where one ran at 17 (2 cores, 2 busy loops; the training itself then steps at the
+    faster count, `--adapt-threads`). The probe is then what the device reaches now, not what a busy
+    moment let a parallel product reach, which would make MFU read near 100%.
     """
     device = torch.device(device)
     products = step_products(config or GPTConfig(), rows or PROBE_ROWS)
     target = [min(p.rows, max(MIN_ROWS, int(PRODUCT_FLOPS / p.flops * p.rows))) for p in products]
     generator = torch.Generator().manual_seed(0)  # the probe must not move the training RNG
+    threads = torch.get_num_threads()
+    counts = sorted({1, threads}) if device.type == "cpu" else [threads]
+
+    def best_over_threads(probed: list[Product], operands: list, best: list[float]) -> list[float]:
+        for n in counts:
+            torch.set_num_threads(n)
+            best = [min(b, _time_product(p, ops, device)) for b, p, ops in zip(best, probed, operands)]
+        return best
+
     scale = 1.0 / 16
-    while True:  # warm-up passes at growing sizes, up to the model's rows while the time allows
-        probed = [replace(p, rows=min(m, max(START_ROWS, round(m * scale)))) for p, m in zip(products, target)]
-        operands = [_operands(p, device, dtype, generator) for p in probed]
-        best = [_time_product(p, ops, device) for p, ops in zip(probed, operands)]
-        if scale >= 1.0 or 2 * sum(best) > seconds:
-            break
-        scale *= 2
-    deadline = time.perf_counter() + seconds
-    for attempt in itertools.count():  # the warm-up's last pass counts too: the best of 3 at least
-        best = [min(b, _time_product(p, ops, device)) for b, p, ops in zip(best, probed, operands)]
-        if attempt >= 1 and time.perf_counter() >= deadline:
-            break
+    try:
+        while True:  # warm-up passes at growing sizes, up to the model's rows while the time allows
+            probed = [replace(p, rows=min(m, max(START_ROWS, round(m * scale)))) for p, m in zip(products, target)]
+            operands = [_operands(p, device, dtype, generator) for p in probed]
+            best = best_over_threads(probed, operands, [math.inf] * len(probed))
+            if scale >= 1.0 or 2 * len(counts) * sum(best) > seconds:
+                break
+            scale *= 2
+        deadline = time.perf_counter() + seconds
+        for attempt in itertools.count():  # the warm-up's last pass counts too: the best of 3 at least
+            best = best_over_threads(probed, operands, best)
+            if attempt >= 1 and time.perf_counter() >= deadline:
+                break
+    finally:
+        torch.set_num_threads(threads)
     # the real step's FLOPs, each product's share at the rate its probe reached
     step_flops = sum(p.count * p.flops for p in products)
     step_seconds = sum(p.count * p.flops / (q.flops / max(t, 1e-12)) for p, q, t in zip(products, probed, best))

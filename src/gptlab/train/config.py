@@ -184,6 +184,12 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # choice there), Muon, validation loss: 4 layers 128 wide, context 64, lr 6e-3: 2.16 at step 200,
     # 2.05 at 400; at lr 3e-3: 2.36, 2.05; the earlier 4 layers 192 wide, context 128 (4.6x the FLOPs a
     # step), lr 5e-3: 2.05 at step 200; at lr 2e-3 still 2.42 at step 150, about the bigram's 2.53.
+    # The recipe is "Muon where it pays", measured at set-up (train/setup.py choose_muon): its
+    # iterations run in bf16 only where the CPU multiplies bf16 natively and faster, else in float32 (on
+    # an AVX2 CPU Muon's bf16 step took 1.2 s against 0.13 s for forward and backward: 150 steps in 4
+    # minutes, perplexity 12 against the bigram's 12.76); where even so its step costs more than the
+    # rest of the step, the run takes AdamW with the same lr and weight decay (AdamW, float32, on that
+    # CPU at load 3 to 6: 1,295 steps, perplexity 6.36).
     "shakespeare-char-default": dict(
         n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=16, dropout=0.0, dtype="auto",
         optimizer="muon", weight_decay=0.5, adapt_threads=True,
@@ -216,6 +222,9 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # 4e-3 1.511; weight decay 0 1.520, 0.25 1.509; linear decay to 0 1.510; 2 heads 1.530, 8 heads
     # 1.545. Eager adamw: 24 windows a step 1.523, 48 windows 1.536; 4 layers 1.527, 6 layers 1.564;
     # context 256 1.552. Five minutes are compute-bound: a smaller model that sees more tokens does better.
+    # Without bf16 in hardware (AVX2) the same recipe runs in float32: dtype auto takes float32, Muon
+    # iterates in float32 (its bf16 step was 9x a forward and backward there, 2.2067 in 5 minutes), and
+    # AdamW replaces Muon where even then it does not pay (as for the demo preset).
     "shakespeare-char-cpu": _SHAKESPEARE_CPU,
     # The same recipe, wider and deeper, for a CPU whose bf16 products run 4x or more faster than its
     # float32 ones (AMX): there the products stop being the step's cost, and a model of 2.9x the

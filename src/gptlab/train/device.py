@@ -8,16 +8,19 @@ import importlib.util
 import os
 import shutil
 import sys
+from collections.abc import Callable
 
 import torch
 
 from ..config import GPTConfig
 from ..errors import EnvironmentProblem, GptlabError
+from ..precision import fast_bf16, interleaved_speedup
 from ..throughput import matmul_parameters, matmul_peak
 from . import distributed
 from .distributed import Group
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTO_BF16_SPEEDUP = 1.5  # `--dtype auto` takes bf16 where its products run this much faster than float32
 
 
 def resolve_device(name: str) -> torch.device:
@@ -73,14 +76,17 @@ def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractCon
 
 
 def resolve_dtype(
-    name: str, device: torch.device, group: Group = Group(), model: GPTConfig | None = None, rows: int | None = None
+    name: str, device: torch.device, group: Group = Group(), model: GPTConfig | None = None, rows: int | None = None,
+    speedup: Callable[[], float] | None = None,
 ) -> str:
-    """`auto` -> bfloat16 where this device multiplies bf16 matrices at least 1.5x as fast as float32.
+    """`auto` -> bfloat16 where this device has bf16 in hardware and multiplies the model's bf16
+    matrices at least 1.5x as fast as float32; else float32.
 
-    That is a GPU with bf16 support, or a CPU with bf16 instructions (AVX-512-bf16, AMX), told apart by
-    the same probe of the model's products (`model` at `rows` tokens a micro-batch) that MFU uses.
-    Elsewhere bf16 is emulated and many times slower than float32, so `auto` keeps float32. Rank 0
-    decides for every process.
+    The capability is asked first (`precision.bf16_native`), so an emulated bf16 is never timed, let
+    alone chosen: on a busy machine a float32 probe can read 0.2 GFLOP/s and lose to an emulated bf16
+    50x slower. Where bf16 is native, the model's products (`model` at `rows` tokens a micro-batch, the
+    probe MFU uses) are timed in interleaved rounds, each dtype's best kept (`speedup` replaces that
+    measurement in tests). A GPU answers for itself. Rank 0 decides for every process.
     """
     if name != "auto":
         return name
@@ -89,9 +95,9 @@ def resolve_dtype(
         if device.type == "cuda":
             fast = torch.cuda.is_bf16_supported()
         else:
-            bf16, fp32 = (matmul_peak(device, dtype, seconds=0.1, config=model, rows=rows)
-                          for dtype in (torch.bfloat16, torch.float32))
-            fast = bf16 >= 1.5 * fp32
+            measure = speedup or (lambda: interleaved_speedup(
+                lambda dtype: matmul_peak(device, dtype, seconds=0.05, config=model, rows=rows)))
+            fast = fast_bf16(device, measure, threshold=AUTO_BF16_SPEEDUP)
         chosen = "bfloat16" if fast else "float32"
     return distributed.broadcast_from_main(chosen, group)
 

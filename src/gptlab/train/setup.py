@@ -30,13 +30,14 @@ from ..data.layout import inspect as inspect_data_dir
 from ..errors import GptlabError
 from ..fileio import atomic_write_json, remove_temporaries
 from ..model import GPT
+from ..precision import warn_if_emulated
 from ..tokenizers import Tokenizer
 from . import distributed
-from .config import TrainConfig, checked_train_config, read_options
+from .config import TRAIN_PRESETS, TrainConfig, checked_train_config, read_options
 from .device import check_memory, compile_unavailable, enable_tf32, resolve_dtype
 from .distributed import Group
 from .metrics import truncate_metrics
-from .optim import configure_optimizer
+from .optim import configure_optimizer, hidden_matrices, measure_muon_cost, muon_iteration_dtype
 from .run_dir import BEST_DIR, METRICS_FILE, TRAIN_CONFIG_FILE, RunDirectory, check_run_dir, claim_run_dir
 from .state import (
     STATE_FILE, TrainState, load_checkpoint, restore_process_rng_state, unusable_checkpoint,
@@ -102,7 +103,10 @@ def setup(config: TrainConfig, group: Group, device: torch.device, *, overwrite:
         bias=model.config.bias,
         dtype=resolve_dtype(config.dtype, device, group, model.config, config.batch_size * config.block_size),
     )
-    optimizer = configure_optimizer(model, config, device)
+    if config.dtype == "bfloat16" and group.is_main:  # asked for, not chosen: say so where it is emulated
+        warn_if_emulated(config.dtype, device)
+    config, muon_dtype = choose_muon(model, config, group, device, resumed=checkpoint is not None)
+    optimizer = configure_optimizer(model, config, device, muon_dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=config.dtype == "float16")
     state = TrainState(model, optimizer, scaler, np.random.default_rng(config.seed))
 
@@ -128,6 +132,33 @@ def setup(config: TrainConfig, group: Group, device: torch.device, *, overwrite:
         raise
     return Run(config, group, device, run_dir, dataset, dataset.tokenizer, state, step_model,
                config.grad_accum // group.world_size, checkpoint is not None, directory)
+
+
+def choose_muon(
+    model: GPT, config: TrainConfig, group: Group, device: torch.device, resumed: bool,
+    measure: Callable[..., Any] | None = None,
+) -> tuple[TrainConfig, torch.dtype | None]:
+    """For a Muon run: the dtype of its iterations (`muon_iteration_dtype`), and whether Muon pays here
+    (`measure_muon_cost`: its step against AdamW's and the forward and backward passes), measured by
+    rank 0 for every process. Where it does not pay, a preset whose recipe is Muon falls back to AdamW
+    (the recipe is "Muon where it pays": its learning rate and weight decay serve both, as Muon's update
+    is scaled to AdamW's), which train_config.json records; a run that asked for Muon itself, or a
+    resumed one (its optimizer state is Muon's), keeps it and is told what it costs."""
+    if config.optimizer != "muon":
+        return config, None
+    decided = None
+    if group.is_main:
+        dtype = muon_iteration_dtype(hidden_matrices(model), device)
+        cost = (measure or measure_muon_cost)(model, config, device, config.grad_accum // group.world_size, dtype)
+        recipe = TRAIN_PRESETS.get(config.preset or "", {}).get("optimizer") == "muon"
+        fall_back = not cost.pays and recipe and not resumed
+        if not cost.pays:
+            what = ("the preset's recipe takes AdamW where Muon does not pay: --optimizer adamw" if fall_back
+                    else "--optimizer adamw may train further in the same time")
+            print(f"Muon costs too much here: {cost.describe()}; {what}", file=sys.stderr)
+        decided = ("adamw" if fall_back else "muon", str(dtype).removeprefix("torch."))
+    optimizer, dtype_name = distributed.broadcast_from_main(decided, group)
+    return dataclasses.replace(config, optimizer=optimizer), getattr(torch, dtype_name)
 
 
 def check_processes(config: TrainConfig, group: Group) -> None:
