@@ -287,11 +287,15 @@ def test_sample_refuses_an_unknown_vocabulary_without_a_tokenizer(hf_dir: Path, 
     assert_one_line_error(code, err, str(hf_dir), "no tokenizer", "101-token vocabulary")
 
 
+# A character model's export: the checkpoint, gptlab's tokenizer and the same tokenizer for transformers.
+CHAR_EXPORT = ["config.json", "gptlab_tokenizer.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+
+
 def test_export_writes_a_clean_huggingface_directory(tiny_run: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "export"
     code, _, err = run_cli(["export", str(tiny_run), str(out)], capsys)
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "gptlab_tokenizer.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == CHAR_EXPORT
     assert same_weights(load_model(tiny_run), load_model(out))
     code, _, err = run_cli(["export", str(tiny_run), str(out)], capsys)
     assert_one_line_error(code, err, str(out), "--overwrite")
@@ -301,7 +305,7 @@ def test_export_writes_a_clean_huggingface_directory(tiny_run: Path, tmp_path: P
 def test_export_refuses_a_model_huggingface_cannot_represent(tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
     save_model(tiny_model(bias=False), run)
-    CharTokenizer(list("abc")).save(run)
+    CharTokenizer([chr(ord("A") + i) for i in range(50)]).save(run)  # the model's 50 tokens
     code, _, err = run_cli(["export", str(run), str(tmp_path / "out")], capsys)
     assert_one_line_error(code, err, "cannot export", "bias=False")
     assert not (tmp_path / "out").exists()
@@ -372,7 +376,7 @@ def test_export_overwrite_of_an_earlier_export_leaves_no_stale_tokenizer(tiny_ru
     assert run_cli(["export", str(tmp_path / "hf"), str(out)], capsys)[0] == 0
     assert (out / "merges.txt").is_file()
     assert run_cli(["export", str(tiny_run), str(out), "--overwrite"], capsys)[0] == 0  # now a char model
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "gptlab_tokenizer.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == CHAR_EXPORT
     assert load_tokenizer(out).name == "char"
     code, _, err = run_cli(["export", str(tiny_run), ""], capsys)
     assert_one_line_error(code, err, "output directory is empty")

@@ -58,7 +58,8 @@ def test_prepare_char_single_file_round_trip(corpus, tmp_path):
         {"path": str((corpus / "a.txt").resolve()), "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
     ]
     assert json.loads((out / TOKENIZER_FILE).read_text())["type"] == "char"
-    assert sorted(meta["files"]) == ["gptlab_tokenizer.json", "train-000000.bin", "val-000000.bin"]
+    assert sorted(meta["files"]) == ["gptlab_tokenizer.json", "tokenizer.json", "tokenizer_config.json",
+                                     "train-000000.bin", "val-000000.bin"]  # the middle two for transformers
     assert sorted(p.name for p in out.iterdir()) == sorted([".gptlab-prepare.lock", *meta["files"], "meta.json"])
 
 
@@ -331,7 +332,7 @@ def test_get_batch_whole_split_window(dataset):
 
 
 def test_get_batch_too_short(dataset):
-    with pytest.raises(GptlabError, match=r"validation split has 100 tokens.*block_size\+1 = 101.*--block-size"):
+    with pytest.raises(GptlabError, match=r"validation split of .* has 100 tokens.*block_size\+1 = 101.*--val-fraction.*--block-size"):
         dataset.get_batch("val", 2, 100, np.random.default_rng(0))
 
 

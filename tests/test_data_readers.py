@@ -65,9 +65,10 @@ def test_text_field_chooses_the_field_and_a_missing_one_is_named(tmp_path, gptla
     one_line_error(code, err, 2, "none of the 3 records", "'text'", "--text-field")
     assert not (tmp_path / "out").exists()
     code, out, _ = gptlab("prepare", str(source), "--out", str(tmp_path / "out"), "--text-field", "body",
-                          "--tokenizer", "gpt2", "--val-fraction", "0")
-    assert code == 0 and "validation: 0 of 3 documents" in out
-    assert tokens_of(tmp_path / "out") == expected_gpt2(DOCS)
+                          "--tokenizer", "gpt2")
+    assert code == 0 and "validation: 1 of 3 documents" in out
+    prepare([str(source)], "gpt2", tmp_path / "all", text_field="body", val_fraction=0)
+    assert tokens_of(tmp_path / "all") == expected_gpt2(DOCS)
 
 
 @pytest.mark.parametrize(("content", "fragment"), [
@@ -226,12 +227,14 @@ def test_skip_binary_skips_and_counts_files_that_are_not_text(tmp_path, gptlab):
     (corpus / "notes.txt.gz").write_bytes(gzip.compress("notes\n".encode()))
     code, _, err = gptlab("prepare", str(corpus), "--out", str(tmp_path / "out"))
     one_line_error(code, err, 2, "a.cpython-311.pyc", "NUL bytes", "--skip-binary")
-    code, out, _ = gptlab("prepare", str(corpus), "--out", str(tmp_path / "out"), "--skip-binary", "--val-fraction=0")
+    code, out, _ = gptlab("prepare", str(corpus), "--out", str(tmp_path / "out"), "--skip-binary")
     assert code == 0 and "skipped 2 files that are not text" in out
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     assert [p.rsplit("/", 1)[-1] for p in meta["skipped"]] == ["a.cpython-311.pyc", "logo.png"]
     assert [s["path"].rsplit("/", 1)[-1] for s in meta["sources"]] == ["a.py", "notes.txt.gz"]
-    assert TokenDataset(tmp_path / "out").tokenizer.decode(tokens_of(tmp_path / "out")) == "print('hello')\n\n\nnotes\n"
+    dataset = TokenDataset(tmp_path / "out")  # two documents: the first for training, the second for validation
+    tokens = [*dataset.split("train"), *dataset.split("val")]
+    assert dataset.tokenizer.decode(tokens) == "print('hello')\n\n\nnotes\n"
 
 
 def test_text_that_turns_binary_after_its_start_is_an_error_even_when_skipping(tmp_path, monkeypatch):
@@ -251,8 +254,9 @@ def test_hf_dataset_saved_to_disk(tmp_path, hf_datasets, gptlab):
     ds = hf_datasets.Dataset.from_dict({"text": DOCS + [None], "n": [1, 2, 3, 4]})
     hf_datasets.DatasetDict({"train": ds, "test": ds.select([0])}).save_to_disk(str(tmp_path / "saved"))
     code, out, _ = gptlab("prepare", "--hf-dataset", str(tmp_path / "saved"), "--tokenizer", "gpt2",
-                          "--out", str(tmp_path / "out"), "--no-progress", "--val-fraction=0")
-    assert code == 0, out
+                          "--out", str(tmp_path / "cli"), "--no-progress")
+    assert code == 0 and "validation: 1 of 3 documents" in out, out
+    prepare([], "gpt2", tmp_path / "out", hf_dataset=str(tmp_path / "saved"), val_fraction=0)
     assert tokens_of(tmp_path / "out") == expected_gpt2(DOCS)
     source = json.loads((tmp_path / "out" / "meta.json").read_text())["sources"][0]
     assert (source["hf_dataset"], source["split"], source["rows"]) == (str(tmp_path / "saved"), "train", 4)
@@ -275,7 +279,7 @@ def test_hf_dataset_from_local_data_files_offline(tmp_path, hf_datasets, monkeyp
     assert tokens_of(tmp_path / "out") == expected_gpt2(DOCS)
     with pytest.raises(GptlabError, match="no column 'body'"):
         prepare([], "gpt2", tmp_path / "out2", hf_dataset=str(tmp_path / "files"), text_field="body")
-    with pytest.raises(GptlabError, match="cannot open the Hugging Face dataset"):
+    with pytest.raises(GptlabError, match="nothing-here: no such directory or file"):
         prepare([], "gpt2", tmp_path / "out2", hf_dataset=str(tmp_path / "nothing-here"))
     assert not (tmp_path / "out2").exists()
 

@@ -112,7 +112,7 @@ def test_sampling_is_reproducible_and_in_the_vocabulary() -> None:
 
 
 def test_bad_inputs_are_refused() -> None:
-    with pytest.raises(GptlabError, match="--order must be between"):
+    with pytest.raises(GptlabError, match="n-gram order must be between"):
         NGramCounts(STREAM, 3, 0)
     with pytest.raises(GptlabError, match="token ids must be in"):
         NGramCounts(np.array([0, 1, 5]), 3, 2)

@@ -13,6 +13,7 @@ numbers: another architecture or option, a shape that disagrees with `config.jso
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import GPTConfig
-from .errors import GptlabError
-from .fileio import atomic_write_json, atomic_write_via
+from .errors import EnvironmentProblem, GptlabError
+from .fileio import atomic_write_json, atomic_write_via, describe_os_error
 from .kernels import Int8Linear
 from .model import GPT
-from .tokenizers import GPT2_VOCAB_SIZE, TOKENIZER_FILE, GPT2Tokenizer, Tokenizer, load_tokenizer
+from .tokenizers import (GPT2_VOCAB_SIZE, TOKENIZER_FILE, TOKENIZER_FILES, GPT2Tokenizer, Tokenizer,
+                         load_tokenizer)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -232,13 +234,31 @@ def _read_sharded(index: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _read_torch(path: Path) -> dict[str, torch.Tensor]:
+def read_torch_file(path: Path, what: str) -> Any:
+    """`torch.load(path)` of tensors and plain values only, its failures one plain line naming the file.
+
+    torch's own message for a damaged file advises loading it with `weights_only=False`, which would run
+    whatever code the file holds: advice a user must not be given for a file that is merely damaged.
+    """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged pickle or zip
-        raise GptlabError(
-            f"{path}: not a readable PyTorch state dict of tensors; expected the model weights ({_first_line(exc)})"
-        ) from None
+        if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EIO):
+            raise EnvironmentProblem(describe_os_error(exc, path)) from None
+        raise GptlabError(f"{path}: not a readable {what}; it is damaged, truncated or not written by "
+                          f"gptlab ({_torch_reason(exc)})") from None
+
+
+def _torch_reason(exc: Exception) -> str:
+    """The line of torch's message that says what was wrong, without its advice about weights_only."""
+    advice = ("weights_only", "Weights only", "torch.load", "file an issue")
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if not any(phrase in line for phrase in advice)]
+    return useful[0] if useful else type(exc).__name__
+
+
+def _read_torch(path: Path) -> dict[str, torch.Tensor]:
+    state = read_torch_file(path, "PyTorch state dict of the model weights")
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise GptlabError(f"{path}: expected a state dict of tensors, found {type(state).__name__}")
     return state
@@ -351,10 +371,13 @@ def find_tokenizer(directory: Path, config: GPTConfig) -> Tokenizer | None:
         tokenizer = GPT2Tokenizer()
     else:
         return None
-    if tokenizer.vocab_size > config.vocab_size:
+    # A model's vocabulary may be GPT-2's padded to a round size (nanoGPT's 50304), never a character
+    # tokenizer's: its ids beyond the tokenizer's would fail mid-generation, so they fail here instead.
+    padded = isinstance(tokenizer, GPT2Tokenizer) and tokenizer.vocab_size < config.vocab_size
+    if tokenizer.vocab_size != config.vocab_size and not padded:
         raise GptlabError(
-            f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
-            f"vocabulary of {config.vocab_size}"
+            f"{directory}: its tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary has "
+            f"{config.vocab_size}; they do not belong together (the tokenizer file was replaced or damaged?)"
         )
     return tokenizer
 
@@ -403,10 +426,7 @@ def save_model(model: GPT, directory: str | Path, *, require_hf: bool = False) -
 
 
 # What `export_model` writes: all that a directory may hold for --overwrite to replace it.
-EXPORT_FILES = frozenset({
-    CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, "vocab.json", "merges.txt", "tokenizer_config.json",
-    "special_tokens_map.json",
-})
+EXPORT_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE}) | TOKENIZER_FILES
 
 
 def export_model(source: str | Path, out: str | Path, *, overwrite: bool = False) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 from dataclasses import fields
@@ -37,7 +38,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", choices=["char", "gpt2"], default="char", help="character-level or GPT-2 BPE")
     p.add_argument("--out", required=True, help="the data directory to write (new, empty, or a dataset to "
                    "replace with --overwrite)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="the share of tokens kept for validation")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="the share of tokens kept for validation, above 0 and below 1 (training is measured there)")
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard file")
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: every core)")
     p.add_argument("--skip-binary", action="store_true",
@@ -52,6 +54,12 @@ def _run_prepare(args: argparse.Namespace) -> int:
 
     if not args.inputs and not args.hf_dataset:
         raise GptlabError("give input files, directories or patterns, or --hf-dataset NAME")
+    if not 0 < args.val_fraction < 1:  # also NaN
+        raise GptlabError(f"--val-fraction must be above 0 and below 1, got {args.val_fraction}: training "
+                          "measures its validation loss (and the report its perplexity) on that share; 0.1 is usual")
+    _check_range("--shard-tokens", args.shard_tokens, 1)
+    if args.workers is not None:
+        _check_range("--workers", args.workers, 1)
     meta = prepare(args.inputs, args.tokenizer, args.out, val_fraction=args.val_fraction, overwrite=args.overwrite,
                    text_field=args.text_field, hf_dataset=args.hf_dataset, hf_config=args.hf_config,
                    hf_split=args.split, skip_binary=args.skip_binary, shard_tokens=args.shard_tokens,
@@ -355,9 +363,16 @@ def _run_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_model, markdown_table
     from .train import resolve_device
 
+    from .evaluate.ngram import MAX_ORDER
+
     for name in ("stride", "context", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise GptlabError(f"--{name.replace('_', '-')} must be at least 1")
+    _check_range("--max-order", args.max_order, 1, MAX_ORDER)
+    if args.num_fewshot is not None:
+        _check_range("--num-fewshot", args.num_fewshot, 0)
+    if args.limit is not None and not (math.isfinite(args.limit) and args.limit > 0):
+        raise GptlabError(f"--limit must be a positive number (below 1: a fraction of each task), got {args.limit}")
     if args.tasks is not None:
         return _run_eval_tasks(args, resolve_device(args.device))
     if args.data is None and args.text is None:
@@ -425,9 +440,16 @@ def _run_ngram(args: argparse.Namespace) -> int:
     from .evaluate import markdown_table, score_ngram
     from .evaluate.ngram import KneserNey, NGramCounts
 
-    if args.sample_tokens < 0:
-        raise GptlabError("--sample-tokens must not be negative")
+    from .evaluate.ngram import MAX_ORDER
+
+    _check_range("--order", args.order, 1, MAX_ORDER)
+    _check_range("--sample-tokens", args.sample_tokens, 0)
+    _check_seed(args.seed)
     dataset = TokenDataset(args.data)
+    try:  # a character the vocabulary lacks is refused before the fitting, not after
+        prompt = dataset.tokenizer.encode(args.prompt) if args.prompt else []
+    except GptlabError as exc:
+        raise GptlabError(f"--prompt: {exc}") from None
     start = time.perf_counter()
     lm = KneserNey(NGramCounts(dataset.split("train"), dataset.tokenizer.vocab_size, args.order), args.order)
     fitted = time.perf_counter() - start
@@ -439,7 +461,6 @@ def _run_ngram(args: argparse.Namespace) -> int:
           f"in {fitted:.2f}s, scored on the {args.split} split\n")
     print(markdown_table([(f"{args.order}-gram", result)]))
     if args.sample_tokens:
-        prompt = dataset.tokenizer.encode(args.prompt) if args.prompt else []
         tokens = lm.sample(prompt, args.sample_tokens, np.random.default_rng(args.seed))
         print(f"\n--- sample ---\n{args.prompt}{dataset.tokenizer.decode(tokens)}")
     return 0
@@ -473,6 +494,19 @@ def _run_attention(args: argparse.Namespace) -> int:
     heads = f"head {args.head}" if args.head is not None else f"all {len(amap.heads)} heads"
     print(f"wrote {out}: layer {args.layer}, {heads}, {len(amap.labels)} tokens")
     return 0
+
+
+def _check_range(flag: str, value: int, low: int, high: int | None = None) -> None:
+    """An integer option within [low, high], before any work; one line naming the option otherwise."""
+    if value < low or (high is not None and value > high):
+        span = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise GptlabError(f"{flag} must be {span}, got {value}")
+
+
+def _check_seed(seed: int | None) -> None:
+    """What numpy's and torch's generators accept: a non-negative integer below 2**63."""
+    if seed is not None and not 0 <= seed < 2**63:
+        raise GptlabError(f"--seed must be a non-negative integer below 2**63, got {seed}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,12 @@ from gptlab.fileio import atomic_write_bytes, atomic_write_json, atomic_write_te
 
 TOKENIZER_FILE = "gptlab_tokenizer.json"
 """Our own marker file; deliberately not `tokenizer.json`, which means a Hugging Face fast tokenizer."""
+HF_TOKENIZER_FILE = "tokenizer.json"
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+TOKENIZER_FILES = frozenset({
+    TOKENIZER_FILE, HF_TOKENIZER_FILE, HF_TOKENIZER_CONFIG, "vocab.json", "merges.txt", "special_tokens_map.json",
+})
+"""Every file a tokenizer's `save` may write: what a run, an export or a dataset may hold for it."""
 
 GPT2_VOCAB_SIZE = 50257
 GPT2_EOT = "<|endoftext|>"
@@ -119,10 +125,30 @@ class CharTokenizer(Tokenizer):
         return self.decode(ids).encode("utf-8")
 
     def save(self, directory: str | Path) -> None:
+        """Also writes a Hugging Face fast tokenizer of the same ids, so `AutoTokenizer` reads the directory
+        (without one it falls back to a tokenizer that encodes every text to no ids at all)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         payload = {"type": "char", "chars": self._chars}
         atomic_write_text(directory / TOKENIZER_FILE, json.dumps(payload))
+        atomic_write_json(directory / HF_TOKENIZER_FILE, self._hf_tokenizer())
+        atomic_write_json(directory / HF_TOKENIZER_CONFIG, {
+            "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+        })
+
+    def _hf_tokenizer(self) -> dict:
+        """The `tokenizers` library's format for this vocabulary: every character its own piece (a Split on
+        any one character, newlines included), each piece looked up in a word-level vocabulary of the same
+        ids, and decoding that fuses the pieces with nothing between them. No normalizer: the text is
+        taken as it is, as encode() takes it; a character outside the vocabulary is an error there too."""
+        return {
+            "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+            "pre_tokenizer": {"type": "Split", "pattern": {"Regex": r"[\s\S]"}, "behavior": "Isolated",
+                              "invert": False},
+            "post_processor": None,
+            "decoder": {"type": "Fuse"},
+            "model": {"type": "WordLevel", "vocab": dict(self._index), "unk_token": "<unk>"},
+        }
 
 
 class GPT2Tokenizer(Tokenizer):
@@ -199,7 +225,10 @@ def _load_saved(file: Path) -> Tokenizer:
     if kind == "gpt2":
         return GPT2Tokenizer()
     if kind == "char" and isinstance(payload.get("chars"), list):
-        return CharTokenizer(payload["chars"])
+        try:
+            return CharTokenizer(payload["chars"])
+        except GptlabError as exc:
+            raise GptlabError(f"{file}: {exc}") from None
     raise GptlabError(f"{file} is not a valid gptlab tokenizer file (expected type 'char' with chars, or 'gpt2')")
 
 

@@ -135,12 +135,23 @@ class TokenDataset:
     def check_length(self, split: str, block_size: int) -> TokenSplit:
         """The split, if it holds at least one training window of block_size + 1 tokens."""
         data = self.split(split)
-        if len(data) < block_size + 1:
+        if len(data) >= block_size + 1:
+            return data
+        window = f"fewer than one context window of block_size+1 = {block_size + 1}"
+        fraction = self.meta.get("val_fraction")
+        if split == "val" and not fraction:
             raise GptlabError(
-                f"the {_SPLIT_LABELS[split]} split has {len(data)} tokens, fewer than one context window of "
-                f"block_size+1 = {block_size + 1}; use a smaller --block-size or more data"
+                f"{self.data_dir} has no validation split (prepared with --val-fraction 0), and training measures "
+                "its validation loss there; prepare it again with --val-fraction 0.1 (the default)"
             )
-        return data
+        if split == "val" and len(self.split("train")) >= block_size + 1:  # the share, not the corpus, is short
+            raise GptlabError(
+                f"the validation split of {self.data_dir} has {len(data)} tokens ({fraction:g} of the data, "
+                f"--val-fraction), {window}; prepare it again with a larger --val-fraction, or use a smaller "
+                "--block-size"
+            )
+        raise GptlabError(f"the {_SPLIT_LABELS[split]} split has {len(data)} tokens, {window}; use a smaller "
+                          "--block-size or more data")
 
     def get_batch(
         self,

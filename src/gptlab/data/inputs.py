@@ -7,12 +7,17 @@ writes anything.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib.util
+import logging
 import os
+import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from gptlab.errors import EnvironmentProblem, GptlabError
 from gptlab.fileio import describe_os_error, environment_errors
@@ -119,26 +124,81 @@ def hf_source(name: str, config: str | None = None, split: str = "train") -> HFS
     if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
         if config:
             raise GptlabError(f"{name} was saved with save_to_disk and has no configurations; drop --hf-config")
-        dataset = _loading(name, lambda: datasets.load_from_disk(str(path)))
+        with hub_errors(name):
+            dataset = datasets.load_from_disk(str(path))
         if isinstance(dataset, datasets.DatasetDict):
             if split not in dataset:
                 raise GptlabError(f"{name} has no split {split!r}; its splits: {', '.join(dataset)}")
             dataset = dataset[split]
         size = sum(Path(f["filename"]).stat().st_size for f in dataset.cache_files)
         return HFSource(name, None, split, dataset, size)
-    dataset = _loading(name, lambda: datasets.load_dataset(name, config, split=split, streaming=True))
+    if not path.exists():
+        if name.startswith((".", "/", "~")) or name.count("/") > 1:  # meant as a path: the Hub cannot hold it
+            raise GptlabError(f"--hf-dataset {name}: no such directory or file (a Hub name is NAME or OWNER/NAME)")
+        _check_hub_reachable(name, datasets.config)
+    with hub_errors(name):
+        dataset = datasets.load_dataset(name, config, split=split, streaming=True)
     return HFSource(name, config, split, dataset, None)
 
 
-def _loading(name: str, load: Any) -> Any:
-    """The datasets library raises many kinds of exception for a missing or unreachable dataset: one line each."""
+# The loggers that print each of the Hub client's retries (six lines for one unreachable dataset).
+_HUB_LOGGERS = ("huggingface_hub", "datasets", "fsspec")
+
+
+@contextlib.contextmanager
+def hub_errors(name: str) -> Iterator[None]:
+    """Opening or streaming a Hugging Face dataset, quietly, with its failures as one line each: the
+    network or the disk refusing is the environment (exit 3), anything else the dataset named (exit 2).
+
+    The datasets library raises many kinds of exception (its own, fsspec's, httpx's, pyarrow's), and
+    the Hub client logs every retry as a warning; the one line at the end says it all.
+    """
+    loggers = [logging.getLogger(logger) for logger in _HUB_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
-        return load()
-    except Exception as exc:  # noqa: BLE001 - its own, fsspec's, requests' and pyarrow's
-        if isinstance(exc, OSError) and exc.errno is not None:
-            raise EnvironmentProblem(describe_os_error(exc, name)) from None
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        raise GptlabError(f"cannot open the Hugging Face dataset {name!r}: {message}") from None
+        yield
+    except GptlabError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - see above
+        raise _hub_error(name, exc) from None
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _hub_error(name: str, exc: BaseException) -> GptlabError:
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    chain = []
+    cause: BaseException | None = exc
+    while cause is not None and len(chain) < 20:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    network = ("ConnectError", "ConnectTimeout", "ReadTimeout", "TimeoutException", "LocalEntryNotFoundError",
+               "OfflineModeIsEnabled", "ProxyError", "SSLError")
+    if any(isinstance(e, (ConnectionError, TimeoutError, socket.gaierror)) or type(e).__name__ in network
+           for e in chain):
+        return EnvironmentProblem(f"cannot reach the Hugging Face dataset {name!r} (no network?): {message}")
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return EnvironmentProblem(describe_os_error(exc, name))
+    return GptlabError(f"cannot open the Hugging Face dataset {name!r}: {message}")
+
+
+def _check_hub_reachable(name: str, config: Any) -> None:
+    """Ask the name service for the Hub before the datasets library does: without a network it retries
+    each request with back-off for half a minute before it gives up."""
+    if getattr(config, "HF_HUB_OFFLINE", False):  # offline mode reads the local cache only
+        return
+    host = urlparse(str(config.HF_ENDPOINT)).hostname
+    if not host:
+        return
+    try:
+        socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise EnvironmentProblem(f"cannot reach the Hugging Face Hub ({host}: {exc.strerror or exc}) for the "
+                                 f"dataset {name!r}; check the network, or pass a local copy (a directory "
+                                 "written by save_to_disk, or of data files)") from None
 
 
 def default_corpus_files() -> list[Path]:

@@ -24,6 +24,7 @@ import json
 import lzma
 import re
 import sys
+import zlib
 from collections.abc import Callable, Iterator
 from typing import IO, NamedTuple
 
@@ -32,7 +33,7 @@ import pyarrow as pa
 from gptlab.errors import EnvironmentProblem, GptlabError
 from gptlab.fileio import describe_os_error
 
-from .inputs import FileSource, HFSource, Source
+from .inputs import FileSource, HFSource, Source, hub_errors
 
 BLOCK_BYTES = 1 << 20  # what a text file is read in, and about what pyarrow parses at a time
 PIECE_CHARS = 1 << 20  # a longer document is cut into pieces of about this many characters
@@ -152,11 +153,31 @@ def _opened(source: FileSource) -> Iterator[tuple[IO[bytes], IO[bytes]]]:
         try:
             yield raw, stream
         except GptlabError:
+            damage = _damage_after(stream) if source.compression else None
+            if damage is not None:  # garbage decompressed before the codec's check failed: name the cause
+                raise _read_error(source, damage) from None
             raise
-        except (OSError, EOFError, lzma.LZMAError, pa.ArrowInvalid) as exc:
+        except _DECOMPRESSION_ERRORS as exc:
             raise _read_error(source, exc) from None
         finally:
             stream.close()
+
+
+# What a codec raises for a damaged stream: gzip zlib.error (a corrupt deflate body), BadGzipFile or
+# EOFError; bz2 OSError; lzma LZMAError; pyarrow's zstd ArrowInvalid or ArrowIOError.
+_DECOMPRESSION_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, pa.ArrowException)
+
+
+def _damage_after(stream: IO[bytes]) -> BaseException | None:
+    """The codec's error in the rest of a compressed stream, if any. A corrupt body can decompress to
+    bytes that are not UTF-8 (or not CSV) before the codec reaches its checksum; the user must hear
+    that the file is damaged, not that it is binary (which --skip-binary would then silently skip)."""
+    try:
+        while stream.read(BLOCK_BYTES):
+            pass
+    except _DECOMPRESSION_ERRORS as exc:
+        return exc
+    return None
 
 
 def _read_error(source: FileSource, exc: BaseException) -> GptlabError:
@@ -354,7 +375,8 @@ def _hf_pieces(source: HFSource, field: str) -> Iterator[Piece]:
     def position() -> int:
         return (source.size or 0) * read_rows[0] // rows if rows else 0
 
-    yield from _record_pieces(columns(), position, source.label, field)
+    with hub_errors(source.name):  # a streamed dataset reads the network as it goes
+        yield from _record_pieces(columns(), position, source.label, field)
 
 
 def _record_pieces(columns: Iterator[list], position: Callable[[], int], label: str, field: str) -> Iterator[Piece]:

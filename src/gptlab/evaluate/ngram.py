@@ -45,7 +45,7 @@ class NGramCounts:
 
     def __init__(self, tokens: np.ndarray, vocab_size: int, max_order: int) -> None:
         if not 1 <= max_order <= MAX_ORDER:
-            raise GptlabError(f"--order must be between 1 and {MAX_ORDER}, got {max_order}")
+            raise GptlabError(f"the n-gram order must be between 1 and {MAX_ORDER}, got {max_order}")
         tokens = np.asarray(tokens, dtype=np.int64)
         if len(tokens) < max_order:
             raise GptlabError(f"{len(tokens)} training tokens are too few for an order-{max_order} model")

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import GPTConfig
-from ..errors import GptlabError
+from ..errors import EnvironmentProblem, GptlabError
+from ..fileio import describe_os_error
 
 OPTIMIZERS = ("adamw", "adam", "radam", "sgd", "muon")
 SCHEDULES = ("cosine", "noam", "linear", "constant")
@@ -143,8 +144,12 @@ class TrainConfig:
                 f"--grad-accum {self.grad_accum} must be a multiple of --nproc {self.nproc}: it counts the "
                 f"micro-batches of a whole step, shared equally among the processes"
             )
+        if self.eval_tasks_path and not Path(self.eval_tasks_path).is_dir():
+            raise GptlabError(f"--eval-tasks-path {self.eval_tasks_path}: no such directory of lm-eval task files")
         if self.decay_by_time and not self.max_time:
             raise GptlabError("--decay-by-time needs --max-time, the budget to decay the learning rate over")
+        if self.preset and self.preset not in TRAIN_PRESETS:  # e.g. a resumed run's train_config.json
+            raise GptlabError(f"--preset must be one of {', '.join(TRAIN_PRESETS)}, got {self.preset!r}")
         for name, choices in FIELD_CHOICES.items():
             if getattr(self, name) not in choices:
                 raise GptlabError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
@@ -266,14 +271,21 @@ def build_train_config(
     command-line overrides (None: not given): later wins."""
     values: dict[str, Any] = dict(base or {})
     if preset:
-        if preset not in TRAIN_PRESETS:
-            raise GptlabError(f"unknown preset {preset!r}; known presets: {', '.join(TRAIN_PRESETS)}")
-        values.update(TRAIN_PRESETS[preset])
-        values["preset"] = preset
+        values.update(_preset(preset, "--preset"))
     if config_file:
-        values.update(_read_config_file(Path(config_file)))
+        from_file = _read_config_file(Path(config_file))
+        if from_file.get("preset"):  # a preset the file names applies first, the file's own values after it
+            values.update(_preset(from_file["preset"], f"config file {config_file}: preset"))
+        values.update(from_file)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return checked_train_config(values)
+
+
+def _preset(name: str, label: str) -> dict[str, Any]:
+    """A preset's values, with its name recorded; an unknown name is refused, never trained as defaults."""
+    if name not in TRAIN_PRESETS:
+        raise GptlabError(f"{label}: unknown preset {name!r}; known presets: {', '.join(TRAIN_PRESETS)}")
+    return {**TRAIN_PRESETS[name], "preset": name}
 
 
 def checked_train_config(values: dict[str, Any]) -> TrainConfig:
@@ -289,6 +301,8 @@ def checked_train_config(values: dict[str, Any]) -> TrainConfig:
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise GptlabError(f"config file {path} is a directory; --config takes a JSON file of option: value")
     if not path.is_file():
         raise GptlabError(f"config file not found: {path}")
     return read_options(path, f"config file {path}")
@@ -299,8 +313,10 @@ def read_options(path: Path, label: str, *, flags: bool = False) -> dict[str, An
     value of its field's type; anything else is one line led by `label`, naming the option as a field
     or (`flags`) as its command-line flag."""
     try:
-        values = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise EnvironmentProblem(f"{label}: {describe_os_error(exc, path)}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise GptlabError(f"{label} is not a readable JSON file: {exc}") from None
     if not isinstance(values, dict):
         raise GptlabError(f"{label} must hold a JSON object of option: value")

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checkpoint import read_torch_file
 from ..errors import GptlabError
 from ..fileio import atomic_write
 from ..model import GPT
@@ -91,10 +92,7 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / STATE_FILE
     if not path.is_file():
         raise GptlabError(f"{run_dir}: no {STATE_FILE} to resume from")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a damaged zip or pickle
-        raise GptlabError(f"{path}: cannot read the training state ({exc})") from None
+    state = read_torch_file(path, "training state")
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         found = state.get("version") if isinstance(state, dict) else type(state).__name__
         raise GptlabError(
