@@ -277,7 +277,7 @@ def test_tuner_takes_the_count_whose_steps_are_fastest(threads: FakeThreads) -> 
     tuner = ThreadTuner(True, said.append, name="inference threads")
     look = 2 * EXPLORE_STEPS
     used = run_steps(tuner, threads, {1: 0.1, 2: 0.26}, look + 5)  # a busy machine: one thread 2.6x faster
-    assert used[:look] == [1, 2] * EXPLORE_STEPS  # the look interleaves the counts
+    assert used[:look] == [2, 1] * EXPLORE_STEPS  # the look interleaves the counts, the one in use first
     assert used[look:] == [1] * 5 and tuner.best == 1
     assert said == ["inference threads: 1 thread(s) from now on (a step took 0.1 s at 1, 0.26 s at 2)"]
     # the machine quietens: the next look (after EXPLOIT_STEPS) finds two threads faster again

@@ -66,8 +66,8 @@ class ThreadTuner:
             self.looking, self.look_steps, self.times = True, 0, {}
         if self.looking:
             times = self.times.setdefault(shape, {n: [] for n in self.counts})
-            # the count this shape has been timed at least (the lowest first): counts interleave
-            self.current = min(self.counts, key=lambda n: (len(times[n]), n))
+            # the count this shape has been timed at least (the one in use first): counts interleave
+            self.current = min(self.counts, key=lambda n: (len(times[n]), n != self.best, n))
             self.timing, self.shape = True, shape
         else:
             self.current, self.timing = self.best, False

@@ -150,27 +150,28 @@ class Engine:
         adapt = inference_adapts(self.device) if adapt_threads is None else adapt_threads and self.device.type == "cpu"
         self.threads = ThreadTuner(adapt, logger.info, name="inference threads")
 
-    def warm_up_sizes(self) -> list[int]:
-        """The batch sizes whose kernels a decoding step measures (`gptlab.kernels` rounds rows up to a
-        power of two): 1, 2, 4, ... up to max_batch."""
+    def warm_up_plan(self) -> list[tuple[int, int]]:
+        """(batch size, thread count) pairs whose kernels a decoding step measures, the most needed first:
+        batch size 1 at torch's thread count (where the first request starts), then the other thread
+        counts the steps may take, then 2, 4, ... up to max_batch (`gptlab.kernels` rounds rows up to a
+        power of two)."""
         sizes = [1]
         while sizes[-1] < self.max_batch:
             sizes.append(min(2 * sizes[-1], self.max_batch))
-        return sizes
+        now = torch.get_num_threads()
+        counts = [now] + [n for n in self.threads.counts if n != now]
+        return [(rows, count) for rows in sizes for count in counts]
 
-    def warm_up(self, sizes: Seq[int] | None = None) -> None:
-        """Run one forward pass at each batch size of `sizes` (None: `warm_up_sizes()`) and every thread
-        count the decoding steps may take, so that the kernels' one-time measurements of those shapes
-        (`gptlab.kernels`, cached on disk per machine) happen now and not under a request. A server
-        measures batch size 1 before it listens and the others while it waits for requests
-        (serve/engine_thread.py)."""
+    def warm_up(self, plan: Seq[tuple[int, int]] | None = None) -> None:
+        """Run one forward pass of each (batch size, thread count) of `plan` (None: `warm_up_plan()`), so
+        that the kernels' one-time measurements of those shapes (`gptlab.kernels`, cached on disk per
+        machine) happen now and not under a request. A server measures the first pair before it listens
+        and the others while it waits for requests (serve/engine_thread.py)."""
         with torch.inference_mode(), _eval_mode(self.model):
-            for rows in self.warm_up_sizes() if sizes is None else sizes:
-                idx = torch.zeros((rows, 1), dtype=torch.long, device=self.device)  # (B, 1)
-                for count in self.threads.counts or [torch.get_num_threads()]:
-                    if torch.get_num_threads() != count:
-                        torch.set_num_threads(count)
-                    self.model(idx)
+            for rows, count in self.warm_up_plan() if plan is None else plan:
+                if torch.get_num_threads() != count:
+                    torch.set_num_threads(count)
+                self.model(torch.zeros((rows, 1), dtype=torch.long, device=self.device))  # (B, 1)
         self.threads.restore()
 
     # -- requests -----------------------------------------------------------------------------------

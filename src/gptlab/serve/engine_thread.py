@@ -58,9 +58,10 @@ class Job:
 
 
 class EngineThread:
-    def __init__(self, engine: Engine, metrics: Metrics, max_queue: int, warm_ups: list[int] | None = None) -> None:
+    def __init__(self, engine: Engine, metrics: Metrics, max_queue: int,
+                 warm_ups: list[tuple[int, int]] | None = None) -> None:
         self.engine = engine
-        self._warm_ups = list(warm_ups or [])  # batch sizes to warm up while idle (`Engine.warm_up`)
+        self._warm_ups = list(warm_ups or [])  # (batch size, threads) to warm up while idle (`Engine.warm_up`)
         self.metrics = metrics
         self.max_queue = max_queue
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -127,7 +128,8 @@ class EngineThread:
                 try:
                     engine.warm_up(self._warm_ups[:1])
                 except Exception as exc:  # noqa: BLE001 - a request at this size will meet the same failure
-                    logger.error("warming up batch size %d failed: %s", self._warm_ups[0], failure_cause(exc))
+                    logger.error("warming up (batch size, threads) %s failed: %s", self._warm_ups[0],
+                                 failure_cause(exc))
                 del self._warm_ups[0]
             self._joined()
 

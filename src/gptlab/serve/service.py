@@ -60,10 +60,10 @@ class CompletionService:
         self.metrics = Metrics()
         self.engine = Engine(model, tokenizer, max_batch=limits.max_batch, kv_cache_bytes=limits.kv_cache_mb * 2**20,
                              grow_ahead=True)
-        # batch size 1's kernels are measured before the server listens, the other sizes' once it waits
-        sizes = self.engine.warm_up_sizes()
-        self.engine.warm_up(sizes[:1])
-        self.engine_thread = EngineThread(self.engine, self.metrics, limits.max_queue, warm_ups=sizes[1:])
+        # batch size 1's kernels are measured before the server listens, the others' once it waits
+        plan = self.engine.warm_up_plan()
+        self.engine.warm_up(plan[:1])
+        self.engine_thread = EngineThread(self.engine, self.metrics, limits.max_queue, warm_ups=plan[1:])
 
     # -- checks ---------------------------------------------------------------------------------------
 
