@@ -119,6 +119,10 @@ def measure_server(create_app, running_server, limits, model, tokenizer, clients
                    late: bool = False) -> dict:
     app = create_app(model, tokenizer, "bench", limits)
     with running_server(app) as url:
+        # the server answers once batch size 1 is measured; the load is measured once every size is
+        # (/health's `warm`; the previous server measured them all before it listened, and has no such field)
+        while not httpx.get(url + "/health", timeout=60).json().get("warm", True):
+            time.sleep(0.1)
         run = asyncio.run(burst(url, clients, max_tokens, late))
     if late:
         return run

@@ -16,11 +16,16 @@ of context (the first window's tokens with whatever precedes them).
 
 Bits per character and per byte divide the same total by the length of the scored tokens' decoded
 text, which makes models with different tokenizers comparable.
+
+On a CPU the batches' thread count follows their measured times (`gptlab.threads`; a busy machine can
+make two threads several times slower than one); GPTLAB_ADAPT_THREADS=0 keeps torch's setting.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
@@ -31,7 +36,10 @@ from tqdm import tqdm
 
 from ..errors import GptlabError
 from ..model import GPT
+from ..threads import ThreadTuner, inference_adapts
 from ..tokenizers import CharTokenizer, Tokenizer
+
+logger = logging.getLogger("gptlab.evaluate")
 
 LN2 = math.log(2)
 # Logits are computed for this many (row x vocabulary) entries at a time: 2**22 float32 logits are
@@ -183,13 +191,18 @@ def score_tokens(
     was_training = model.training
     model.eval()
     scored = []
+    threads = ThreadTuner(inference_adapts(device), logger.info, name="scoring threads")
     try:
         with tqdm(total=len(tokens) - 1, desc="scoring", unit="tok", unit_scale=True, leave=False,
                   disable=None if progress is None else not progress) as bar:
             for batch in _batches(windows(len(tokens), context, stride), batch_size):
+                threads.before_step(shape=(len(batch), batch[0][2] - batch[0][0]))
+                started = time.perf_counter()
                 scored.append(_score_batch(model, tokens, batch, device))
+                threads.after_step(time.perf_counter() - started)
                 bar.update(scored[-1][1])
     finally:
+        threads.restore()
         model.train(was_training)
     return sum(nll for nll, _ in scored), sum(count for _, count in scored)
 

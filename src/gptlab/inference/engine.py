@@ -14,6 +14,10 @@ Each `step()`:
 4. one sampler call picks every row's next token under that row's own parameters and generator;
 5. each sequence takes its token (text, stop strings, eos, length); those that finished leave at once.
 
+A request that cannot be served fails alone: if a step raises, each of its sequences steps again
+alone, and only those that fail alone fail, each with its own error (`_isolate`). The step's thread
+count follows measurement on a CPU (`gptlab.threads`).
+
 So a request waits at most for the step in progress and then its own prefill, whatever else runs; a
 streamed and a non-streamed request, greedy and sampled rows, seeded and unseeded ones share every
 step; and a row's tokens are those it would get alone (the sampler and the cache are per row).
@@ -30,6 +34,7 @@ rule, so both give the same tokens at any length.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 from collections import deque
@@ -38,6 +43,7 @@ from collections.abc import Iterator, Sequence as Seq
 import torch
 
 from ..model import GPT
+from ..threads import ThreadTuner, inference_adapts
 from .cache import SlotCache
 from .params import SamplingParams, _is_int
 from .sampler import Sampler, TokenLogprobs, logprobs_of
@@ -119,7 +125,8 @@ class Engine:
     """
 
     def __init__(self, model: GPT, tokenizer=None, *, max_batch: int = 16, kv_cache_bytes: int | None = None,
-                 use_cache: bool = True, grow_ahead: bool = False, prefill_tokens: int | None = PREFILL_TOKENS) -> None:
+                 use_cache: bool = True, grow_ahead: bool = False, prefill_tokens: int | None = PREFILL_TOKENS,
+                 adapt_threads: bool | None = None) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.model = model
@@ -139,19 +146,33 @@ class Engine:
         self._eos = None if tokenizer is None else tokenizer.eos_id
         self._cancelled = False
         self.steps = 0  # forward steps run, for the server's statistics
+        # the decoding steps' thread count follows their measured times (gptlab.threads); None: the default
+        adapt = inference_adapts(self.device) if adapt_threads is None else adapt_threads and self.device.type == "cpu"
+        self.threads = ThreadTuner(adapt, logger.info, name="inference threads")
 
-    def warm_up(self) -> None:
-        """Run one forward pass at every batch size a decoding step will use (powers of two up to
-        max_batch), so that the kernels' one-time measurements of those shapes (`gptlab.kernels`) happen
-        now and not under the first requests. They are cached on disk: after the first start on a
-        machine this takes a few passes' time."""
-        rows = 1
-        with torch.inference_mode():
-            while True:
-                self.model(torch.zeros((min(rows, self.max_batch), 1), dtype=torch.long, device=self.device))
-                if rows >= self.max_batch:
-                    break
-                rows *= 2
+    def warm_up_plan(self) -> list[tuple[int, int]]:
+        """(batch size, thread count) pairs whose kernels a decoding step measures, the most needed first:
+        batch size 1 at torch's thread count (where the first request starts), then the other thread
+        counts the steps may take, then 2, 4, ... up to max_batch (`gptlab.kernels` rounds rows up to a
+        power of two)."""
+        sizes = [1]
+        while sizes[-1] < self.max_batch:
+            sizes.append(min(2 * sizes[-1], self.max_batch))
+        now = torch.get_num_threads()
+        counts = [now] + [n for n in self.threads.counts if n != now]
+        return [(rows, count) for rows in sizes for count in counts]
+
+    def warm_up(self, plan: Seq[tuple[int, int]] | None = None) -> None:
+        """Run one forward pass of each (batch size, thread count) of `plan` (None: `warm_up_plan()`), so
+        that the kernels' one-time measurements of those shapes (`gptlab.kernels`, cached on disk per
+        machine) happen now and not under a request. A server measures the first pair before it listens
+        and the others while it waits for requests (serve/engine_thread.py)."""
+        with torch.inference_mode(), _eval_mode(self.model):
+            for rows, count in self.warm_up_plan() if plan is None else plan:
+                if torch.get_num_threads() != count:
+                    torch.set_num_threads(count)
+                self.model(torch.zeros((rows, 1), dtype=torch.long, device=self.device))  # (B, 1)
+        self.threads.restore()
 
     # -- requests -----------------------------------------------------------------------------------
 
@@ -212,6 +233,7 @@ class Engine:
         with _eval_mode(self.model):
             if self._cancelled:
                 self._drop_cancelled()
+            generators = self._generator_states()
             try:
                 self._prefills_last()
                 self._admit()  # allocates the cache, which can fail too
@@ -219,31 +241,79 @@ class Engine:
                 if not rows:
                     self._idle()
                     return []
-                logits = self._forward()  # (B, V)
-                tokens = self.sampler(logits, rows)  # (B,)
-                wanted = [r for r, s in enumerate(rows) if s.logprobs is not None]
-                entries = dict(zip(wanted, logprobs_of(logits[wanted], tokens[wanted],
-                                                       [rows[r].params.logprobs for r in wanted]))) if wanted else {}
-            except Exception as exc:  # the batch cannot go on; every sequence in it fails, the engine not
-                logger.exception("a generation step failed")
+                prefill = any(s.cached == 0 for s in rows)
+                self.threads.before_step(shape=(len(rows), prefill))
+                started = time.perf_counter()
+                tokens, entries = self._decode(rows)
+                self.threads.after_step(time.perf_counter() - started)
+                isolated = False
+            except Exception as exc:  # noqa: BLE001 - which sequence caused it is found below
                 rows = list(self.rows)
-                for seq in rows:
-                    seq.finish(None, exc)
-                self.rows.clear()
-                self._idle()
-                return rows
+                tokens, entries = self._isolate(rows, exc, generators)
+                isolated = True
             self.steps += 1
-            self._advance(rows, tokens.tolist(), entries)
+            self._advance(rows, tokens, entries)
             for r in reversed(range(len(self.rows))):
                 if self.rows[r].done:
                     self._remove(r)
+            if isolated:  # each row ran alone in slot 0: every window is read again, the penalties rebuilt
+                for r, seq in enumerate(self.rows):
+                    seq.cached = 0
+                    self.sampler.join(r, seq)
             if not self.busy:
                 self._idle()
             return rows
 
-    def _forward(self) -> torch.Tensor:
+    def _decode(self, rows: list[Sequence]) -> tuple[list[int | None], dict[int, TokenLogprobs]]:
+        """One forward pass and one sampler call for `rows` (slots 0 .. len(rows)-1): each row's next
+        token, and the log-probabilities of the rows that asked for them, by row."""
+        logits = self._forward(rows)  # (B, V)
+        tokens = self.sampler(logits, rows)  # (B,)
+        wanted = [r for r, s in enumerate(rows) if s.logprobs is not None]
+        entries = dict(zip(wanted, logprobs_of(logits[wanted], tokens[wanted],
+                                               [rows[r].params.logprobs for r in wanted]))) if wanted else {}
+        return tokens.tolist(), entries
+
+    def _isolate(self, rows: list[Sequence], exc: Exception, generators: list
+                 ) -> tuple[list[int | None], dict[int, TokenLogprobs]]:
+        """The batch's step failed: step each sequence alone, so that only those that fail alone fail
+        (with their own error) and the others take their token as if nothing had happened.
+
+        Each runs in slot 0 reading its whole window (a prefill gives the logits a cached decode would),
+        its penalty state rebuilt from its tokens and its generator rewound to where the step began, so
+        a greedy or seeded row gets the token it would have got in the batch. The cache's contents are
+        then stale, so every surviving row reads its window again at the next step (`step`)."""
+        logger.warning("a generation step of %d sequence(s) failed (%s); stepping each alone", len(rows),
+                       failure_cause(exc))
+        for generator, state in generators:
+            generator.set_state(state)
+        tokens: list[int | None] = []
+        entries: dict[int, TokenLogprobs] = {}
+        for r, seq in enumerate(rows):
+            try:
+                seq.cached = 0
+                self.cache.ensure(1, seq.reservation)
+                self.sampler.join(0, seq)
+                (token,), alone = self._decode([seq])
+            except Exception as own:  # noqa: BLE001 - this sequence cannot be served; it fails alone
+                logger.error("a sequence failed: %s", failure_cause(own), exc_info=own)
+                seq.finish(None, own)
+                tokens.append(None)
+                continue
+            tokens.append(token)
+            if 0 in alone:
+                entries[r] = alone[0]
+        return tokens, entries
+
+    def _generator_states(self) -> list[tuple[torch.Generator, torch.Tensor]]:
+        """Where the running and joining rows' generators stand, to rewind them if the step fails."""
+        rows = self.rows + list(itertools.islice(self.waiting, self.max_batch))
+        unique = {id(s.generator): s.generator for s in rows if s.generator is not None}
+        return [(g, g.get_state()) for g in unique.values()]
+
+    def _forward(self, rows: list[Sequence]) -> torch.Tensor:
         """One batched decode for the rows with cached windows, one batched prefill for the others."""
-        rows, model, device = self.rows, self.model, self.device
+        model, device = self.model, self.device
         first = next((r for r, s in enumerate(rows) if s.cached == 0), len(rows))  # prefill rows come last
         parts = []
         if first:
@@ -276,16 +346,18 @@ class Engine:
         entries = logprobs_of(self.model.lm_head(h[:-1]), window[1:], [seq.params.prompt_logprobs] * (len(window) - 1))
         return [TokenLogprobs(seq.window[0], None, {})] + entries
 
-    def _advance(self, rows: list[Sequence], tokens: list[int], entries: dict[int, TokenLogprobs]) -> None:
+    def _advance(self, rows: list[Sequence], tokens: list[int | None], entries: dict[int, TokenLogprobs]) -> None:
         block = self.config.block_size
         for r, (seq, token) in enumerate(zip(rows, tokens)):
+            if seq.done:  # it failed alone (`_isolate`)
+                continue
             if seq.params.max_new_tokens == 0:  # it only wanted its prompt's log-probabilities
                 seq.finish("length")
                 continue
             try:
                 seq.add(token, entries.get(r))
             except Exception as exc:  # e.g. an id the tokenizer cannot decode: this sequence fails, not the batch
-                logger.exception("a sequence failed")
+                logger.error("a sequence failed: %s", failure_cause(exc), exc_info=exc)
                 seq.finish(None, exc)
             if seq.done:
                 continue
@@ -354,6 +426,13 @@ class Engine:
         if not self.rows:
             self.cache.release()
             self.sampler.release()
+            self.threads.restore()
+
+
+def failure_cause(exc: BaseException) -> str:
+    """What a failure was, in one line: the exception's type and the first line of its message."""
+    first = next(iter(str(exc).strip().splitlines()), "")
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 @contextlib.contextmanager

@@ -208,7 +208,7 @@ def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, top: Seq[int]) -> li
     top[r] most likely alternatives and the token itself: (B, V) logits, (B,) tokens."""
     logp = logits.float().log_softmax(dim=-1)  # (B, V)
     chosen = logp.gather(1, tokens[:, None])[:, 0].tolist()
-    n = max(top)
+    n = max(top, default=0)  # no rows: a one-token prompt has no log-probabilities to give
     values, ids = logp.topk(n, dim=-1) if n else (logp[:, :0], tokens[:, None][:, :0])
     values, ids = values.tolist(), ids.tolist()
     out = []

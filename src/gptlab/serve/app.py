@@ -20,12 +20,11 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 from starlette.concurrency import run_in_threadpool
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from ..config import ServerLimits
 from ..tokenizers import Tokenizer
 from .errors import ERROR_RESPONSES, install_error_handlers
-from .middleware import BodyChecks
+from .middleware import BodyChecks, HostCheck
 from .schemas import (
     CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse, Health, ModelCard, ModelList,
     TokenizeRequest, TokenizeResponse, TokenizerInfo, VllmDetokenizeResponse, VllmTokenizeResponse,
@@ -84,7 +83,7 @@ def create_app(model: torch.nn.Module, tokenizer: Tokenizer, model_id: str,
 
     @app.get("/health", response_model=Health, tags=["gptlab"], summary="Liveness, with counters since start")
     async def health() -> Health:
-        return Health(model=model_id, stats=service.metrics.stats())
+        return Health(model=model_id, warm=service.engine_thread.warm, stats=service.metrics.stats())
 
     @app.get("/metrics", response_class=Response, tags=["gptlab"],
              summary="Prometheus metrics: requests, tokens, queue length, batch size, time to first token")
@@ -113,5 +112,5 @@ def create_app(model: torch.nn.Module, tokenizer: Tokenizer, model_id: str,
 
     app.add_middleware(BodyChecks, max_bytes=limits.max_body_bytes)
     if allowed_hosts is not None:
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
+        app.add_middleware(HostCheck, allowed=allowed_hosts)
     return app

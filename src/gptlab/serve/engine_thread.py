@@ -3,8 +3,10 @@ cancellations through a queue, and it hands back what each job's sequences produ
 
 The thread loops: take every job and cancellation that arrived, run one engine step (every running
 sequence of every job advances together), post each job's new text, log-probabilities and endings
-to the event loop, repeat; with nothing to do it sleeps until a job arrives. The waiting queue is
-bounded: `reserve` refuses a job whose sequences would take it past `max_queue`.
+to the event loop, repeat; with nothing to do it measures the kernels of the next batch size it has
+not warmed up yet (one forward pass at a time, so a job that arrives waits for one pass at most), then
+sleeps until a job arrives. The waiting queue is bounded: `submit` refuses a job whose sequences would
+take it past `max_queue`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import threading
 import time
 from typing import Any
 
-from ..inference import Engine, SamplingParams, Sequence, completion_of
+from ..inference import Engine, SamplingParams, Sequence, completion_of, failure_cause
 from .metrics import Metrics
 
 logger = logging.getLogger("gptlab.serve")
@@ -56,8 +58,10 @@ class Job:
 
 
 class EngineThread:
-    def __init__(self, engine: Engine, metrics: Metrics, max_queue: int) -> None:
+    def __init__(self, engine: Engine, metrics: Metrics, max_queue: int,
+                 warm_ups: list[tuple[int, int]] | None = None) -> None:
         self.engine = engine
+        self._warm_ups = list(warm_ups or [])  # (batch size, threads) to warm up while idle (`Engine.warm_up`)
         self.metrics = metrics
         self.max_queue = max_queue
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -94,13 +98,19 @@ class EngineThread:
     def queued(self) -> int:
         return self._queued
 
+    @property
+    def warm(self) -> bool:
+        """Whether every batch size has been warmed up (until then a request may wait for one measurement)."""
+        return not self._warm_ups
+
     # -- the engine thread --------------------------------------------------------------------------
 
     def _run(self) -> None:
         engine = self.engine
         while True:
             try:
-                command = self._inbox.get(block=not engine.busy)  # idle: sleep until work arrives
+                # idle: sleep until work arrives, unless there is warming up to do
+                command = self._inbox.get(block=not engine.busy and not self._warm_ups)
                 while True:
                     if command is None:
                         self._shut_down()
@@ -114,6 +124,13 @@ class EngineThread:
                 touched = engine.step()
                 self._account(touched, time.perf_counter() - started)
                 self._dispatch(touched)
+            elif self._warm_ups:
+                try:
+                    engine.warm_up(self._warm_ups[:1])
+                except Exception as exc:  # noqa: BLE001 - a request at this size will meet the same failure
+                    logger.error("warming up (batch size, threads) %s failed: %s", self._warm_ups[0],
+                                 failure_cause(exc))
+                del self._warm_ups[0]
             self._joined()
 
     def _take(self, command: Job | tuple[str, Job]) -> None:

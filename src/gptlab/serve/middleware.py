@@ -1,15 +1,49 @@
-"""ASGI middleware that reads a request's body before FastAPI parses it, and refuses the bodies it would
-not parse well: over the size limit (413), not UTF-8, or nested deeper than any request needs (400)."""
+"""ASGI middleware, answering in OpenAI's error shape like every other refusal: `HostCheck` refuses a
+Host header the server does not answer to (400), and `BodyChecks` reads a request's body before FastAPI
+parses it and refuses the bodies it would not parse well: over the size limit (413), not UTF-8, or
+nested deeper than any request needs (400)."""
 
 from __future__ import annotations
 
 import json
+import urllib.parse
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import error_response
 
 MAX_JSON_DEPTH = 32  # the deepest valid request nests 3 levels ({"prompt": [[ids]]})
+
+
+class HostCheck:
+    """Serve only requests whose Host header names one of `allowed` (with any port): a web page that
+    rebinds its own DNS name to 127.0.0.1 still sends its own name, so it cannot reach a local server.
+
+    (Starlette's TrustedHostMiddleware does the same job but answers in plain text.)"""
+
+    def __init__(self, app: ASGIApp, allowed: list[str]) -> None:
+        self.app = app
+        self.allowed = {name.strip("[]").lower() for name in allowed}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+        if host_name(host) not in self.allowed:
+            message = (f"this server does not answer to the host {host!r}; use one of "
+                       f"{', '.join(sorted(self.allowed))}")
+            await error_response(400, message, code="invalid_host")(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def host_name(host: str) -> str | None:
+    """A Host header's name without its port: "[::1]:8000" -> "::1", "LocalHost:80" -> "localhost"."""
+    try:
+        return urllib.parse.urlsplit("//" + host.strip()).hostname
+    except ValueError:  # e.g. an unclosed "["
+        return None
 
 
 class BodyChecks:

@@ -100,8 +100,8 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, d
               f"  metrics:     curl {url}/metrics", file=sys.stderr, flush=True)
 
     allowed = list(LOOPBACK_NAMES) if is_loopback(host) else None
-    print(f"gptlab serve: warming up {name} at batch sizes up to {limits.max_batch} (the first start on a "
-          "machine also measures its kernels)", file=sys.stderr, flush=True)
+    print(f"gptlab serve: warming up {name} at batch size 1 (the first start on a machine also measures its "
+          f"kernels; batch sizes up to {limits.max_batch} follow once it listens)", file=sys.stderr, flush=True)
     app = create_app(model, tokenizer, name, limits, allowed_hosts=allowed, on_start=welcome)
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
     server.run(sockets=[sock])

@@ -138,8 +138,13 @@ class ServerStats(BaseModel):
 
 
 class Health(BaseModel):
+    """The server answers this as soon as it can serve: batch size 1's kernels are measured before it
+    listens, the other batch sizes' while it waits for requests (`warm` says when that is done)."""
+
     status: Literal["ok"] = "ok"
     model: str
+    warm: bool = Field(description="gptlab: every batch size's kernels are measured; until then a request may "
+                                   "wait for one measurement (a fraction of a second)")
     stats: ServerStats
 
 

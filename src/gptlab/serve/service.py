@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..config import ServerLimits
 from ..errors import GptlabError
-from ..inference import Completion, Engine, SamplingParams
+from ..inference import Completion, Engine, SamplingParams, failure_cause
 from ..tokenizers import Tokenizer, document_start_ids
 from .engine_thread import Choice, EngineThread, Job, QueueFull
 from .errors import ApiError, error_body
@@ -60,8 +60,10 @@ class CompletionService:
         self.metrics = Metrics()
         self.engine = Engine(model, tokenizer, max_batch=limits.max_batch, kv_cache_bytes=limits.kv_cache_mb * 2**20,
                              grow_ahead=True)
-        self.engine.warm_up()  # the kernels' measurements of every batch size, before the first request
-        self.engine_thread = EngineThread(self.engine, self.metrics, limits.max_queue)
+        # batch size 1's kernels are measured before the server listens, the others' once it waits
+        plan = self.engine.warm_up_plan()
+        self.engine.warm_up(plan[:1])
+        self.engine_thread = EngineThread(self.engine, self.metrics, limits.max_queue, warm_ups=plan[1:])
 
     # -- checks ---------------------------------------------------------------------------------------
 
@@ -104,6 +106,9 @@ class CompletionService:
         if len(items) * n > self.limits.max_choices:
             raise ApiError(400, f"{len(items)} prompt(s) x n={n} asks for {len(items) * n} choices; "
                                 f"this server's limit is {self.limits.max_choices}", param="n")
+        if len(items) * n > self.limits.max_queue:  # a 429 would ask the client to retry what can never fit
+            raise ApiError(400, f"{len(items)} prompt(s) x n={n} asks for {len(items) * n} choices, more than "
+                                f"the {self.limits.max_queue} that may wait at once (--max-queue)", param="n")
         prompts = await run_in_threadpool(self._prompt_ids, items)
         for ids in prompts:
             try:
@@ -128,13 +133,20 @@ class CompletionService:
             param = "prompt"
         return ApiError(400, message, param=param)
 
-    @staticmethod
-    def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    def _logit_bias(self, bias: dict[str, float] | None) -> dict[int, float] | None:
+        """OpenAI's keys are token ids written in ASCII digits. str.isdigit() and int() also take other
+        scripts' digits ("٣" is 3) and superscripts ("²", which int() then refuses), so ASCII is asked for;
+        the length is checked before int() reads a number it would refuse (over 4,300 digits)."""
         if not bias:
             return None
-        bad = next((key for key in bias if not key.isdigit()), None)
-        if bad is not None:
-            raise ApiError(400, f"logit_bias keys must be token ids, got {bad!r}", param="logit_bias")
+        vocab = self.tokenizer.vocab_size
+        for key in bias:
+            if not (key.isascii() and key.isdigit()):
+                raise ApiError(400, f"logit_bias keys must be token ids in ASCII digits, got {key!r}",
+                               param="logit_bias")
+            if len(key.lstrip("0")) > len(str(vocab)) or int(key) >= vocab:
+                raise ApiError(400, f"logit_bias key {key[:20]!r} is outside the vocabulary (ids 0 to {vocab - 1})",
+                               param="logit_bias")
         return {int(key): value for key, value in bias.items()}
 
     @staticmethod
@@ -208,7 +220,7 @@ class CompletionService:
         event = await self._or_gone(request, job, job.events.get())
         if event[0] == "error":
             self.metrics.requests.labels("failed").inc()
-            raise ApiError(500, "generation failed inside the server; see its log")
+            raise ApiError(500, _failed(event[1]))
         self.metrics.requests.labels("completed").inc()
         self.metrics.request_seconds.observe(time.perf_counter() - job.arrived)
         results: list[Completion] = event[1]
@@ -255,7 +267,7 @@ class CompletionService:
         first = await self._or_gone(request, job, job.events.get())
         if first[0] == "error":
             self.metrics.requests.labels("failed").inc()
-            raise ApiError(500, "generation failed inside the server; see its log")
+            raise ApiError(500, _failed(first[1]))
         self.metrics.in_flight.inc()  # the response now owns the request until it closes
         outcome = ["cancelled"]  # what close() records, unless the events say otherwise
 
@@ -298,7 +310,7 @@ class CompletionService:
                 return
             else:  # "error": the status line has gone out already, so the error travels as an event
                 outcome[0] = "failed"
-                yield sse(error_body(500, "generation failed inside the server; see its log"))
+                yield sse(error_body(500, _failed(event[1])))
                 return
             event = await job.events.get()
 
@@ -338,6 +350,11 @@ class CompletionService:
         except GptlabError as exc:
             raise ApiError(400, f"{name}: {exc}", param=name) from None
         return DetokenizeResponse(text=text) if body.ids is not None else VllmDetokenizeResponse(prompt=text)
+
+
+def _failed(exc: BaseException) -> str:
+    """A 500's message: what failed, in one line (the log has the traceback)."""
+    return f"generation failed inside the server ({failure_cause(exc)}); see its log"
 
 
 async def _disconnected(request: Request) -> None:

@@ -13,7 +13,7 @@ checkpoint: everything `--resume` needs, model included; see state.py), `metrics
     run_dir.py    what may be replaced, the lock, the auto-numbered default
     device.py     device, dtype, TF32, torch.compile, memory
     run.py        train(): setup, fit, finish
-    optim.py, distributed.py, metrics.py, progress.py (the bar, the busy-CPU warning), threads.py
+    optim.py, distributed.py, metrics.py, progress.py (the bar, the busy-CPU warning)
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ from .distributed import Group
 from .metrics import MetricsLog
 from .optim import learning_rate, schedule_position
 from .progress import CpuWait, ProgressBar
-from .threads import ThreadTuner
+from ..threads import ThreadTuner
 from .run_dir import BEST_DIR, METRICS_FILE
 from .setup import Dataset, Run
 from .state import process_rng_state, save_checkpoint
