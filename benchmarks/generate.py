@@ -37,7 +37,8 @@ from gptlab import generate
 from gptlab.checkpoint import load_model, save_model
 from gptlab.config import model_preset
 from gptlab.inference import Engine, SamplingParams
-from gptlab.kernels import Int8Linear, largest_cache_bytes, quantize_int8
+from gptlab.kernels import largest_cache_bytes
+from gptlab.quantize import Int8Linear, quantize_int8
 from gptlab.model import GPT
 
 from machine import MACHINE, save_results  # benchmarks/machine.py: a script's own folder is on sys.path

@@ -33,7 +33,7 @@ from gptlab.train import TRAIN_PRESETS, build_train_config
 from gptlab.data import TokenDataset, prepare
 from gptlab.evaluate import score_tokens
 from gptlab.inference import generate
-from gptlab.kernels import quantize_int8
+from gptlab.quantize import quantize_int8
 from gptlab.throughput import matmul_peak
 from gptlab.train.state import load_checkpoint
 

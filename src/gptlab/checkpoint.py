@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from .config import GPTConfig
 from .errors import GptlabError
 from .fileio import atomic_write_json, atomic_write_via
-from .kernels import Int8Linear
+from .quantize import Int8Linear
 from .model import GPT
 from .tokenizers import GPT2_VOCAB_SIZE, TOKENIZER_FILE, GPT2Tokenizer, Tokenizer, load_tokenizer
 
