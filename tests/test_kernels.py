@@ -7,6 +7,8 @@ import itertools
 import subprocess
 import sys
 import json
+import os
+import platform
 from pathlib import Path
 
 import pytest
@@ -489,6 +491,8 @@ def test_an_unknown_kernels_mode_is_one_clear_error(monkeypatch: pytest.MonkeyPa
 
 def test_the_machine_fingerprint_tells_a_limited_process_apart(monkeypatch: pytest.MonkeyPatch) -> None:
     """A process held to fewer instruction sets (or plain) never reads the choices of a full one."""
+    # ATen and oneDNN read ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA once, when first asked: not below
+    chooser._machine_fingerprint()
     limits = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "default", "GPTLAB_KERNELS": "plain"}
     for name in ("GPTLAB_KERNEL_CACHE", *limits):
         monkeypatch.delenv(name, raising=False)
@@ -500,6 +504,22 @@ def test_the_machine_fingerprint_tells_a_limited_process_apart(monkeypatch: pyte
 
 
 # --- a lesser CPU: torch and oneDNN held to AVX2 -------------------------------------------------
+
+
+@pytest.mark.skipif(not (os.environ.get("ATEN_CPU_CAPABILITY") or os.environ.get("ONEDNN_MAX_CPU_ISA")),
+                    reason="no instruction-set limit in the environment (`make test` runs this file again with one)")
+def test_the_instruction_set_limits_in_the_environment_take_effect() -> None:
+    """`make test` runs the kernel tests again as a lesser CPU would: the limits must really hold."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the limits are x86 instruction sets")
+    levels = ["DEFAULT", "AVX2", "AVX512"]  # ATen's on x86, lowest first; a CPU below the limit keeps its own
+    capability = os.environ.get("ATEN_CPU_CAPABILITY", "").upper()
+    if capability in levels:
+        assert levels.index(torch.backends.cpu.get_cpu_capability()) <= levels.index(capability)
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ("SSE41", "AVX", "AVX2"):
+        assert not torch.ops.mkldnn._is_mkldnn_bf16_supported()  # oneDNN's bf16 needs AVX-512 or avx_ne_convert
+        assert not can_prepack(torch.zeros(4, 4, dtype=torch.bfloat16))
+
 
 LESSER_CPU = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 SAMPLE_BOTH_WAYS = """
