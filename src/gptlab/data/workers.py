@@ -28,10 +28,10 @@ import numpy as np
 
 from gptlab.errors import EnvironmentProblem
 from gptlab.fileio import environment_errors
-from gptlab.tokenizers import CharTokenizer, GPT2Tokenizer, Tokenizer
+from gptlab.tokenizers import BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer, load_tokenizer
 
 DOCUMENT_SEPARATOR = "\n\n"  # between documents, for a tokenizer without an end-of-text token
-TokenizerSpec = tuple[str, str]  # ("gpt2", "") or ("char", the vocabulary in id order)
+TokenizerSpec = tuple[str, str]  # ("gpt2", ""), ("char", the vocabulary in id order) or ("bpe", its directory)
 Tag = TypeVar("Tag")
 
 
@@ -43,13 +43,20 @@ def available_cores() -> int:
 
 
 def tokenizer_spec(tokenizer: Tokenizer) -> TokenizerSpec:
-    return ("char", "".join(tokenizer.chars)) if isinstance(tokenizer, CharTokenizer) else (tokenizer.name, "")
+    """What a worker rebuilds the tokenizer from: small, since it travels with every batch."""
+    if isinstance(tokenizer, CharTokenizer):
+        return ("char", "".join(tokenizer.chars))
+    if isinstance(tokenizer, BPETokenizer):  # prepare loads it from a directory
+        return ("bpe", str(tokenizer.directory))
+    return (tokenizer.name, "")
 
 
 @functools.lru_cache(maxsize=2)
 def _tokenizer(spec: TokenizerSpec) -> Tokenizer:
-    kind, chars = spec
-    return CharTokenizer(list(chars)) if kind == "char" else GPT2Tokenizer()
+    kind, detail = spec
+    if kind == "bpe":
+        return load_tokenizer(Path(detail))
+    return CharTokenizer(list(detail)) if kind == "char" else GPT2Tokenizer()
 
 
 def separator_ids(tokenizer: Tokenizer) -> list[int]:
