@@ -404,7 +404,7 @@ def save_model(model: GPT, directory: str | Path, *, require_hf: bool = False) -
 
 # What `export_model` writes: all that a directory may hold for --overwrite to replace it.
 EXPORT_FILES = frozenset({
-    CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, "vocab.json", "merges.txt", "tokenizer_config.json",
+    CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json",
 })
 

@@ -518,6 +518,9 @@ def _run_tokenizer_train(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {tokenizer.vocab_size:,} tokens ({len(tokenizer.merges):,} merges, "
           f"{len(tokenizer.special_tokens)} special) in {time.perf_counter() - start:.1f} s; "
           f"next: gptlab prepare INPUT... --tokenizer {args.out} --out DATA_DIR")
+    if tokenizer.vocab_size < args.vocab_size:
+        print(f"gptlab tokenizer: note: the corpus had no more pairs to merge, so {tokenizer.vocab_size:,} tokens "
+              f"rather than {args.vocab_size:,}")
     return 0
 
 

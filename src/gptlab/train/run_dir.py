@@ -31,10 +31,10 @@ TRAIN_CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 BEST_DIR = "best"
 RUN_MARKERS = (TRAIN_CONFIG_FILE, STATE_FILE)
-# What a model directory holds: the Hugging Face checkpoint and the tokenizer's files (GPT-2 BPE adds
-# the last four). `best/` holds only these; the run directory holds these and the run's own files.
+# What a model directory holds: the Hugging Face checkpoint and the tokenizer's files (a BPE adds
+# the last five). `best/` holds only these; the run directory holds these and the run's own files.
 MODEL_ENTRIES = frozenset({
-    CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, "vocab.json", "merges.txt", "tokenizer_config.json",
+    CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json",
 })
 RUN_ENTRIES = MODEL_ENTRIES | {
