@@ -29,7 +29,7 @@ from .layout import FORMAT, FORMAT_VERSION, SPLITS
 from .output import OutputDir
 from .readers import Corpus, Piece
 from .shards import ShardWriter
-from .workers import (DOCUMENT_SEPARATOR, Workers, available_cores, distinct_chars, encode, file_sha256,
+from .workers import (DOCUMENT_SEPARATOR, Workers, available_cores, distinct_chars, encode, file_sha256, share,
                       tokenizer_spec)
 
 DEFAULT_SHARD_TOKENS = 100_000_000
@@ -77,6 +77,8 @@ def prepare(
     size = corpus.total_bytes
     count = workers or (1 if size is not None and size < 4 * _BATCH_CHARS else available_cores())
     ready = GPT2Tokenizer() if tokenizer == "gpt2" else saved  # built before the workers fork, so they share it
+    if ready is not None:
+        share(ready)
     with output.staging(overwrite) as staging, Workers(count) as pool:
         hashes = {s.label: pool.submit(file_sha256, s.path) for s in sources if isinstance(s, FileSource)}
         tok: Tokenizer = ready or _char_vocabulary(corpus, pool, show_progress)
