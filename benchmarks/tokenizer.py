@@ -286,7 +286,8 @@ def markdown(result: dict) -> str:
               "(with GPT-2's pattern as a Split pre-tokenizer); 'HF trainer' is that trainer called directly with its "
               "ByteLevel GPT-2 recipe. Peak RSS is of the process and its children. Bytes per token: UTF-8 bytes of "
               "the held-out text over its tokens (higher is better). prepare MB/s: the whole `gptlab prepare` command "
-              "on the training corpus, worker processes included.", ""]
+              "on the training corpus, worker processes included. Train time: the whole `gptlab train` command "
+              "(imports, the final evaluation and report included).", ""]
     lines += [f"Skipped: {reason}." for reason in result["skipped"]]
     return "\n".join(lines) + "\n"
 

@@ -153,3 +153,11 @@ def test_model_whose_vocabulary_disagrees_with_the_tokenizer(gptlab, corpus, tmp
     load_tokenizer(tmp_path / "big").save(run)
     code, _, err = gptlab("sample", str(run), "--max-new-tokens", "4")
     one_line_error(code, err, 2, "370 tokens", "300")
+
+
+def test_input_that_is_not_text(gptlab, corpus, tmp_path):
+    (tmp_path / "blob.bin").write_bytes(b"abc\x00def")
+    code, _, err = gptlab("tokenizer", "train", str(corpus), str(tmp_path / "blob.bin"), "--vocab-size", "300",
+                          "--out", str(tmp_path / "t"))
+    one_line_error(code, err, 2, "blob.bin", "--skip-binary")
+    assert not (tmp_path / "t").exists()

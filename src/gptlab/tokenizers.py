@@ -282,8 +282,9 @@ class BPETokenizer(Tokenizer):
 
     The merges define it. Ids: the 256 bytes in GPT-2's order, then one token per merge in merge
     order, then the special tokens (`<|endoftext|>` first). As in GPT-2, every merged token's id is
-    its merge rank, so tiktoken, given the ids as ranks, encodes exactly as Hugging Face's BPE does
-    with merges.txt; gptlab encodes with tiktoken, which is fast. The pre-tokenizer's pattern is
+    its merge rank, so tiktoken, given the ids as ranks, encodes as Hugging Face's BPE does with
+    merges.txt (for merges learned by BPE training, where every merge joins a pair seen in training;
+    the tests check it on mixed and random text); gptlab encodes with tiktoken, which is fast. The pre-tokenizer's pattern is
     GPT-2's or GPT-4's (`gptlab.bpe.PATTERNS`); `save` also writes a Hugging Face `tokenizer.json`
     holding it, which `AutoTokenizer` reads (transformers' GPT-2 class assumes GPT-2's pattern).
     """
@@ -333,7 +334,9 @@ class BPETokenizer(Tokenizer):
             lines = (directory / "merges.txt").read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as exc:
             raise GptlabError(f"cannot read {directory / 'merges.txt'}: {exc}") from None
-        merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+        if lines and lines[0].startswith("#version"):  # the header line (only the first: "#version" can be a token)
+            lines = lines[1:]
+        merges = [tuple(line.split(" ")) for line in lines if line]
         if any(len(merge) != 2 for merge in merges):
             raise GptlabError(f"{directory / 'merges.txt'}: every line must be two tokens separated by one space")
         tokenizer = cls(merges, pattern, specials, directory)  # type: ignore[arg-type]
