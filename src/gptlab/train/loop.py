@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..checkpoint import save_model
+from ..device import DTYPES
 from ..errors import EnvironmentProblem, GptlabError
 from ..evaluate.scorer import token_nll
 from ..evaluate.tasks import task_scores, tasks_due
@@ -33,7 +34,7 @@ from ..model import GPT
 from ..throughput import ThroughputMeter, flops_per_token, matmul_peak
 from . import distributed
 from .config import TrainConfig
-from .device import DTYPES, autocast_context
+from .device import autocast_context
 from .distributed import Group
 from .metrics import MetricsLog
 from .optim import learning_rate, schedule_position

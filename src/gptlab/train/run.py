@@ -9,11 +9,12 @@ from pathlib import Path
 
 import torch
 
+from ..device import resolve_device
 from ..errors import EnvironmentProblem
 from ..report import write_report
 from . import distributed
 from .config import TrainConfig
-from .device import autocast_context, out_of_memory, resolve_device
+from .device import autocast_context, out_of_memory
 from .loop import Loop
 from .metrics import plot_losses
 from .progress import busy_warning
