@@ -104,7 +104,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from .train.config import build_train_config
     from .train.distributed import is_main_process, launch, launched_by_torchrun
-    from .report import headline
+    from .train.report import headline
     from .train import saved_options, train
 
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}  # None: not given

@@ -13,6 +13,8 @@ checkpoint: everything `--resume` needs, model included; see state.py), `metrics
     run_dir.py    what may be replaced, the lock, the auto-numbered default
     device.py     dtype, autocast, TF32, torch.compile, memory (the device itself: gptlab.device)
     run.py        train(): setup, fit, finish
+    report.py     report.md/report.json: the run against n-gram baselines (or the adder's exact match)
+    adder.py      the adder task: two-digit addition, its data set and its grading
     optim.py, distributed.py, metrics.py, progress.py (the bar, the busy-CPU warning)
 """
 
