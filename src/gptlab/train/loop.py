@@ -29,13 +29,13 @@ from ..checkpoint import save_model
 from ..device import DTYPES
 from ..errors import EnvironmentProblem, GptlabError
 from ..evaluate.scorer import token_nll
-from ..evaluate.tasks import task_scores, tasks_due
 from ..model import GPT
 from ..throughput import ThroughputMeter, flops_per_token, matmul_peak
 from . import distributed
 from .config import TrainConfig
 from .device import autocast_context
 from .distributed import Group
+from .eval_tasks import task_scores, tasks_due
 from .metrics import MetricsLog
 from .optim import learning_rate, schedule_position
 from .progress import CpuWait, ProgressBar
