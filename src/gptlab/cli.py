@@ -105,7 +105,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from .train.config import build_train_config
     from .train.distributed import is_main_process, launch, launched_by_torchrun
-    from .report import headline
+    from .train.report import headline
     from .train import saved_options, train
 
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}  # None: not given
@@ -224,7 +224,7 @@ def _print_stream(model_dir: Path, prompt: str, max_new_tokens: int, temperature
     from .inference import SamplingParams, TextStream
     from .quantize import quantize_int8
     from .tokenizers import document_start_ids
-    from .train import resolve_device
+    from .device import resolve_device
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, seed=seed, stop=stop)
@@ -282,7 +282,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 def _run_serve(args: argparse.Namespace) -> int:
     from .serve import is_loopback, serve
-    from .train import resolve_device
+    from .device import resolve_device
 
     if not 1 <= args.port <= 65535:
         raise GptlabError(f"--port must be in 1-65535, got {args.port}")
@@ -362,7 +362,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     import json
 
     from .evaluate import evaluate_model, markdown_table
-    from .train import resolve_device
+    from .device import resolve_device
 
     from .evaluate.ngram import MAX_ORDER
 
@@ -487,7 +487,7 @@ def _add_attention(sub: argparse._SubParsersAction) -> None:
 def _run_attention(args: argparse.Namespace) -> int:
     from .attention_maps import attention_map, plot_attention
     from .checkpoint import load_pretrained
-    from .train import resolve_device
+    from .device import resolve_device
 
     model, tokenizer = load_pretrained(args.model, resolve_device(args.device))
     amap = attention_map(model, tokenizer, args.prompt, layer=args.layer, head=args.head)
