@@ -25,7 +25,7 @@ FLOORS: list[set[str]] = [
     {"inference", "checkpoint"},
     {"model", "data", "quantize"},  # quantize: a transform of a model's weights
     {"tokenizers", "kernels", "throughput", "threads", "precision", "device"},
-    {"config"},
+    {"config", "bpe"},  # bpe: the textbook algorithm, imports nothing of gptlab
     {"fileio", "lazy"},
     {"errors"},
 ]
