@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from conftest import TINY_ARGS, TINY_TEXT, one_line_error, snapshot
+from helpers import TINY_ARGS, TINY_TEXT, one_line_error, snapshot
 
 from gptlab.checkpoint import load_pretrained, read_torch_file
 from gptlab.data import prepare

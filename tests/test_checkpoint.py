@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RUN, tiny_model
+from helpers import TINY_RUN, tiny_model
 from hf_reference import random_hf_gpt2
 from safetensors.torch import load_file, save_file
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY_RUN
+from helpers import TINY_RUN
 
 from gptlab.cli import main
 

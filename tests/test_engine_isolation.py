@@ -14,7 +14,7 @@ import httpx
 import pytest
 import torch
 
-from conftest import tiny_model
+from helpers import tiny_model
 from gptlab.kernels import chooser
 from gptlab.checkpoint import load_model, save_model
 from gptlab.config import GPTConfig, ServerLimits

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import tiny_model
+from helpers import tiny_model
 from gptlab.cli import main
 from gptlab.config import GPTConfig
 from gptlab.inference import Completion, Engine, SamplingParams, TextStream, complete, generate

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY_RUN
+from helpers import REPO, TINY_RUN
 from lm_eval_reference import TASKS, TASKS_DIR, answers, assert_same_scores, evaluate
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is the eval extra: pip install 'gptlab[eval]'")

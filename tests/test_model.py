@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
 from gptlab.config import GPTConfig, model_preset
 from gptlab.errors import GptlabError

@@ -232,7 +232,7 @@ def iterations_in(dtype: torch.dtype) -> Iterator[None]:
 
     torch's Muon calls its module's `_zeropower_via_newtonschulz` by name at every step, so swapping it
     for the length of a step changes the iterations' dtype and nothing else of torch's Muon (momentum,
-    learning-rate scaling, weight decay). tests/test_optim.py checks that `newton_schulz` in bf16 gives
+    learning-rate scaling, weight decay). tests/train/test_optim.py checks that `newton_schulz` in bf16 gives
     torch's result bit for bit, so a torch that changes its iteration is noticed.
     """
     if dtype == torch.bfloat16:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_ARGS, TINY_TEXT, one_line_error
+from helpers import TINY_ARGS, TINY_TEXT, one_line_error
 from gptlab.tokenizers import BPETokenizer, load_tokenizer
 
 DOCS = [TINY_TEXT[:2000], "def f(x):\n    return [x ** 2 for _ in range(3)]\n" * 20, "Ελληνικά και 日本語 🙂 " * 30]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
 from gptlab.train import TRAIN_PRESETS, build_train_config, train
 from gptlab.train.device import enable_tf32
@@ -37,6 +37,7 @@ def test_the_gpt2_124m_recipe_is_the_published_one() -> None:
     assert (recipe["optimizer"], recipe["dtype"], recipe["compile"]) == ("adamw", "auto", True)
 
 
+@pytest.mark.slow
 def test_the_gpt2_124m_recipe_trains_on_a_tiny_shape(gpt2_data: Path, tmp_path: Path) -> None:
     """Its code path on a CPU: GPT-2 BPE data, gradient accumulation, AdamW (0.9, 0.95), warm-up and
     cosine, clipping, dtype auto. Not torch.compile: compiling costs a minute on a busy 2-core machine,
@@ -93,6 +94,7 @@ print(kib("VmHWM:") - before)
 """
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_lowers_the_peak_memory_of_a_step() -> None:
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("measuring a step's peak memory needs Linux's /proc/self/clear_refs")
@@ -163,7 +165,7 @@ def test_the_amx_shakespeare_preset_changes_only_the_shape_and_the_weight_decay(
 def test_the_shakespeare_benchmark_takes_the_wide_preset_where_bf16_runs_4x() -> None:
     import importlib.util
 
-    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    benchmarks = Path(__file__).resolve().parents[2] / "benchmarks"
     sys.path.insert(0, str(benchmarks))  # the script imports its neighbour machine.py
     try:
         spec = importlib.util.spec_from_file_location("shakespeare_bench", benchmarks / "shakespeare.py")
