@@ -175,13 +175,6 @@ def test_generation_leaves_the_training_mode_as_it_was() -> None:
     assert out[0, 2:].tolist() == reference_greedy(model.eval(), [0, 0], 4)[0]
 
 
-def test_the_old_module_still_works_and_says_what_replaces_it() -> None:
-    sys.modules.pop("gptlab.generation", None)
-    with pytest.warns(DeprecationWarning, match="gptlab.inference"):
-        import gptlab.generation as old
-    assert old.generate is generate and old.SamplingParams is SamplingParams
-
-
 # --- continuous batching -------------------------------------------------------------------------
 
 

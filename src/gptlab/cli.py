@@ -190,13 +190,15 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible samples")
     p.add_argument("--num-samples", type=int, default=1, help="how many samples to draw")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="weights and KV cache precision; bfloat16 halves memory, its speed depends on the CPU")
-    _add_quantize(p)
+    _add_precision(p)
     p.set_defaults(handler=_run_sample)
 
 
-def _add_quantize(p: argparse.ArgumentParser) -> None:
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    """--dtype and --quantize: how `sample` and `serve` hold the model (inference.loading reads both)."""
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="weights and KV cache precision; bfloat16 halves memory, its speed depends on the CPU "
+                        "(a warning says where it is emulated, slower than float32)")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8: weights in int8 with a scale per output channel, activations in float "
                         "(a quarter of float32's memory; faster decoding where torch's int8 kernel is); "
@@ -217,11 +219,8 @@ def _print_stream(model_dir: Path, prompt: str, max_new_tokens: int, temperature
                   repetition_penalty: float = 1.0, stop: tuple[str, ...] = (), dtype: str = "float32",
                   num_samples: int = 1, quantize: str | None = None) -> None:
     """Write the prompt, then each sample's text as it is generated; sample i uses seed + i."""
-    import torch
-
-    from .checkpoint import load_pretrained
     from .inference import SamplingParams, TextStream
-    from .kernels import quantize_int8
+    from .inference.loading import load_pretrained
     from .tokenizers import document_start_ids
     from .train import resolve_device
 
@@ -231,10 +230,7 @@ def _print_stream(model_dir: Path, prompt: str, max_new_tokens: int, temperature
         params.validate()
     except ValueError as exc:
         raise GptlabError(str(exc)) from None
-    model, tokenizer = load_pretrained(model_dir, resolve_device(device))
-    model = model.to(dtype=getattr(torch, dtype))
-    if quantize == "int8":
-        quantize_int8(model)
+    model, tokenizer = load_pretrained(model_dir, resolve_device(device), dtype=dtype, quantize=quantize)
     ids = tokenizer.encode(prompt) if prompt else document_start_ids(tokenizer)
     for i in range(num_samples):
         if i:
@@ -275,7 +271,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="sequences that may wait for a place in the batch; beyond, requests get 429")
     p.add_argument("--kv-cache-mb", type=int, default=limits.kv_cache_mb,
                    help="MiB the KV cache may hold (sequences wait while the running ones fill it)")
-    _add_quantize(p)
+    _add_precision(p)
     p.set_defaults(handler=_run_serve)
 
 
@@ -295,7 +291,7 @@ def _run_serve(args: argparse.Namespace) -> int:
                           max_choices=args.max_choices, max_batch=args.max_batch, max_queue=args.max_queue,
                           kv_cache_mb=args.kv_cache_mb)
     serve(args.model, host=args.host, port=args.port, device=resolve_device(args.device),
-          model_id=args.model_name, limits=limits, quantize=args.quantize)
+          model_id=args.model_name, limits=limits, dtype=args.dtype, quantize=args.quantize)
     return 0
 
 
@@ -485,7 +481,7 @@ def _add_attention(sub: argparse._SubParsersAction) -> None:
 
 def _run_attention(args: argparse.Namespace) -> int:
     from .attention_maps import attention_map, plot_attention
-    from .checkpoint import load_pretrained
+    from .inference.loading import load_pretrained
     from .train import resolve_device
 
     model, tokenizer = load_pretrained(args.model, resolve_device(args.device))
