@@ -23,7 +23,8 @@ import torch
 
 from gptlab.checkpoint import load_model, save_model
 from gptlab.cli import main
-from gptlab.config import GPTConfig, ServerLimits
+from gptlab.config import GPTConfig
+from gptlab.serve.limits import ServerLimits
 from gptlab.inference import Completion, SamplingParams, complete
 from gptlab.inference.engine import Sequence
 from gptlab.model import GPT

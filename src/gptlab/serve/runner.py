@@ -19,7 +19,7 @@ import torch
 import uvicorn
 from fastapi import FastAPI
 
-from ..config import ServerLimits
+from .limits import ServerLimits
 from ..errors import EnvironmentProblem, GptlabError
 from ..inference.loading import load_pretrained
 from .app import create_app
