@@ -138,8 +138,8 @@ def _run_train(args: argparse.Namespace) -> int:
         print(summary)
     if config.sample_tokens > 0:
         print("--- sample ---")
-        _print_stream(result.run_dir, "", SamplingParams(**SAMPLE_DEFAULTS | dict(max_new_tokens=config.sample_tokens,
-                                                                                 seed=config.seed)), config.device)
+        params = SamplingParams(**SAMPLE_DEFAULTS | dict(max_new_tokens=config.sample_tokens, seed=config.seed))
+        _print_stream(result.run_dir, "", params, config.device)
     print(_next_commands(result.run_dir, result.config))
     return 0
 

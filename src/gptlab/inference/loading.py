@@ -10,9 +10,9 @@ import torch
 
 from ..checkpoint import find_tokenizer, load_model, resolve_model_dir
 from ..errors import GptlabError
-from ..kernels import quantize_int8
 from ..model import GPT
 from ..precision import warn_if_emulated
+from ..quantize import quantize_int8
 from ..tokenizers import TOKENIZER_FILE, Tokenizer
 
 DTYPES = ("float32", "bfloat16", "float16")
