@@ -810,6 +810,16 @@ def test_cli_serve_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFix
         assert err.count("\n") == 1 and says in err and "Traceback" not in err
 
 
+def test_server_limits_check_themselves_naming_the_option() -> None:
+    from gptlab.errors import GptlabError
+
+    for field, option in [("max_tokens", "--max-tokens-limit"), ("max_body_bytes", "--max-body-bytes"),
+                          ("kv_cache_mb", "--kv-cache-mb")]:
+        for bad in (0, -3, 2.5, True, "8"):
+            with pytest.raises(GptlabError, match=f"^{option} must be at least 1, got"):
+                ServerLimits(**{field: bad})
+
+
 def test_cli_serve_on_a_taken_port_is_one_line(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
