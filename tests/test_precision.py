@@ -127,13 +127,18 @@ def test_sampling_and_serving_with_explicit_bf16_on_an_emulating_cpu_warn_once(
     assert err.count(EMULATED_25X) == 1 and "--dtype float32 is the faster here" in err
 
     monkeypatch.setattr(precision, "_warned", set())  # serve is another process in real life
+    import gptlab.serve.runner as runner
+
     served = []
-    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: served.extend(s.close() for s in sockets))
+    create_app = runner.create_app
+    monkeypatch.setattr(runner, "create_app", lambda model, *a, **k: served.append(model) or create_app(model, *a, **k))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: [s.close() for s in sockets])
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
     assert main(["serve", str(tiny_run), "--dtype", "bfloat16", "--port", str(port), "--device", "cpu"]) == 0
-    assert served and capsys.readouterr().err.count(EMULATED_25X) == 1
+    assert served[0].transformer.wte.weight.dtype == torch.bfloat16  # what it would serve
+    assert capsys.readouterr().err.count(EMULATED_25X) == 1
 
 
 def test_the_peak_probe_keeps_the_best_of_one_thread_and_all(monkeypatch: pytest.MonkeyPatch) -> None:
