@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from gptlab import kernels
+from gptlab.kernels import chooser
 from gptlab.checkpoint import load_model, save_model
 from gptlab.config import GPTConfig
 from gptlab.serve.limits import ServerLimits
@@ -221,11 +221,11 @@ def test_host_header_check_answers_in_openais_shape(gpt2_server: Served, host: s
 
 def test_the_server_listens_after_batch_size_one_and_warms_the_rest_while_waiting(
         tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernels, "_chosen", {})
+    monkeypatch.setattr(chooser, "_chosen", {})
     monkeypatch.setenv("GPTLAB_KERNEL_CACHE", "off")
 
     def measured_rows() -> set[int]:
-        return {key[1] for key in list(kernels._chosen) if key[0] == "linear"}
+        return {key[1] for key in list(chooser._chosen) if key[0] == "linear"}
 
     app = create_app(load_model(tiny_run), load_tokenizer(tiny_run), "tiny", ServerLimits(max_batch=16))
     assert measured_rows() == {1}  # before it listens: batch size 1 only

@@ -25,3 +25,8 @@ def first_line(exc: BaseException) -> str:
     run to many lines, and a user-facing error stays one."""
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
+
+
+def failure_cause(exc: BaseException) -> str:
+    """What a failure was, in one line for a log or a record: the exception's type and its first line."""
+    return f"{type(exc).__name__}: {first_line(exc)}" if str(exc).strip() else type(exc).__name__

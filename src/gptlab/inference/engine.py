@@ -41,7 +41,7 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from ..errors import first_line
+from ..errors import failure_cause
 from ..model import GPT
 from ..threads import ThreadTuner, inference_adapts
 from .cache import SlotCache
@@ -428,8 +428,3 @@ class Engine:
             self.cache.release()
             self.sampler.release()
             self.threads.restore()
-
-
-def failure_cause(exc: BaseException) -> str:
-    """What a failure was, in one line: the exception's type and the first line of its message."""
-    return f"{type(exc).__name__}: {first_line(exc)}" if str(exc).strip() else type(exc).__name__
