@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from conftest import SHAKESPEARE, TINY_TEXT, needs_shakespeare
 from gptlab import bpe
 from gptlab.errors import GptlabError
-from gptlab.tokenizer_training import train_tokenizer
+from gptlab.data.tokenizer_training import train_tokenizer
 from gptlab.tokenizers import GPT2_EOT, BPETokenizer, load_tokenizer
 
 CODE = '''def mean(values: list[float]) -> float:

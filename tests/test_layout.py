@@ -25,7 +25,7 @@ FLOORS: list[set[str]] = [
     {"checkpoint"},  # the disk format, which inference's loader reads
     {"model", "data", "quantize"},  # quantize: a transform of a model's weights
     {"tokenizers", "kernels", "throughput", "threads", "precision", "device"},
-    {"config"},
+    {"config", "bpe"},  # bpe: the textbook algorithm, imports nothing of gptlab
     {"fileio", "lazy"},
     {"errors"},
 ]

@@ -120,22 +120,25 @@ def test_tf32_is_enabled_on_cuda_only() -> None:
 
 
 def test_adapt_threads_keeps_the_fastest_count_and_looks_again(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    chosen: list[int] = []
-    monkeypatch.setattr(torch, "set_num_threads", chosen.append)
+    threads = [2]  # torch's setting, as the tuner sees and changes it
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads[-1])
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
     said: list[str] = []
     tuner = ThreadTuner(True, said.append)
+    ran: list[int] = []  # the thread count of each step
     seconds = {1: 1.0, 2: 3.5}  # a busy machine: one thread steps 3.5 times faster
     for _ in range(2 * EXPLORE_STEPS + EXPLOIT_STEPS):
         tuner.before_step()
-        tuner.after_step(seconds[chosen[-1]])
-    assert chosen == [1] * EXPLORE_STEPS + [2] * EXPLORE_STEPS + [1] * EXPLOIT_STEPS
-    assert said == ["--adapt-threads: 1 thread(s) from now on (a step took 1.00 s at 1, 3.50 s at 2)"]
+        ran.append(threads[-1])
+        tuner.after_step(seconds[threads[-1]])
+    # a look interleaves the counts, starting with the one in use; then the faster one runs
+    assert ran == [2, 1] * EXPLORE_STEPS + [1] * EXPLOIT_STEPS
+    assert said == ["--adapt-threads: 1 thread(s) from now on (a step took 1 s at 1, 3.5 s at 2)"]
     seconds = {1: 1.0, 2: 0.6}  # the machine has gone quiet: the next look finds two faster
     for _ in range(2 * EXPLORE_STEPS + 1):
         tuner.before_step()
-        tuner.after_step(seconds[chosen[-1]])
-    assert chosen[-1] == 2 and said[-1].startswith("--adapt-threads: 2 thread(s)")
+        tuner.after_step(seconds[threads[-1]])
+    assert threads[-1] == 2 and said[-1].startswith("--adapt-threads: 2 thread(s)")
 
 
 def test_adapt_threads_leaves_torch_alone_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:

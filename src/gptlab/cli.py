@@ -530,7 +530,7 @@ def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
 def _run_tokenizer_train(args: argparse.Namespace) -> int:
     import time
 
-    from .tokenizer_training import train_tokenizer
+    from .data.tokenizer_training import train_tokenizer
 
     if not args.inputs and not args.hf_dataset:
         raise GptlabError("give input files, directories or patterns, or --hf-dataset NAME")
