@@ -20,6 +20,23 @@ from .serve.limits import ServerLimits, option_name
 Handler = Callable[[argparse.Namespace], int]
 
 
+def _add_corpus(p: argparse.ArgumentParser) -> None:
+    """The inputs a corpus is read from, the same for prepare and tokenizer train."""
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="files, directories or glob patterns")
+    p.add_argument("--hf-dataset", metavar="NAME", help="a Hugging Face dataset: a save_to_disk directory, a "
+                   "directory of data files or a Hub name (needs pip install 'gptlab[datasets]')")
+    p.add_argument("--hf-config", metavar="C", help="the dataset's configuration (subset)")
+    p.add_argument("--split", default="train", help="the Hugging Face dataset's split to read")
+    p.add_argument("--text-field", default="text", help="the field or column holding the text in records")
+    p.add_argument("--skip-binary", action="store_true",
+                   help="skip plain-text inputs that are not UTF-8 text (NUL bytes, invalid bytes) and count them")
+
+
+def _require_corpus(args: argparse.Namespace) -> None:
+    if not args.inputs and not args.hf_dataset:
+        raise GptlabError("give input files, directories or patterns, or --hf-dataset NAME")
+
+
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "prepare", help="tokenize a corpus into token shards for training",
@@ -30,12 +47,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                     "per file); .gz, .zst, .xz and .bz2 are decompressed. Validation is a set of whole documents, "
                     "or the last fraction of tokens of a single-document corpus.",
     )
-    p.add_argument("inputs", nargs="*", metavar="INPUT", help="files, directories or glob patterns")
-    p.add_argument("--hf-dataset", metavar="NAME", help="a Hugging Face dataset: a save_to_disk directory, a "
-                   "directory of data files or a Hub name (needs pip install 'gptlab[datasets]')")
-    p.add_argument("--hf-config", metavar="C", help="the dataset's configuration (subset)")
-    p.add_argument("--split", default="train", help="the Hugging Face dataset's split to read")
-    p.add_argument("--text-field", default="text", help="the field or column holding the text in records")
+    _add_corpus(p)
     p.add_argument("--tokenizer", default="char", metavar="{char,gpt2,DIR}",
                    help="character-level, GPT-2 BPE, or a tokenizer directory (gptlab tokenizer train)")
     p.add_argument("--out", required=True, help="the data directory to write (new, empty, or a dataset to "
@@ -44,8 +56,6 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                    help="the share of tokens kept for validation, above 0 and below 1 (training is measured there)")
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard file")
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: every core)")
-    p.add_argument("--skip-binary", action="store_true",
-                   help="skip plain-text inputs that are not UTF-8 text (NUL bytes, invalid bytes) and count them")
     p.add_argument("--overwrite", action="store_true", help="replace the gptlab dataset in --out (only that)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_run_prepare)
@@ -54,8 +64,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 def _run_prepare(args: argparse.Namespace) -> int:
     from .data import prepare
 
-    if not args.inputs and not args.hf_dataset:
-        raise GptlabError("give input files, directories or patterns, or --hf-dataset NAME")
+    _require_corpus(args)
     if not 0 < args.val_fraction < 1:  # also NaN
         raise GptlabError(f"--val-fraction must be above 0 and below 1, got {args.val_fraction}: training "
                           "measures its validation loss (and the report its perplexity) on that share; 0.1 is usual")
@@ -511,18 +520,13 @@ def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
                     "from the inputs prepare reads, streamed. Writes GPT-2's vocab.json + merges.txt, a Hugging "
                     "Face tokenizer.json and gptlab's marker into --out; use it with gptlab prepare --tokenizer OUT.",
     )
-    t.add_argument("inputs", nargs="*", metavar="INPUT", help="files, directories or glob patterns (as prepare)")
+    _add_corpus(t)
     t.add_argument("--vocab-size", type=int, required=True, help="tokens in all: 256 bytes, merges, special tokens")
     t.add_argument("--out", required=True, help="the directory to write (new, empty, or a tokenizer with --overwrite)")
     t.add_argument("--pattern", choices=["gpt2", "gpt4"], default="gpt2",
                    help="the pre-tokenizer's split: GPT-2's or GPT-4's (digits in threes, newlines apart)")
     t.add_argument("--special", action="append", default=[], metavar="TOKEN",
                    help="a special token besides <|endoftext|> (always there); repeat for several")
-    t.add_argument("--hf-dataset", metavar="NAME", help="a Hugging Face dataset, as prepare's")
-    t.add_argument("--hf-config", metavar="C", help="the dataset's configuration (subset)")
-    t.add_argument("--split", default="train", help="the Hugging Face dataset's split to read")
-    t.add_argument("--text-field", default="text", help="the field or column holding the text in records")
-    t.add_argument("--skip-binary", action="store_true", help="skip plain-text inputs that are not UTF-8 text")
     t.add_argument("--overwrite", action="store_true", help="replace the tokenizer in --out (only that)")
     t.set_defaults(handler=_run_tokenizer_train)
 
@@ -532,8 +536,7 @@ def _run_tokenizer_train(args: argparse.Namespace) -> int:
 
     from .data.tokenizer_training import train_tokenizer
 
-    if not args.inputs and not args.hf_dataset:
-        raise GptlabError("give input files, directories or patterns, or --hf-dataset NAME")
+    _require_corpus(args)
     start = time.perf_counter()
     tokenizer = train_tokenizer(args.inputs, args.vocab_size, args.out, pattern=args.pattern,
                                 special_tokens=args.special, text_field=args.text_field, hf_dataset=args.hf_dataset,
