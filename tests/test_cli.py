@@ -51,6 +51,27 @@ def test_help_lists_subcommands_and_defaults(capsys: pytest.CaptureFixture) -> N
     assert "(default: 0.8)" in capsys.readouterr().out
 
 
+def test_sample_and_serve_options_come_from_their_dataclasses_with_the_same_defaults() -> None:
+    """`sample`'s sampling options are SamplingParams fields, `serve`'s limits ServerLimits fields: one
+    definition each, with the defaults and option names the commands always had."""
+    from dataclasses import fields
+
+    from gptlab.cli import build_parser
+    from gptlab.serve.limits import ServerLimits
+
+    parser = build_parser()
+    sample = vars(parser.parse_args(["sample", "RUN"]))
+    assert {k: sample[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
+                                   "seed", "stop")} == dict(max_new_tokens=200, temperature=0.8, top_k=None,
+                                                            top_p=None, repetition_penalty=1.0, seed=None, stop=[])
+    assert parser.parse_args(["sample", "RUN", "--stop", "a", "--stop", "b", "--top-k", "3"]).stop == ["a", "b"]
+    serve = parser.parse_args(["serve", "RUN", "--max-tokens-limit", "8", "--kv-cache-mb", "2"])
+    limits = ServerLimits(**{f.name: getattr(serve, f.name) for f in fields(ServerLimits)})
+    assert limits == ServerLimits(max_tokens=8, kv_cache_mb=2)
+    assert ServerLimits() == ServerLimits(max_tokens=256, max_body_bytes=1 << 20, max_choices=16, max_batch=16,
+                                          max_queue=64, kv_cache_mb=1024)
+
+
 def test_prepare_train_sample_end_to_end(tmp_path: Path, tiny_corpus: Path, capsys) -> None:
     data, out = tmp_path / "data", tmp_path / "run"
     code, stdout, _ = run(["prepare", str(tiny_corpus), "--out", str(data)], capsys)

@@ -17,7 +17,8 @@ import torch
 from helpers import tiny_model
 from gptlab.kernels import chooser
 from gptlab.checkpoint import load_model, save_model
-from gptlab.config import GPTConfig, ServerLimits
+from gptlab.config import GPTConfig
+from gptlab.serve.limits import ServerLimits
 from gptlab.inference import Engine, SamplingParams, complete, generate
 from gptlab.inference import engine as engine_module
 from gptlab.inference.sampler import Sampler

@@ -63,6 +63,16 @@ def test_a_character_level_run_gets_scores(tiny_run: Path, caplog: pytest.LogCap
     assert "gptlab_rolling" in results.table() and "bits_per_byte" in results.table()
 
 
+def test_a_model_handed_in_training_mode_is_given_back_in_training_mode(tiny_run: Path) -> None:
+    """Training's task scores: the model is scored without dropout, then trains on with it."""
+    from gptlab import load_model
+
+    model = load_model(tiny_run).train()
+    run_tasks(["gptlab_mc"], model=model, tokenizer=load_tokenizer(tiny_run), include_path=TASKS_DIR,
+              limit=2, batch_size=3)
+    assert model.training and all(module.training for module in model.modules())
+
+
 def test_cli_prints_lm_eval_table_and_writes_results_beside_the_run(gpt2_run: Path, gptlab) -> None:
     code, out, err = gptlab("eval", str(gpt2_run), "--tasks", "gptlab_mc,gptlab_gen", "--include-path",
                             str(TASKS_DIR), "--limit", "3", "--batch-size", "2")

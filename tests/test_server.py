@@ -23,11 +23,12 @@ import torch
 
 from gptlab.checkpoint import load_model, save_model
 from gptlab.cli import main
-from gptlab.config import GPTConfig, ServerLimits
+from gptlab.config import GPTConfig
 from gptlab.inference import Completion, SamplingParams, complete
 from gptlab.inference.engine import Sequence
 from gptlab.model import GPT
 from gptlab.serve import create_app, running_server
+from gptlab.serve.limits import ServerLimits
 from gptlab.serve.service import CompletionService
 from gptlab.tokenizers import GPT2Tokenizer, Tokenizer, load_tokenizer
 
@@ -807,6 +808,31 @@ def test_cli_serve_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFix
         assert main(["serve", str(tmp_path), option, value]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and says in err and "Traceback" not in err
+
+
+def test_a_bf16_model_is_served_as_it_completes_offline(tiny_run: Path) -> None:
+    """`serve --dtype bfloat16` (the loader's dtype): text and logprobs of the bf16 model itself."""
+    from gptlab.inference import load_pretrained
+
+    model, tokenizer = load_pretrained(tiny_run, "cpu", dtype="bfloat16")
+    reference, _ = load_pretrained(tiny_run, "cpu", dtype="bfloat16")
+    with running_server(create_app(model, tokenizer, "tiny", LIMITS)) as url:
+        answer = httpx.post(url + "/v1/completions", json={"prompt": "the ", "max_tokens": 12, "temperature": 0,
+                                                           "logprobs": 2}, timeout=TIMEOUT).json()["choices"][0]
+    expected = complete(reference, tokenizer, [tokenizer.encode("the ")],
+                        SamplingParams(max_new_tokens=12, temperature=0, logprobs=2))[0]
+    assert answer["text"] == expected.text
+    assert answer["logprobs"]["token_logprobs"] == pytest.approx([t.logprob for t in expected.logprobs])
+
+
+def test_server_limits_check_themselves_naming_the_option() -> None:
+    from gptlab.errors import GptlabError
+
+    for field, option in [("max_tokens", "--max-tokens-limit"), ("max_body_bytes", "--max-body-bytes"),
+                          ("kv_cache_mb", "--kv-cache-mb")]:
+        for bad in (0, -3, 2.5, True, "8"):
+            with pytest.raises(GptlabError, match=f"^{option} must be at least 1, got"):
+                ServerLimits(**{field: bad})
 
 
 def test_cli_serve_on_a_taken_port_is_one_line(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
