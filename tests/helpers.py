@@ -63,3 +63,18 @@ def needs_compile() -> pytest.MarkDecorator:
     """Skip where torch.compile cannot work here (no C++ compiler, an unsupported Python), saying why."""
     reason = compile_unavailable(torch.device("cpu"))
     return pytest.mark.skipif(bool(reason), reason=reason or "torch.compile works here")
+
+
+POISON = 7  # a token id whose presence in a forward pass's input makes the (patched) model raise
+
+
+def poison_forward(model: GPT, monkeypatch: pytest.MonkeyPatch, poison: int = POISON) -> None:
+    """The model raises on any batch whose input holds `poison`: a batch-level failure that one row causes."""
+    hidden_states = model.hidden_states
+
+    def failing(idx: torch.Tensor, *args, **kwargs):
+        if (idx == poison).any():
+            raise RuntimeError("injected: a poisoned row\nsecond line of the message")
+        return hidden_states(idx, *args, **kwargs)
+
+    monkeypatch.setattr(model, "hidden_states", failing)

@@ -10,7 +10,6 @@ import logging
 import lzma
 import shutil
 import socket
-from pathlib import Path
 
 import pyarrow as pa
 import pytest

@@ -72,6 +72,7 @@ def test_sample_and_serve_options_come_from_their_dataclasses_with_the_same_defa
                                           max_queue=64, kv_cache_mb=1024)
 
 
+@pytest.mark.slow
 def test_prepare_train_sample_end_to_end(tmp_path: Path, tiny_corpus: Path, capsys) -> None:
     data, out = tmp_path / "data", tmp_path / "run"
     code, stdout, _ = run(["prepare", str(tiny_corpus), "--out", str(data)], capsys)
@@ -94,6 +95,7 @@ def test_prepare_train_sample_end_to_end(tmp_path: Path, tiny_corpus: Path, caps
     assert again == stdout
 
 
+@pytest.mark.slow
 def test_console_script_reports_errors_without_traceback(tmp_path: Path) -> None:
     gptlab = Path(sys.executable).with_name("gptlab")
     result = subprocess.run([str(gptlab), "sample", str(tmp_path / "nowhere")], capture_output=True, text=True)
@@ -102,6 +104,7 @@ def test_console_script_reports_errors_without_traceback(tmp_path: Path) -> None
     assert result.stderr.count("\n") == 1 and "nowhere" in result.stderr
 
 
+@pytest.mark.slow
 def test_seed_makes_runs_identical(tmp_path: Path, char_data: Path, capsys) -> None:
     runs = []
     for name in ("a", "b"):
@@ -115,6 +118,7 @@ def test_seed_makes_runs_identical(tmp_path: Path, char_data: Path, capsys) -> N
     assert losses(tmp_path / "c") != runs[0]
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_saved_step(tmp_path: Path, char_data: Path, capsys) -> None:
     out = tmp_path / "run"
     base = ["train", "--data", str(char_data), "--out", str(out), "--no-progress", *TRAIN_ARGS]
@@ -126,6 +130,7 @@ def test_resume_continues_from_the_saved_step(tmp_path: Path, char_data: Path, c
     assert steps == [5, 10, 15, 20, 25, 30]
 
 
+@pytest.mark.slow
 def test_existing_run_is_not_overwritten(tmp_path: Path, char_data: Path, capsys) -> None:
     out = tmp_path / "run"
     base = ["train", "--data", str(char_data), "--out", str(out), "--no-progress", *TRAIN_ARGS, "--max-iters=5"]

@@ -10,7 +10,7 @@ prompts of a batch in one KV cache).
 
 The inputs are exactly those of lm-eval's `hf` model (the same truncation from the left to the
 context, the same rolling windows, the same end-of-text prefix for an empty context, the same stop
-strings), so on a run Hugging Face can load both give the same scores (tests/test_harness.py).
+strings), so on a run Hugging Face can load both give the same scores (tests/evaluate/test_harness.py).
 
 A character-level vocabulary knows only its corpus's characters: the others are left out of the text
 before it is encoded (their probability under the model is zero), and a warning names them.

@@ -584,6 +584,7 @@ def test_stream_pieces_add_up_to_the_completion_and_close_stops_early() -> None:
     assert list(early) == [] and early.finish_reason is None and early.completion_tokens == 1
 
 
+@pytest.mark.slow
 def test_bfloat16_generation_runs_with_a_bfloat16_cache() -> None:
     model = tiny_model().to(torch.bfloat16)
     engine = Engine(model, CHARS)

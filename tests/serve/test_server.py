@@ -547,6 +547,7 @@ TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nS
 
 # -- clients that leave, a full queue -------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_non_streamed_request_whose_client_left_stops_generating(server: Served) -> None:
     before = server.stats()
     request = dict(model="tiny", prompt="All:\n", max_tokens=5000, temperature=1.0)
@@ -562,6 +563,7 @@ def test_a_non_streamed_request_whose_client_left_stops_generating(server: Serve
     assert server.stats()["completion_tokens"] - before["completion_tokens"] == generated + 2
 
 
+@pytest.mark.slow
 def test_a_full_queue_answers_429_with_retry_after(tiny_run: Path) -> None:
     for served in serve_tiny_run(tiny_run, ServerLimits(max_tokens=5000, max_batch=1, max_queue=2)):
         stream = dict(model="tiny", prompt="All", max_tokens=5000, stream=True)
@@ -744,6 +746,7 @@ def test_framework_errors_have_openais_shape(server: Served, method: str, path: 
 
 # -- the official openai client -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_openai_client_completes_and_streams(server: Served) -> None:
     from openai import BadRequestError, OpenAI
 
@@ -764,6 +767,7 @@ def test_openai_client_completes_and_streams(server: Served) -> None:
 
 # -- the command line -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cli_serves_a_run(tiny_run: Path) -> None:
     with socket.socket() as probe:  # a port free now; the server binds it a moment later
         probe.bind(("127.0.0.1", 0))
@@ -846,6 +850,7 @@ def test_cli_serve_on_a_taken_port_is_one_line(tiny_run: Path, capsys: pytest.Ca
 
 # -- lm-evaluation-harness against the server -----------------------------------------------------
 
+@pytest.mark.slow
 def test_lm_eval_local_completions_scores_as_the_hf_model(gpt2_run_dir: Path, monkeypatch: pytest.MonkeyPatch,
                                                           tmp_path: Path) -> None:
     """lm-eval's `local-completions` model against `gptlab serve` (with the server's own tokenizer through
