@@ -104,6 +104,7 @@ def test_task_mode_usage_errors(gpt2_run: Path, gptlab, monkeypatch: pytest.Monk
                                          "with: pip install 'gptlab[eval]'")
 
 
+@pytest.mark.slow
 def test_lm_eval_command_line_finds_the_gptlab_model(gpt2_run: Path, monkeypatch: pytest.MonkeyPatch,
                                                       tmp_path: Path) -> None:
     """`python -m gptlab.evaluate.lm_eval_cli` is lm-eval's CLI with --model gptlab registered."""
