@@ -42,6 +42,10 @@ _MERGES_ASSET = "gpt2_merges.txt"
 class Tokenizer(ABC):
     """Text <-> token ids. Implementations must round-trip any text they can encode."""
 
+    chat_template: str | None = None
+    """The Jinja chat template saved in tokenizer_config.json (as Hugging Face keeps it), or None; a run
+    tuned with `--task chat` sets it (gptlab.chat), so the run and its exports carry it."""
+
     @property
     @abstractmethod
     def name(self) -> str:
@@ -72,6 +76,9 @@ class Tokenizer(ABC):
     @abstractmethod
     def save(self, directory: str | Path) -> None:
         """Write the files `load_tokenizer(directory)` needs to rebuild this tokenizer."""
+
+    def _chat_template_entry(self) -> dict[str, str]:
+        return {"chat_template": self.chat_template} if self.chat_template else {}
 
 
 class CharTokenizer(Tokenizer):
@@ -192,6 +199,7 @@ class GPT2Tokenizer(Tokenizer):
             **special,
             "add_prefix_space": False,
             "clean_up_tokenization_spaces": False,
+            **self._chat_template_entry(),
         }
         atomic_write_json(directory / "tokenizer_config.json", config)
         atomic_write_json(directory / "special_tokens_map.json", special)
@@ -216,10 +224,22 @@ def load_tokenizer(name_or_dir: str | Path) -> Tokenizer:
     if not path.is_dir():
         raise GptlabError(f"no tokenizer at {str(path)!r}: {expected}")
     if (path / TOKENIZER_FILE).is_file():
-        return _load_saved(path / TOKENIZER_FILE)
-    if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-        return _load_hf_gpt2(path / "vocab.json")
-    raise GptlabError(f"{str(path)!r} holds no tokenizer: {expected}")
+        tokenizer = _load_saved(path / TOKENIZER_FILE)
+    elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        tokenizer = _load_hf_gpt2(path / "vocab.json")
+    else:
+        raise GptlabError(f"{str(path)!r} holds no tokenizer: {expected}")
+    tokenizer.chat_template = _saved_chat_template(path)
+    return tokenizer
+
+
+def _saved_chat_template(directory: Path) -> str | None:
+    """tokenizer_config.json's `chat_template`, where it holds one string (Hugging Face's place for it)."""
+    if not (directory / HF_TOKENIZER_CONFIG).is_file():
+        return None
+    config = _read_json(directory / HF_TOKENIZER_CONFIG)
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    return template if isinstance(template, str) and template else None
 
 
 def _load_saved(file: Path) -> Tokenizer:
@@ -431,7 +451,8 @@ class BPETokenizer(Tokenizer):
         # transformers' GPT-2 class rebuilds GPT-2's pre-tokenizer whatever tokenizer.json says, so another
         # pattern names the generic class, which reads tokenizer.json as it is
         kind = "GPT2Tokenizer" if self.pattern == "gpt2" else "PreTrainedTokenizerFast"
-        config = {"tokenizer_class": kind, **special, "add_prefix_space": False, "clean_up_tokenization_spaces": False}
+        config = {"tokenizer_class": kind, **special, "add_prefix_space": False, "clean_up_tokenization_spaces": False,
+                  **self._chat_template_entry()}
         atomic_write_json(directory / "tokenizer_config.json", config)
         atomic_write_json(directory / "special_tokens_map.json", special)
         marker = {"type": "bpe", "pattern": self.pattern, "special_tokens": self.special_tokens,
