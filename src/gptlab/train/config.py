@@ -23,7 +23,7 @@ from ..fileio import describe_os_error
 
 OPTIMIZERS = ("adamw", "adam", "radam", "sgd", "muon")
 SCHEDULES = ("cosine", "noam", "linear", "constant")
-TASKS = ("text", "adder")
+TASKS = ("text", "adder", "chat")
 PRECISIONS = ("float32", "bfloat16", "float16", "auto")
 ON_NONFINITE = ("stop", "skip")
 FIELD_CHOICES = {  # the closed sets, shown in the help and checked by TrainConfig.validate
@@ -43,7 +43,8 @@ class TrainConfig:
 
     # data and output
     data: str = option("", "a prepared data directory (gptlab prepare); empty: the built-in Shakespeare corpus")
-    task: str = option("text", "text: a prepared corpus; adder: two-digit addition, generated in memory")
+    task: str = option("text", "text: a prepared corpus; adder: two-digit addition, generated in memory; chat: "
+                               "--data is a JSON-lines file of conversations, the loss on the assistant's tokens")
     out: str = option("", "the run directory; empty: runs/<preset>-N, the first free N")
     init_from: str = option("", "a run or Hugging Face GPT-2 directory (or a GPT-2 size) to fine-tune from")
     # model

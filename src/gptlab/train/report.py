@@ -21,6 +21,7 @@ from ..evaluate.ngram import KneserNey, NGramCounts
 from ..fileio import atomic_write_json, atomic_write_text
 from ..model import GPT
 from .adder import AdderDataset
+from .chat_data import ChatDataset
 from .run_dir import REPORT_FILE, REPORT_JSON
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ def write_report(
     summary: TrainSummary,
     config: TrainConfig,
     model: GPT,
-    dataset: TokenDataset | AdderDataset,
+    dataset: TokenDataset | AdderDataset | ChatDataset,
     device: torch.device | str = "cpu",
 ) -> Path:
     """Write report.md and report.json into the run directory; return the report's path."""
@@ -83,6 +84,10 @@ def write_report(
     ]
     if isinstance(dataset, AdderDataset):
         lines += _adder_section(model, dataset, device, headline)
+    elif isinstance(dataset, ChatDataset):
+        lines += [f"The losses are on the assistant's tokens of `{dataset.path.name}`'s conversations "
+                  f"({len(dataset.split('train')):,} for training, {len(dataset.split('val')):,} held out); "
+                  "the run carries the chat template (`gptlab serve`'s /v1/chat/completions, `gptlab chat`).", ""]
     else:
         lines += _text_section(model, dataset, config, device, headline, summary)
     lines += _tasks_section(run_dir / "metrics.jsonl", headline)
@@ -199,6 +204,8 @@ def headline(run_dir: str | Path) -> str:
     facts = json.loads(path.read_text())
     if "test_exact_match" in facts:
         return f"held-out test exact match {facts['test_exact_match']:.2%} (report: {Path(run_dir) / REPORT_FILE})"
+    if "val_perplexity" not in facts:  # a chat run: the losses, on the assistant's tokens, were printed
+        return f"report: {Path(run_dir) / REPORT_FILE}"
     best = (f", {facts['best_ngram_val_perplexity']:.3f} for the best n-gram ({facts['best_ngram_order']}-gram)"
             if "best_ngram_order" in facts else "")
     line = (f"validation perplexity {facts['val_perplexity']:.3f} vs {facts['bigram_val_perplexity']:.3f} for a "

@@ -22,7 +22,7 @@ import torch
 import torch.utils.checkpoint
 from torch.nn.parallel import DistributedDataParallel
 
-from ..checkpoint import load_model
+from ..checkpoint import load_model, resolve_model_dir
 from ..config import GPTConfig
 from ..data import TokenDataset, default_corpus_files, prepare
 from ..data.layout import inspect as inspect_data_dir
@@ -30,9 +30,10 @@ from ..errors import GptlabError
 from ..fileio import atomic_write_json, remove_temporaries
 from ..model import GPT
 from ..precision import warn_if_emulated
-from ..tokenizers import Tokenizer
+from ..tokenizers import GPT2Tokenizer, Tokenizer, TOKENIZER_FILE, load_tokenizer
 from . import distributed
 from .adder import AdderDataset
+from .chat_data import ChatDataset
 from .config import TRAIN_PRESETS, TrainConfig, checked_train_config, read_options
 from .device import check_memory, compile_unavailable, enable_tf32, resolve_dtype
 from .distributed import Group
@@ -51,7 +52,7 @@ RESUME_OPTIONS = ("max_iters", "max_time", "device", "compile", "on_nonfinite", 
                   "eval_interval", "eval_iters", "data", "nproc", "activation_checkpointing",
                   "adapt_threads")
 
-Dataset = TokenDataset | AdderDataset
+Dataset = TokenDataset | AdderDataset | ChatDataset
 
 
 @dataclass
@@ -222,6 +223,11 @@ def open_dataset(config: TrainConfig) -> tuple[TrainConfig, Dataset]:
     data directory resolved (so that a resume from any directory finds it)."""
     if config.task == "adder":
         dataset: Dataset = AdderDataset()
+    elif config.task == "chat":
+        if not config.data:
+            raise GptlabError("--task chat needs --data FILE, a JSON-lines file of conversations")
+        dataset = ChatDataset(config.data, chat_tokenizer(config.init_from), config.block_size)
+        config = dataclasses.replace(config, data=str(Path(config.data).resolve()))
     else:
         data_dir = Path(config.data) if config.data else default_data()
         dataset = TokenDataset(data_dir)
@@ -229,6 +235,16 @@ def open_dataset(config: TrainConfig) -> tuple[TrainConfig, Dataset]:
     for split in ("train", "val"):
         dataset.check_length(split, config.block_size)
     return config, dataset
+
+
+def chat_tokenizer(init_from: str) -> Tokenizer:
+    """The tokenizer of the model being tuned (GPT-2's for a fresh model or one saved without one)."""
+    if not init_from:
+        return GPT2Tokenizer()
+    directory = resolve_model_dir(init_from)
+    if (directory / TOKENIZER_FILE).is_file() or (directory / "vocab.json").is_file():
+        return load_tokenizer(directory)
+    return GPT2Tokenizer()
 
 
 def default_data() -> Path:

@@ -1,0 +1,114 @@
+"""Supervised fine-tuning on conversations: the three record shapes, the loss mask counted exactly, one
+conversation a window, and bad conversations refused in one line (exit 2) before anything is written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gptlab.chat import CHAT_TEMPLATE, IGNORE
+from gptlab.checkpoint import save_model
+from gptlab.inference import load_pretrained
+from gptlab.tokenizers import GPT2Tokenizer, load_tokenizer
+from gptlab.train.chat_data import ChatDataset
+from helpers import one_line_error, snapshot, tiny_model
+
+RECORDS = [
+    {"messages": [{"role": "system", "content": "Add."}, {"role": "user", "content": "What is 38 + 47?"},
+                  {"role": "assistant", "content": "85"}]},
+    {"prompt": "What is 1 + 2?", "completion": "3"},
+    {"instruction": "Add the numbers.", "input": "20 and 22", "output": "42, the answer"},
+]
+ANSWERS = ["85", "3", "42, the answer"]
+
+
+def write_jsonl(path: Path, records: list[object]) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A GPT-2-vocabulary model with random weights, saved with GPT-2's tokenizer and no chat template."""
+    run = tmp_path_factory.mktemp("base") / "model"
+    save_model(tiny_model(vocab_size=50257, block_size=64), run)
+    GPT2Tokenizer().save(run)
+    return run
+
+
+def test_the_loss_mask_keeps_exactly_each_answer_and_its_end_of_turn(tmp_path: Path) -> None:
+    tokenizer = GPT2Tokenizer()
+    data = ChatDataset(write_jsonl(tmp_path / "c.jsonl", RECORDS), tokenizer, block_size=64)
+    assert len(data.split("train")) == 3  # fewer than ten: the validation loss is on the same ones
+    x, y = data.get_batch("train", 16, 64, np.random.default_rng(0))
+    assert x.shape == y.shape
+    for row in range(16):
+        kept = y[row][y[row] != IGNORE].tolist()
+        answer = next(a for a in ANSWERS if kept == tokenizer.encode(a) + [tokenizer.eos_id])
+        assert len(kept) == len(tokenizer.encode(answer)) + 1
+        # the targets are the next inputs wherever they are kept (one conversation per row, shifted by one)
+        where = torch.nonzero(y[row] != IGNORE).flatten()
+        assert all(int(x[row, i + 1]) == int(y[row, i]) for i in where.tolist() if i + 1 < x.shape[1])
+        # the padding after a conversation is never a target
+        ends = (y[row] == tokenizer.eos_id).nonzero().flatten()
+        assert (y[row, int(ends[-1]) + 1:] == IGNORE).all()
+
+
+def test_prompt_completion_and_alpaca_records_become_user_and_assistant_turns(tmp_path: Path) -> None:
+    tokenizer = GPT2Tokenizer()
+    data = ChatDataset(write_jsonl(tmp_path / "c.jsonl", RECORDS), tokenizer, block_size=64)
+    texts = [tokenizer.decode(ids) for ids, _ in data.split("train")]
+    assert texts[1] == "<|endoftext|><|user|>\nWhat is 1 + 2?<|endoftext|><|assistant|>\n3<|endoftext|>"
+    assert texts[2].startswith("<|endoftext|><|user|>\nAdd the numbers.\n\n20 and 22<|endoftext|><|assistant|>\n")
+
+
+def test_every_tenth_conversation_is_held_out(tmp_path: Path) -> None:
+    records = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(20)]
+    data = ChatDataset(write_jsonl(tmp_path / "c.jsonl", records), GPT2Tokenizer(), block_size=64)
+    assert (len(data.split("train")), len(data.split("val"))) == (18, 2)
+
+
+def test_chat_tuning_trains_the_assistant_tokens_and_saves_the_template(
+        gptlab, base_model: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "c.jsonl", RECORDS * 4)
+    out = tmp_path / "tuned"
+    code, _, err = gptlab("train", "--init-from", str(base_model), "--task", "chat", "--data", str(data),
+                          "--out", str(out), "--max-iters", "3", "--eval-interval", "0", "--eval-iters", "1",
+                          "--batch-size", "2", "--block-size", "64", "--sample-tokens", "0", "--no-progress")
+    assert code == 0, err
+    assert load_tokenizer(out).chat_template == CHAT_TEMPLATE
+    model, tokenizer = load_pretrained(out)
+    assert model.config.vocab_size == 50257 and tokenizer.chat_template == CHAT_TEMPLATE
+    assert "assistant's tokens" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("records, fragment", [
+    ([{"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}],
+     "c.jsonl:1: messages[0]: unknown role 'robot'"),
+    ([RECORDS[1], {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}],
+     "c.jsonl:2: an assistant turn is empty"),
+    ([{"prompt": "word " * 80, "completion": "x"}], "longer than the context"),
+    ([{"messages": [{"role": "user", "content": "hi"}]}], "no assistant turn"),
+    (["not json"], "c.jsonl:1: not JSON"),
+    ([{"text": "hi"}], "expected messages, prompt/completion or instruction/output"),
+    ([], "no conversations"),
+])
+def test_bad_conversations_are_one_line_and_exit_2_before_anything_is_written(
+        gptlab, base_model: Path, tmp_path: Path, records: list, fragment: str) -> None:
+    data = write_jsonl(tmp_path / "c.jsonl", records)
+    before = snapshot(tmp_path)
+    code, _, err = gptlab("train", "--init-from", str(base_model), "--task", "chat", "--data", str(data),
+                          "--out", str(tmp_path / "run"), "--block-size", "64", "--max-iters", "1", "--no-progress")
+    one_line_error(code, err, 2, fragment)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_char_model_cannot_be_chat_tuned(gptlab, tiny_run: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "c.jsonl", RECORDS)
+    code, _, err = gptlab("train", "--init-from", str(tiny_run), "--task", "chat", "--data", str(data),
+                          "--out", str(tmp_path / "run"), "--max-iters", "1", "--no-progress")
+    one_line_error(code, err, 2, "no end-of-text token")
