@@ -725,7 +725,7 @@ def test_metrics_count_requests_tokens_queue_batch_and_time_to_first_token(serve
 
 @pytest.mark.parametrize("method, path, body, status, says", [
     ("GET", "/v1/nothing", None, 404, "no route GET /v1/nothing"),
-    ("POST", "/v1/chat/completions", b"{}", 404, "no route POST /v1/chat/completions"),
+    ("POST", "/v1/embeddings", b"{}", 404, "no route POST /v1/embeddings"),
     ("GET", "/v1/completions", None, 405, "use POST"),
     ("DELETE", "/v1/models", None, 405, "use GET"),
     ("POST", "/v1/completions", b'{"model": "tiny", "prompt": "\xff\xfe"}', 400, "not UTF-8: byte 0xff"),

@@ -26,9 +26,10 @@ from ..tokenizers import Tokenizer
 from .errors import ERROR_RESPONSES, install_error_handlers
 from .middleware import BodyChecks, HostCheck
 from .schemas import (
-    CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse, Health, ModelCard, ModelList,
+    ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse, Health, ModelCard, ModelList,
     TokenizeRequest, TokenizeResponse, TokenizerInfo, VllmDetokenizeResponse, VllmTokenizeResponse,
 )
+from .chat import ChatService
 from .service import ClientGone, CompletionService
 
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection"; no one reads it
@@ -41,6 +42,7 @@ def create_app(model: torch.nn.Module, tokenizer: Tokenizer, model_id: str,
     which stops a web page from reaching a local server through DNS rebinding. `on_start()` runs once
     the engine thread is up (the command line prints where to go from there)."""
     service = CompletionService(model.eval(), tokenizer, model_id, limits)
+    chat = ChatService(service)
     playground = (resources.files("gptlab") / "assets" / "playground.html").read_text(encoding="utf-8")
 
     @asynccontextmanager
@@ -71,6 +73,21 @@ def create_app(model: torch.nn.Module, tokenizer: Tokenizer, model_id: str,
         service.metrics.in_flight.inc()
         try:
             return await service.respond(body, request)
+        except ClientGone:
+            return Response(status_code=CLIENT_CLOSED)
+        finally:
+            service.metrics.in_flight.dec()
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+              responses={**ERROR_RESPONSES, **streamed}, tags=["OpenAI"],
+              summary="Reply to a conversation through the model's chat template; `stream: true` answers with "
+                      "Server-Sent Events")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        """A model without a chat template (one not tuned with `gptlab train --task chat`) answers 400.
+        Streamed, each `data:` chunk carries one choice's `delta` (first its role), then `data: [DONE]`."""
+        service.metrics.in_flight.inc()
+        try:
+            return await chat.respond(body, request)
         except ClientGone:
             return Response(status_code=CLIENT_CLOSED)
         finally:

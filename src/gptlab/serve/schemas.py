@@ -211,3 +211,104 @@ class ErrorResponse(BaseModel):
     """OpenAI's error shape, which its client libraries turn into exceptions carrying the message."""
 
     error: ErrorDetail
+
+
+# --- /v1/chat/completions ------------------------------------------------------------------------
+
+
+class ChatMessageIn(BaseModel):
+    """One message of the conversation; its role is checked by the service (a 400 naming it)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)  # clients send name, tool fields
+
+    role: str
+    content: str | list[dict[str, object]] | None = Field(
+        description="the text, or OpenAI's list of `{type: text, text}` parts")
+
+
+class ChatCompletionRequest(BaseModel):
+    """POST /v1/chat/completions: the completions request's sampling fields, with `messages` for `prompt`."""
+
+    model_config = _STRICT
+
+    model: str | None = Field(None, description="the id listed by GET /v1/models; null: the served model")
+    messages: list[ChatMessageIn] = Field(description="the conversation: system, user and assistant messages")
+    max_tokens: int | None = Field(None, description="deprecated name of max_completion_tokens")
+    max_completion_tokens: int | None = Field(
+        None, description="tokens to generate per choice; null: as many as the context and the server's limit allow")
+    temperature: float | None = Field(1.0, description="softmax temperature, >= 0; 0 is greedy")
+    top_p: float | None = Field(None, description="nucleus sampling mass, in (0, 1]")
+    n: int | None = Field(1, description="choices, >= 1")
+    stop: str | list[str] | None = Field(None, description="up to 4 non-empty strings; the reply stops before one")
+    seed: int | None = Field(None, description="makes sampling reproducible; choice j uses seed + j")
+    stream: bool | None = Field(False, description="send Server-Sent Events (`delta` chunks) as tokens arrive")
+    stream_options: StreamOptions | None = None
+    logprobs: bool | None = Field(False, description="return each reply token's log-probability")
+    top_logprobs: int | None = Field(None, description="with logprobs: the N most likely tokens at each position, "
+                                                       "0 <= N <= 20")
+    presence_penalty: float | None = Field(0.0, description="in [-2, 2]")
+    frequency_penalty: float | None = Field(0.0, description="in [-2, 2]")
+    logit_bias: dict[str, float] | None = Field(None, description="token id (a string) -> bias in [-100, 100]")
+    user: str | None = Field(None, description="accepted for compatibility, not used")
+    top_k: int | None = Field(None, description="vLLM/gptlab: sample only among the k most likely tokens")
+    repetition_penalty: float | None = Field(None, description="vLLM/gptlab: > 0")
+    min_tokens: int | None = Field(0, description="vLLM: the end of the turn cannot come before this many tokens")
+    stop_token_ids: list[int] | None = Field(None, description="vLLM: more token ids that end a reply")
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One streamed `data:` event: a piece of one choice's reply (or, last, only `usage`)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None

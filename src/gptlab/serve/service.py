@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -204,7 +204,21 @@ class CompletionService:
 
     async def respond(self, body: CompletionRequest, request: Request) -> CompletionResponse | StreamingResponse:
         plan = await self.plan(body)
-        job = Job(plan.choices, asyncio.get_running_loop(), stream=bool(body.stream))
+        job = self.submit(plan, stream=bool(body.stream))
+        request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return await self.stream(job, request, lambda first, outcome: self._events(
+                plan, job, first, request_id, created, include_usage, outcome))
+        results = await self.results(job, request)
+        choices = [CompletionChoice(text=(plan.prompt_texts[i] if plan.echo else "") + c.text, index=i,
+                                    logprobs=self._logprobs(plan, c), finish_reason=c.finish_reason)
+                   for i, c in enumerate(results)]
+        return self._chunk(request_id, created, choices, usage(plan.prompt_tokens, results))
+
+    def submit(self, plan: Plan, stream: bool) -> Job:
+        """Queue a checked plan's choices on the engine thread (429 when the queue is full)."""
+        job = Job(plan.choices, asyncio.get_running_loop(), stream=stream)
         try:
             self.engine_thread.submit(job)
         except QueueFull:
@@ -213,24 +227,17 @@ class CompletionService:
                                 f"the batch (--max-queue); retry in {RETRY_AFTER_SECONDS} s", code="queue_full",
                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
         self.metrics.prompt_tokens.inc(plan.prompt_tokens)
-        request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await self._stream(plan, job, request, request_id, created, include_usage)
+        return job
+
+    async def results(self, job: Job, request: Request) -> list[Completion]:
+        """A non-streamed job's completions, once all are done (500 if generation failed)."""
         event = await self._or_gone(request, job, job.events.get())
         if event[0] == "error":
             self.metrics.requests.labels("failed").inc()
-            raise ApiError(500, _failed(event[1]))
+            raise ApiError(500, failed(event[1]))
         self.metrics.requests.labels("completed").inc()
         self.metrics.request_seconds.observe(time.perf_counter() - job.arrived)
-        results: list[Completion] = event[1]
-        choices = [CompletionChoice(text=(plan.prompt_texts[i] if plan.echo else "") + c.text, index=i,
-                                    logprobs=self._logprobs(plan, c), finish_reason=c.finish_reason)
-                   for i, c in enumerate(results)]
-        completion_tokens = sum(len(c.token_ids) for c in results)
-        usage = Usage(prompt_tokens=plan.prompt_tokens, completion_tokens=completion_tokens,
-                      total_tokens=plan.prompt_tokens + completion_tokens)
-        return self._chunk(request_id, created, choices, usage)
+        return event[1]
 
     def _logprobs(self, plan: Plan, c: Completion) -> CompletionLogprobs | None:
         if plan.logprobs is None:
@@ -261,13 +268,14 @@ class CompletionService:
                usage: Usage | None = None) -> CompletionResponse:
         return CompletionResponse(id=request_id, created=created, model=self.model_id, choices=choices, usage=usage)
 
-    async def _stream(self, plan: Plan, job: Job, request: Request, request_id: str, created: int,
-                      include_usage: bool) -> StreamingResponse:
-        """Wait for the first event (so that a failure before any text is still a 500), then stream."""
+    async def stream(self, job: Job, request: Request,
+                     events: Callable[[tuple, list[str]], AsyncIterator[str]]) -> StreamingResponse:
+        """Wait for the first event (so that a failure before any text is still a 500), then stream what
+        `events(first, outcome)` makes of the job's events; it sets outcome[0] to what close() records."""
         first = await self._or_gone(request, job, job.events.get())
         if first[0] == "error":
             self.metrics.requests.labels("failed").inc()
-            raise ApiError(500, _failed(first[1]))
+            raise ApiError(500, failed(first[1]))
         self.metrics.in_flight.inc()  # the response now owns the request until it closes
         outcome = ["cancelled"]  # what close() records, unless the events say otherwise
 
@@ -277,7 +285,12 @@ class CompletionService:
             self.metrics.requests.labels(outcome[0]).inc()
             self.metrics.in_flight.dec()
 
-        return EventStream(self._events(plan, job, first, request_id, created, include_usage, outcome), close)
+        return EventStream(events(first, outcome), close)
+
+    def finished(self, job: Job, outcome: list[str]) -> None:
+        """A streamed job's "done" event: record it."""
+        outcome[0] = "completed"
+        self.metrics.request_seconds.observe(time.perf_counter() - job.arrived)
 
     async def _events(self, plan: Plan, job: Job, event: tuple, request_id: str, created: int,
                       include_usage: bool, outcome: list[str]) -> AsyncIterator[str]:
@@ -299,18 +312,14 @@ class CompletionService:
                 if finish_reason:
                     yield self._sse(request_id, created, index, "", None, finish_reason)
             elif kind == "done":
-                outcome[0] = "completed"
-                self.metrics.request_seconds.observe(time.perf_counter() - job.arrived)
+                self.finished(job, outcome)
                 if include_usage:
-                    completion_tokens = sum(len(s.token_ids) for s in job.sequences)
-                    usage = Usage(prompt_tokens=plan.prompt_tokens, completion_tokens=completion_tokens,
-                                  total_tokens=plan.prompt_tokens + completion_tokens)
-                    yield sse(self._chunk(request_id, created, [], usage).model_dump())
+                    yield sse(self._chunk(request_id, created, [], usage(plan.prompt_tokens, job.sequences)).model_dump())
                 yield "data: [DONE]\n\n"
                 return
             else:  # "error": the status line has gone out already, so the error travels as an event
                 outcome[0] = "failed"
-                yield sse(error_body(500, _failed(event[1])))
+                yield sse(error_body(500, failed(event[1])))
                 return
             event = await job.events.get()
 
@@ -352,7 +361,14 @@ class CompletionService:
         return DetokenizeResponse(text=text) if body.ids is not None else VllmDetokenizeResponse(prompt=text)
 
 
-def _failed(exc: BaseException) -> str:
+def usage(prompt_tokens: int, done: Sequence[Any]) -> Usage:
+    """The token counts of a request whose choices (completions or engine sequences) are `done`."""
+    completion_tokens = sum(len(c.token_ids) for c in done)
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens)
+
+
+def failed(exc: BaseException) -> str:
     """A 500's message: what failed, in one line (the log has the traceback)."""
     return f"generation failed inside the server ({failure_cause(exc)}); see its log"
 
