@@ -264,6 +264,51 @@ def _print_stream(model_dir: Path, prompt: str, params: SamplingParams, device: 
         sys.stdout.write("\n")
 
 
+def _add_chat(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="a conversation in the terminal with a chat-tuned run (train --task chat)",
+                       description="Each line read from stdin is your next message; the reply follows it. "
+                                   "Ctrl-D (end of input) ends the conversation.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", metavar="MODEL", help="a run tuned with gptlab train --task chat (or its export)")
+    p.add_argument("--system", default="", help="a system message that opens the conversation")
+    _add_fields(p, SamplingParams, SAMPLE_DEFAULTS)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    _add_precision(p)
+    p.set_defaults(handler=_run_chat)
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    from .device import resolve_device
+    from .inference import converse
+    from .inference.loading import load_pretrained
+
+    params = SamplingParams(**{name: getattr(args, name) for name in SAMPLE_DEFAULTS} | {"stop": tuple(args.stop)})
+    try:
+        params.validate()
+    except ValueError as exc:
+        raise GptlabError(str(exc)) from None
+    model, tokenizer = load_pretrained(Path(args.model), resolve_device(args.device), dtype=args.dtype,
+                                       quantize=args.quantize)
+    interactive = sys.stdin.isatty()
+
+    def lines():
+        while True:
+            if interactive:
+                print("> ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+            if not line:
+                return
+            yield line
+
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    converse(model, tokenizer, lines(), params, system=args.system, write=write,
+             note=lambda text: print(f"gptlab chat: {text}", file=sys.stderr))
+    return 0
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API, with a playground at /",
@@ -560,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"gptlab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_prepare, _add_train, _add_sample, _add_serve, _add_export, _add_eval, _add_ngram,
+    for add in (_add_prepare, _add_train, _add_sample, _add_chat, _add_serve, _add_export, _add_eval, _add_ngram,
                 _add_attention, _add_tokenizer):
         add(sub)
     return parser

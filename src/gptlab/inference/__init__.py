@@ -13,7 +13,7 @@ _EXPORTS = {
     "Engine": ".engine", "Sequence": ".engine", "failure_cause": ".engine", "slide_window": ".engine",
     "Completion": ".offline", "TextStream": ".offline", "complete": ".offline", "completion_of": ".offline",
     "generate": ".offline", "MAX_LOGPROBS": ".params", "SamplingParams": ".params", "TokenLogprobs": ".sampler",
-    "eval_mode": ".modes", "load_pretrained": ".loading",
+    "eval_mode": ".modes", "load_pretrained": ".loading", "converse": ".conversation",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS)
