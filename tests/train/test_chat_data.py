@@ -112,3 +112,19 @@ def test_a_char_model_cannot_be_chat_tuned(gptlab, tiny_run: Path, tmp_path: Pat
     code, _, err = gptlab("train", "--init-from", str(tiny_run), "--task", "chat", "--data", str(data),
                           "--out", str(tmp_path / "run"), "--max-iters", "1", "--no-progress")
     one_line_error(code, err, 2, "no end-of-text token")
+
+
+def test_a_chat_run_resumes_and_trains_in_bfloat16(gptlab, base_model: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "c.jsonl", RECORDS * 4)
+    out = tmp_path / "tuned"
+    common = ["--no-progress", "--sample-tokens", "0", "--eval-iters", "1"]
+    code, _, err = gptlab("train", "--init-from", str(base_model), "--task", "chat", "--data", str(data),
+                          "--out", str(out), "--max-iters", "2", "--eval-interval", "2", "--batch-size", "2",
+                          "--block-size", "64", "--dtype", "bfloat16", *common)
+    assert code == 0, err
+    code, _, err = gptlab("train", "--out", str(out), "--resume", "--max-iters", "4", *common)
+    assert code == 0, err
+    saved = json.loads((out / "train_config.json").read_text())
+    assert (saved["task"], saved["dtype"], saved["data"]) == ("chat", "bfloat16", str(data.resolve()))
+    assert load_tokenizer(out).chat_template == CHAT_TEMPLATE
+    assert json.loads((out / "report.json").read_text())["steps"] == 4
