@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import one_line_error
+from conftest import needs_compile, one_line_error
 from safetensors.torch import load_file
 
 from gptlab.checkpoint import load_model
 from gptlab.lora import LoRALinear, adapter_state_dict, lora_config_of
-from gptlab.train import build_train_config, train
+from gptlab.train import build_train_config, distributed, train
 
 peft = pytest.importorskip("peft", reason="peft (a test dependency: pip install 'gptlab[test]') reads the adapters")
 transformers = pytest.importorskip("transformers")
@@ -299,3 +302,46 @@ def test_an_adapter_gptlab_cannot_apply_is_refused(base: Path, tmp_path: Path, g
     model.save_pretrained(tmp_path / "dora")
     code, _, err = gptlab("sample", str(tmp_path / "dora"), "--max-new-tokens", "2", "--device", "cpu")
     one_line_error(code, err, 2, "use_dora=True asks for more than plain LoRA")
+
+
+# --- DDP and torch.compile -------------------------------------------------------------------------
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_train_a_lora_run_as_one_does(gpt2_data: Path, base: Path, tmp_path: Path) -> None:
+    """DDP all-reduces the adapters' gradients (the frozen base has none), so 2 processes step as 1 does."""
+    options = dict(grad_accum=2, batch_size=2, max_iters=4, eval_interval=2, log_interval=1)
+    one = tmp_path / "one"
+    train(lora_config(gpt2_data, base, one, **options), show_progress=False)
+    two = tmp_path / "two"
+    argv = ["train", "--data", str(gpt2_data), "--init-from", str(base), "--out", str(two), "--no-progress",
+            "--nproc", "2", *(f"--{k.replace('_', '-')}={v}" for k, v in {**LORA_RUN, **options}.items())]
+    clean = {k: v for k, v in os.environ.items() if k not in distributed.TORCHRUN_VARIABLES}
+    result = subprocess.run([sys.executable, "-m", "gptlab", *argv], env={**clean, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours, theirs = metric_rows(two), metric_rows(one)
+    assert [(r["step"], "loss" in r, "val_loss" in r) for r in ours] == [(r["step"], "loss" in r, "val_loss" in r)
+                                                                        for r in theirs]
+    for a, b in zip(ours, theirs):
+        for key in ("loss", "val_loss"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+    adapters = load_file(two / "adapter_model.safetensors"), load_file(one / "adapter_model.safetensors")
+    assert all(torch.allclose(adapters[0][k], adapters[1][k], atol=1e-6) for k in adapters[1])
+
+
+@needs_compile()
+def test_a_compiled_lora_run_trains_like_an_eager_one(gpt2_data: Path, base: Path, tmp_path: Path) -> None:
+    options = dict(max_iters=3, eval_interval=0, log_interval=1)
+    eager = trace(train(lora_config(gpt2_data, base, tmp_path / "eager", **options), show_progress=False).run_dir)
+    compiled = trace(train(lora_config(gpt2_data, base, tmp_path / "compiled", compile=True, **options),
+                           show_progress=False).run_dir)
+    assert compiled.keys() == eager.keys() and ("loss", 3) in eager
+    for key in eager:
+        assert compiled[key] == pytest.approx(eager[key], abs=1e-4)
+    weights = load_file(tmp_path / "compiled" / "adapter_model.safetensors")
+    assert all(weights[k].abs().sum() > 0 for k in weights if "lora_B" in k)
