@@ -17,7 +17,7 @@ from conftest import needs_compile, one_line_error
 from safetensors.torch import load_file
 
 from gptlab.checkpoint import load_model
-from gptlab.lora import LoRALinear, adapter_state_dict, lora_config_of
+from gptlab.lora import LoRALinear, adapter_state_dict, apply_adapter, lora_config_of
 from gptlab.train import build_train_config, distributed, train
 
 peft = pytest.importorskip("peft", reason="peft (a test dependency: pip install 'gptlab[test]') reads the adapters")
@@ -149,6 +149,9 @@ def test_gptlab_loads_an_adapter_that_peft_wrote(base: Path, tmp_path: Path) -> 
     assert lora_config_of(unmerged).rank == 3
     torch.testing.assert_close(gptlab_logits(unmerged), expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(gptlab_logits(load_model(tmp_path / "adapter")), expected, atol=1e-5, rtol=0)
+    # on a base already loaded: the Python API
+    torch.testing.assert_close(gptlab_logits(apply_adapter(load_model(base), tmp_path / "adapter")), expected,
+                               atol=1e-5, rtol=0)
 
 
 # --- export, sample, eval --------------------------------------------------------------------------
@@ -345,3 +348,16 @@ def test_a_compiled_lora_run_trains_like_an_eager_one(gpt2_data: Path, base: Pat
         assert compiled[key] == pytest.approx(eager[key], abs=1e-4)
     weights = load_file(tmp_path / "compiled" / "adapter_model.safetensors")
     assert all(weights[k].abs().sum() > 0 for k in weights if "lora_B" in k)
+
+
+def test_an_adapter_that_names_no_base_is_refused(lora_run: Path, tmp_path: Path, gptlab) -> None:
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes((lora_run / "adapter_model.safetensors").read_bytes())
+    config = json.loads((lora_run / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": None}))
+    code, _, err = gptlab("sample", str(adapter), "--max-new-tokens", "2", "--device", "cpu")
+    one_line_error(code, err, 2, "names no base model (base_model_name_or_path)")
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(adapter)}))
+    code, _, err = gptlab("sample", str(adapter), "--max-new-tokens", "2", "--device", "cpu")
+    one_line_error(code, err, 2, "names the adapter's own directory as its base")
