@@ -87,6 +87,13 @@ def _prepare(r: Result) -> str:
             f"peak RSS {big['peak_rss_mb']:,} MB")
 
 
+def _tokenizer(r: Result) -> str:
+    code = next(row for row in r["rows"] if row["corpus"] == "code")
+    return (f"{code['vocab_size']:,} tokens learned from {code['train_mb']:.0f} MB of Python in "
+            f"{code['time_vs_hf']:.2f}x HF's trainer time; held-out code **{code['bytes_per_token_vs_gpt2']:.2f}x** "
+            f"GPT-2's bytes per token")
+
+
 def _adder(r: Result) -> str:
     preset = r["rows"][0]
     return (f"held-out exact match **{preset['test_exact_match']:.1%}** in {preset['seconds']:.0f} s "
@@ -104,6 +111,7 @@ HEADLINES: list[tuple[str, str, Callable[[Result], str]]] = [
     ("lm_eval_model", "lm-eval model", _lm_eval),
     ("ngram", "n-gram baselines", _ngram),
     ("prepare", "`gptlab prepare` (GPT-2 BPE)", _prepare),
+    ("tokenizer", "`gptlab tokenizer train`", _tokenizer),
     ("adder", "the adder task", _adder),
 ]
 

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_model
-from gptlab import adder
-from gptlab.adder import AdderDataset, all_examples, format_example
+from gptlab.train import adder
+from gptlab.train.adder import AdderDataset, all_examples, format_example
 from gptlab.checkpoint import load_model
 from gptlab.cli import main
 from gptlab.errors import GptlabError

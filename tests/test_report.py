@@ -12,7 +12,7 @@ from gptlab.train.config import TrainConfig
 from gptlab.data import TokenDataset
 from gptlab.evaluate import score, score_ngram
 from gptlab.evaluate.ngram import KneserNey, NGramCounts
-from gptlab.report import headline
+from gptlab.train.report import headline
 
 
 def test_report_states_the_run(tiny_run: Path) -> None:

@@ -11,7 +11,7 @@ import pytest
 from gptlab.data import TokenDataset
 from gptlab.evaluate import score_ngram
 from gptlab.evaluate.ngram import KneserNey, NGramCounts
-from gptlab.report import CLEARLY_BETTER, REPORT_MAX_ORDER, compare_with_ngrams, headline
+from gptlab.train.report import CLEARLY_BETTER, REPORT_MAX_ORDER, compare_with_ngrams, headline
 
 BUSY = "the CPU was busy: this run's threads waited for a core 61% of the time they were ready to run"
 

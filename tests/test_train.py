@@ -417,7 +417,7 @@ def test_the_periodic_evaluation_is_the_training_loss_on_its_batches(task: str, 
     """The same mean as the model's loss: over the positions it takes (the adder: the answer digits only)."""
     import numpy as np
 
-    from gptlab.adder import AdderDataset
+    from gptlab.train.adder import AdderDataset
     from gptlab.data import TokenDataset
     from gptlab.train.loop import estimate_loss
 

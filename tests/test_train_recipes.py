@@ -16,7 +16,7 @@ from gptlab.train import TRAIN_PRESETS, build_train_config, train
 from gptlab.train.device import enable_tf32
 from gptlab.train.optim import learning_rate
 from gptlab.train.setup import checkpoint_activations
-from gptlab.train.threads import EXPLOIT_STEPS, EXPLORE_STEPS, ThreadTuner
+from gptlab.threads import EXPLOIT_STEPS, EXPLORE_STEPS, ThreadTuner
 
 # GPT-2 124M's recipe with everything but its size: 2 layers of 32, context 32, 2 windows a micro-batch
 TINY_124M = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=2, grad_accum=4, max_iters=4,

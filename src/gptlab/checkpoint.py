@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from .config import GPTConfig
 from .errors import EnvironmentProblem, GptlabError
 from .fileio import atomic_write_json, atomic_write_via, describe_os_error
-from .kernels import Int8Linear
+from .quantize import Int8Linear
 from .lora import (ADAPTER_FILES, ADAPTER_WEIGHTS_FILE, LoRAConfig, apply_lora, is_adapter_dir, load_adapter_tensors,
                    lora_config_of, merge_lora, read_adapter, save_adapter)
 from .model import GPT

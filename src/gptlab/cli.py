@@ -35,7 +35,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hf-config", metavar="C", help="the dataset's configuration (subset)")
     p.add_argument("--split", default="train", help="the Hugging Face dataset's split to read")
     p.add_argument("--text-field", default="text", help="the field or column holding the text in records")
-    p.add_argument("--tokenizer", choices=["char", "gpt2"], default="char", help="character-level or GPT-2 BPE")
+    p.add_argument("--tokenizer", default="char", metavar="{char,gpt2,DIR}",
+                   help="character-level, GPT-2 BPE, or a tokenizer directory (gptlab tokenizer train)")
     p.add_argument("--out", required=True, help="the data directory to write (new, empty, or a dataset to "
                    "replace with --overwrite)")
     p.add_argument("--val-fraction", type=float, default=0.1,
@@ -104,7 +105,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from .train.config import build_train_config
     from .train.distributed import is_main_process, launch, launched_by_torchrun
-    from .report import headline
+    from .train.report import headline
     from .train import saved_options, train
 
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}  # None: not given
@@ -221,9 +222,9 @@ def _print_stream(model_dir: Path, prompt: str, max_new_tokens: int, temperature
 
     from .checkpoint import load_pretrained
     from .inference import SamplingParams, TextStream
-    from .kernels import quantize_int8
+    from .quantize import quantize_int8
     from .tokenizers import document_start_ids
-    from .train import resolve_device
+    from .device import resolve_device
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, seed=seed, stop=stop)
@@ -281,7 +282,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 def _run_serve(args: argparse.Namespace) -> int:
     from .serve import is_loopback, serve
-    from .train import resolve_device
+    from .device import resolve_device
 
     if not 1 <= args.port <= 65535:
         raise GptlabError(f"--port must be in 1-65535, got {args.port}")
@@ -363,7 +364,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     import json
 
     from .evaluate import evaluate_model, markdown_table
-    from .train import resolve_device
+    from .device import resolve_device
 
     from .evaluate.ngram import MAX_ORDER
 
@@ -488,7 +489,7 @@ def _add_attention(sub: argparse._SubParsersAction) -> None:
 def _run_attention(args: argparse.Namespace) -> int:
     from .attention_maps import attention_map, plot_attention
     from .checkpoint import load_pretrained
-    from .train import resolve_device
+    from .device import resolve_device
 
     model, tokenizer = load_pretrained(args.model, resolve_device(args.device))
     amap = attention_map(model, tokenizer, args.prompt, layer=args.layer, head=args.head)
@@ -511,6 +512,54 @@ def _check_seed(seed: int | None) -> None:
         raise GptlabError(f"--seed must be a non-negative integer below 2**63, got {seed}")
 
 
+def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on your own corpus",
+                       description="Tokenizers of your own; see docs/tokenizer.md.")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    t = actions.add_parser(
+        "train", help="learn a byte-level BPE vocabulary from a corpus",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Learn a byte-level BPE (GPT-2's kind: 256 byte tokens, then merges, then special tokens) "
+                    "from the inputs prepare reads, streamed. Writes GPT-2's vocab.json + merges.txt, a Hugging "
+                    "Face tokenizer.json and gptlab's marker into --out; use it with gptlab prepare --tokenizer OUT.",
+    )
+    t.add_argument("inputs", nargs="*", metavar="INPUT", help="files, directories or glob patterns (as prepare)")
+    t.add_argument("--vocab-size", type=int, required=True, help="tokens in all: 256 bytes, merges, special tokens")
+    t.add_argument("--out", required=True, help="the directory to write (new, empty, or a tokenizer with --overwrite)")
+    t.add_argument("--pattern", choices=["gpt2", "gpt4"], default="gpt2",
+                   help="the pre-tokenizer's split: GPT-2's or GPT-4's (digits in threes, newlines apart)")
+    t.add_argument("--special", action="append", default=[], metavar="TOKEN",
+                   help="a special token besides <|endoftext|> (always there); repeat for several")
+    t.add_argument("--hf-dataset", metavar="NAME", help="a Hugging Face dataset, as prepare's")
+    t.add_argument("--hf-config", metavar="C", help="the dataset's configuration (subset)")
+    t.add_argument("--split", default="train", help="the Hugging Face dataset's split to read")
+    t.add_argument("--text-field", default="text", help="the field or column holding the text in records")
+    t.add_argument("--skip-binary", action="store_true", help="skip plain-text inputs that are not UTF-8 text")
+    t.add_argument("--overwrite", action="store_true", help="replace the tokenizer in --out (only that)")
+    t.set_defaults(handler=_run_tokenizer_train)
+
+
+def _run_tokenizer_train(args: argparse.Namespace) -> int:
+    import time
+
+    from .tokenizer_training import train_tokenizer
+
+    if not args.inputs and not args.hf_dataset:
+        raise GptlabError("give input files, directories or patterns, or --hf-dataset NAME")
+    start = time.perf_counter()
+    tokenizer = train_tokenizer(args.inputs, args.vocab_size, args.out, pattern=args.pattern,
+                                special_tokens=args.special, text_field=args.text_field, hf_dataset=args.hf_dataset,
+                                hf_config=args.hf_config, hf_split=args.split, skip_binary=args.skip_binary,
+                                overwrite=args.overwrite)
+    print(f"wrote {args.out}: {tokenizer.vocab_size:,} tokens ({len(tokenizer.merges):,} merges, "
+          f"{len(tokenizer.special_tokens)} special) in {time.perf_counter() - start:.1f} s; "
+          f"next: gptlab prepare INPUT... --tokenizer {args.out} --out DATA_DIR")
+    if tokenizer.vocab_size < args.vocab_size:
+        print(f"gptlab tokenizer: note: the corpus had no more pairs to merge, so {tokenizer.vocab_size:,} tokens "
+              f"rather than {args.vocab_size:,}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -521,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gptlab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_add_prepare, _add_train, _add_sample, _add_serve, _add_export, _add_eval, _add_ngram,
-                _add_attention):
+                _add_attention, _add_tokenizer):
         add(sub)
     return parser
 

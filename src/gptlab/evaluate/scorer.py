@@ -37,7 +37,7 @@ from tqdm import tqdm
 from ..errors import GptlabError
 from ..model import GPT
 from ..threads import ThreadTuner, inference_adapts
-from ..tokenizers import CharTokenizer, Tokenizer
+from ..tokenizers import BPETokenizer, CharTokenizer, Tokenizer
 
 logger = logging.getLogger("gptlab.evaluate")
 
@@ -135,9 +135,11 @@ def _length_table(tokenizer: Tokenizer) -> np.ndarray:
 
 
 def signature(tokenizer: Tokenizer) -> tuple:
-    """What makes two tokenizers the same: the name and, for characters, which character each id is."""
+    """What makes two tokenizers the same: the name and, for characters or a trained BPE, which token each id is."""
     if isinstance(tokenizer, CharTokenizer):
         return (tokenizer.name, tuple(tokenizer.chars))
+    if isinstance(tokenizer, BPETokenizer):
+        return (tokenizer.name, tokenizer.fingerprint())
     return (tokenizer.name, tokenizer.vocab_size)
 
 

@@ -1,5 +1,6 @@
-"""Where and in what precision a run computes, and whether it can: the device, autocast, TF32, the
-dtype `auto` chooses, whether torch.compile can work here, and whether the run fits in memory."""
+"""In what precision a run computes, and whether it can: autocast, TF32, the dtype `auto` chooses,
+whether torch.compile can work here, and whether the run fits in memory (the device itself is named in
+`gptlab.device`, where inference reaches it too)."""
 
 from __future__ import annotations
 
@@ -13,38 +14,14 @@ from collections.abc import Callable
 import torch
 
 from ..config import GPTConfig
-from ..errors import EnvironmentProblem, GptlabError
+from ..device import DTYPES
+from ..errors import GptlabError
 from ..precision import fast_bf16, interleaved_speedup
 from ..throughput import matmul_parameters, matmul_peak
 from . import distributed
 from .distributed import Group
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 AUTO_BF16_SPEEDUP = 1.5  # `--dtype auto` takes bf16 where its products run this much faster than float32
-
-
-def resolve_device(name: str) -> torch.device:
-    """The torch device `name` names: auto, cpu, cuda, cuda:N or mps; one that this machine lacks is an
-    EnvironmentProblem (exit 3), a name that is no device a GptlabError (exit 2)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise GptlabError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise EnvironmentProblem(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise EnvironmentProblem(
-                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
-                f"cuda:{torch.cuda.device_count() - 1}"
-            )
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise EnvironmentProblem(f"--device {name}: this torch has no MPS (Apple GPU) support here; use --device cpu")
-    return device
 
 
 def enable_tf32(device: torch.device) -> None:

@@ -22,7 +22,6 @@ import torch
 import torch.utils.checkpoint
 from torch.nn.parallel import DistributedDataParallel
 
-from ..adder import AdderDataset
 from ..checkpoint import load_model
 from ..config import GPTConfig
 from ..data import TokenDataset, default_corpus_files, prepare
@@ -34,6 +33,7 @@ from ..model import GPT
 from ..precision import warn_if_emulated
 from ..tokenizers import Tokenizer
 from . import distributed
+from .adder import AdderDataset
 from .config import TRAIN_PRESETS, TrainConfig, checked_train_config, read_options
 from .device import check_memory, compile_unavailable, enable_tf32, resolve_dtype
 from .distributed import Group

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import GptlabError
-from .inference import generate
-from .model import GPT
-from .tokenizers import CharTokenizer
+from ..errors import GptlabError
+from ..inference import generate
+from ..model import GPT
+from ..tokenizers import CharTokenizer
 
 VOCAB = list("0123456789+=")
 PROMPT_LENGTH = 6  # "15+57="

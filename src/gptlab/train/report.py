@@ -15,18 +15,17 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from ..data import TokenDataset
+from ..evaluate import Score, markdown_table, score, score_ngram
+from ..evaluate.ngram import KneserNey, NGramCounts
+from ..fileio import atomic_write_json, atomic_write_text
+from ..model import GPT
 from .adder import AdderDataset
-from .fileio import atomic_write_json, atomic_write_text
-from .data import TokenDataset
-from .evaluate import Score, markdown_table, score, score_ngram
-from .model import GPT
-from .evaluate.ngram import KneserNey, NGramCounts
+from .run_dir import REPORT_FILE, REPORT_JSON
 
-if TYPE_CHECKING:  # a type only: evaluation imports nothing of training
-    from .train.config import TrainConfig
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
-REPORT_FILE = "report.md"
-REPORT_JSON = "report.json"
 # Scoring the whole validation split can take minutes for a big model on a CPU, so the report scores a
 # prefix sized to about 1e12 FLOPs (2 per parameter per token, each token read twice at stride
 # context/2), at most 100,000 tokens. `gptlab eval` scores the whole split.
