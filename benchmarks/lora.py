@@ -16,7 +16,9 @@ Each reports its trainable parameters, its optimizer state's bytes (every tensor
 peak RSS and the median time of a training step after the warm-up steps (gptlab measures its kernels
 at their first use, and caches the choice). The variants run one after the
 other, in rounds, so that a change of load on a shared machine falls on all of them; the step time is
-the median over the rounds, the memory the largest. Targets: LoRA's peak memory at most half of full
+the median over the rounds, the memory the largest. Each runs one torch thread by default (--threads): on
+the shared 2-core machine two threads were starved by the other work (steps of 9 to 43 s for the same
+variant), one thread is steadier. Targets: LoRA's peak memory at most half of full
 fine-tuning's, and its step at least as fast as peft + transformers'.
 
     flock /tmp/gptlab-bench.lock .venv/bin/python benchmarks/lora.py
@@ -77,8 +79,9 @@ def peft_model(base: Path) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     return model, torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.1, fused=True)
 
 
-def child(variant: str, base: Path, batch: int, seq: int, steps: int, warmup: int) -> dict:
+def child(variant: str, base: Path, batch: int, seq: int, steps: int, warmup: int, threads: int) -> dict:
     """One variant in this (fresh) process: build, step, measure."""
+    torch.set_num_threads(threads)
     start = time.perf_counter()
     if variant == "peft + transformers LoRA":
         model, optimizer = peft_model(base)
@@ -115,7 +118,8 @@ def child(variant: str, base: Path, batch: int, seq: int, steps: int, warmup: in
 
 def run_child(variant: str, base: Path, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--child", variant, "--base", str(base), "--batch", str(args.batch),
-               "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+               "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--threads", str(args.threads)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode:
         raise SystemExit(f"{variant} failed:\n{done.stderr[-3000:]}")
@@ -159,13 +163,15 @@ def main() -> None:
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--base", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=2, help="windows a step")
-    parser.add_argument("--seq", type=int, default=128, help="tokens a window")
-    parser.add_argument("--steps", type=int, default=6, help="steps per variant and round, warm-up included")
+    parser.add_argument("--seq", type=int, default=64, help="tokens a window")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of each variant: on a shared 2-core machine one thread is steadier")
+    parser.add_argument("--steps", type=int, default=5, help="steps per variant and round, warm-up included")
     parser.add_argument("--warmup", type=int, default=2, help="steps not timed: the first ones measure kernels")
     parser.add_argument("--rounds", type=int, default=2, help="times each variant runs, interleaved")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.base, args.batch, args.seq, args.steps, args.warmup)))
+        print(json.dumps(child(args.child, args.base, args.batch, args.seq, args.steps, args.warmup, args.threads)))
         return
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="gptlab-lora-bench-") as work:
