@@ -133,7 +133,7 @@ def table(results: dict) -> str:
     lines = [
         f"LoRA rank {RANK} (alpha {ALPHA:g}) on {', '.join(TARGETS)} of the GPT-2 medium shape (random weights, "
         f"{results['parameters']:,} parameters), {results['batch']} x {results['seq']} tokens a step, float32, "
-        f"{MACHINE}, {results['threads']} threads, each variant a fresh process, {results['rounds']} rounds; "
+        f"{MACHINE}, {results['threads']} thread{'s' if results['threads'] > 1 else ''}, each variant a fresh process, {results['rounds']} rounds; "
         f"load average {results['load_before']:.2f} before / {results['load_after']:.2f} after.",
         "",
         "| variant | trainable parameters | optimizer state | peak RSS | vs full fine-tuning | step (median) | "
