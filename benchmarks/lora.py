@@ -45,6 +45,8 @@ MEDIUM = dict(n_layer=24, n_head=16, n_embd=1024, vocab_size=50257, n_positions=
               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 RANK, ALPHA, TARGETS = 8, 16.0, ("c_attn", "c_proj", "c_fc")
 VARIANTS = ("gptlab LoRA", "peft + transformers LoRA", "gptlab full fine-tuning")
+BF16 = " (bf16 autocast)"
+BF16_VARIANTS = ("gptlab LoRA" + BF16, "peft + transformers LoRA" + BF16)
 
 
 def make_base(directory: Path) -> None:
@@ -82,14 +84,15 @@ def peft_model(base: Path) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
 def child(variant: str, base: Path, batch: int, seq: int, steps: int, warmup: int, threads: int) -> dict:
     """One variant in this (fresh) process: build, step, measure."""
     torch.set_num_threads(threads)
+    bf16, kind = variant.endswith(BF16), variant.removesuffix(BF16)
     start = time.perf_counter()
-    if variant == "peft + transformers LoRA":
+    if kind == "peft + transformers LoRA":
         model, optimizer = peft_model(base)
 
         def loss_of(x: torch.Tensor) -> torch.Tensor:
             return model(input_ids=x, labels=x).loss
     else:
-        model, optimizer = gptlab_model(base, lora=variant == "gptlab LoRA", seq=seq)
+        model, optimizer = gptlab_model(base, lora=kind == "gptlab LoRA", seq=seq)
 
         def loss_of(x: torch.Tensor) -> torch.Tensor:  # the same next-token loss as transformers' labels=x
             return model(x[:, :-1], x[:, 1:]).loss
@@ -98,9 +101,10 @@ def child(variant: str, base: Path, batch: int, seq: int, steps: int, warmup: in
     times = []
     for _ in range(steps):
         x = torch.randint(0, MEDIUM["vocab_size"], (batch, seq + 1), generator=generator)
-        x = x if variant != "peft + transformers LoRA" else x[:, :seq]  # seq positions in every variant
+        x = x if kind != "peft + transformers LoRA" else x[:, :seq]  # seq positions in every variant
         began = time.perf_counter()
-        loss = loss_of(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # as --dtype bfloat16 does
+            loss = loss_of(x)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
@@ -110,7 +114,8 @@ def child(variant: str, base: Path, batch: int, seq: int, steps: int, warmup: in
                       if isinstance(t, torch.Tensor))
     return {
         "variant": variant, "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "optimizer_state_bytes": state_bytes, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "optimizer_state_bytes": state_bytes,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "step_seconds": statistics.median(times[warmup:]), "first_step_seconds": times[0], "load_seconds": load_seconds,
         "loss": loss.item(), "threads": torch.get_num_threads(),
     }
@@ -130,37 +135,45 @@ def table(results: dict) -> str:
     rows = results["variants"]
     full = rows["gptlab full fine-tuning"]
     theirs = rows["peft + transformers LoRA"]
+    names = [name for name in (*VARIANTS, *BF16_VARIANTS) if name in rows]
     lines = [
         f"LoRA rank {RANK} (alpha {ALPHA:g}) on {', '.join(TARGETS)} of the GPT-2 medium shape (random weights, "
-        f"{results['parameters']:,} parameters), {results['batch']} x {results['seq']} tokens a step, float32, "
-        f"{MACHINE}, {results['threads']} thread{'s' if results['threads'] > 1 else ''}, each variant a fresh process, {results['rounds']} rounds; "
+        f"{results['parameters']:,} parameters), {results['batch']} x {results['seq']} tokens a step, float32 weights "
+        f"(the bf16 rows under bf16 autocast, as --dtype bfloat16), "
+        f"{MACHINE}, {results['threads']} thread{'s' if results['threads'] > 1 else ''}, each variant a fresh "
+        f"process, {results['rounds']} rounds; "
         f"load average {results['load_before']:.2f} before / {results['load_after']:.2f} after.",
         "",
         "| variant | trainable parameters | optimizer state | peak RSS | vs full fine-tuning | step (median) | "
         "vs peft + transformers |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name in VARIANTS:
+    for name in names:
         row = rows[name]
+        peer = rows["peft + transformers LoRA" + (BF16 if name.endswith(BF16) else "")]
         lines.append(
             f"| {name} | {row['trainable_parameters']:,} | {row['optimizer_state_bytes'] / 2**20:,.1f} MiB | "
             f"{row['peak_rss_bytes'] / 2**30:,.2f} GiB | {row['peak_rss_bytes'] / full['peak_rss_bytes']:.2f}x | "
-            f"{row['step_seconds'] * 1000:,.0f} ms | {theirs['step_seconds'] / row['step_seconds']:.2f}x |")
+            f"{row['step_seconds'] * 1000:,.0f} ms | {peer['step_seconds'] / row['step_seconds']:.2f}x |")
     lora = rows["gptlab LoRA"]
-    lines += ["", f"Targets: peak memory at most half of full fine-tuning's: "
-                  f"{lora['peak_rss_bytes'] / full['peak_rss_bytes']:.2f}x "
-                  f"({'met' if lora['peak_rss_bytes'] <= full['peak_rss_bytes'] / 2 else 'NOT met'}); "
-                  f"step at least as fast as peft + transformers: {theirs['step_seconds'] / lora['step_seconds']:.2f}x "
-                  f"({'met' if lora['step_seconds'] <= theirs['step_seconds'] else 'NOT met'}). "
-                  f"Step times per round: " + "; ".join(
-                      f"{name} {', '.join(f'{s * 1000:,.0f}' for s in results['step_times'][name])} ms"
-                      for name in VARIANTS)]
+    memory, speed = lora["peak_rss_bytes"] / full["peak_rss_bytes"], theirs["step_seconds"] / lora["step_seconds"]
+    targets = (f"Targets: peak memory at most half of full fine-tuning's: {memory:.2f}x "
+               f"({'met' if memory <= 0.5 else 'NOT met'}); step at least as fast as peft + transformers: "
+               f"{speed:.2f}x ({'met' if speed >= 1 else 'NOT met'})")
+    if "gptlab LoRA" + BF16 in rows:
+        bf16 = rows["peft + transformers LoRA" + BF16]["step_seconds"] / rows["gptlab LoRA" + BF16]["step_seconds"]
+        targets += f", under bf16 autocast {bf16:.2f}x"
+    per_round = "; ".join(f"{name} {', '.join(f'{s * 1000:,.0f}' for s in results['step_times'][name])} ms"
+                          for name in names)
+    lines += ["", f"{targets}. Step times per round: {per_round}."]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=VARIANTS + BF16_VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                        help="also both LoRA variants under bf16 autocast (weights float32, as --dtype bfloat16)")
     parser.add_argument("--base", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=2, help="windows a step")
     parser.add_argument("--seq", type=int, default=64, help="tokens a window")
@@ -179,9 +192,10 @@ def main() -> None:
         subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
                         f"from lora import make_base; from pathlib import Path; make_base(Path({str(base)!r}))"],
                        check=True, capture_output=True)
-        runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+        chosen = VARIANTS + (BF16_VARIANTS if args.bf16 else ())
+        runs: dict[str, list[dict]] = {name: [] for name in chosen}
         for _ in range(args.rounds):
-            for name in VARIANTS:
+            for name in chosen:
                 runs[name].append(run_child(name, base, args))
                 print(f"{name}: {runs[name][-1]['step_seconds'] * 1000:,.0f} ms a step, peak RSS "
                       f"{runs[name][-1]['peak_rss_bytes'] / 2**30:.2f} GiB", file=sys.stderr)
@@ -190,9 +204,10 @@ def main() -> None:
         variants[name] = {**rounds[0], "step_seconds": statistics.median(r["step_seconds"] for r in rounds),
                           "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rounds)}
     results = {
-        "machine": MACHINE, "torch": torch.__version__, "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
-        "rounds": args.rounds, "rank": RANK, "alpha": ALPHA, "targets": list(TARGETS),
-        "parameters": variants["gptlab full fine-tuning"]["trainable_parameters"], "threads": variants["gptlab LoRA"]["threads"],
+        "machine": MACHINE, "torch": torch.__version__, "batch": args.batch, "seq": args.seq, "steps": args.steps,
+        "warmup": args.warmup, "rounds": args.rounds, "rank": RANK, "alpha": ALPHA, "targets": list(TARGETS),
+        "parameters": variants["gptlab full fine-tuning"]["trainable_parameters"],
+        "threads": variants["gptlab LoRA"]["threads"],
         "load_before": load_before, "load_after": os.getloadavg()[0], "variants": variants,
         "step_times": {name: [r["step_seconds"] for r in rounds] for name, rounds in runs.items()},
     }

@@ -212,7 +212,8 @@ def test_a_resumed_lora_run_equals_an_uninterrupted_one(gpt2_data: Path, base: P
     train(lora_config(gpt2_data, base, resumed, **options, max_iters=4), show_progress=False)
     train(lora_config(gpt2_data, base, resumed, **options), resume=True, show_progress=False)
     assert trace(resumed) == trace(reference) and len(trace(reference)) >= 6
-    final, expected = load_file(resumed / "adapter_model.safetensors"), load_file(reference / "adapter_model.safetensors")
+    final = load_file(resumed / "adapter_model.safetensors")
+    expected = load_file(reference / "adapter_model.safetensors")
     assert final.keys() == expected.keys()
     assert all(torch.equal(final[k], expected[k]) for k in expected)
 

@@ -210,7 +210,9 @@ def from_peft_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     """peft's keys (a GPT2LMHeadModel's or a GPT2Model's, adapter name removed or not) -> gptlab's."""
     converted = {}
     for key, tensor in state.items():
-        name = key.removeprefix(PEFT_PREFIX).replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+        name = key.removeprefix(PEFT_PREFIX)
+        for part in ("lora_A", "lora_B"):  # peft's in-memory name, with the adapter's name ("default")
+            name = name.replace(f".{part}.default.", f".{part}.")
         if name.startswith("h."):  # an adapter of a GPT2Model: no `transformer.` level
             name = "transformer." + name
         converted[name] = tensor.float()
@@ -252,7 +254,8 @@ def read_adapter(directory: Path) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
         raise GptlabError(f"{path}: expected a LoRA adapter (peft_type 'LORA'), found {found!r}")
     for name in UNSUPPORTED_FIELDS:
         if raw.get(name):
-            raise GptlabError(f"{path}: {name}={raw[name]!r} asks for more than plain LoRA, which gptlab does not apply")
+            raise GptlabError(f"{path}: {name}={raw[name]!r} asks for more than plain LoRA, which gptlab does not "
+                              f"apply")
     if raw.get("bias", "none") != "none":
         raise GptlabError(f"{path}: bias={raw['bias']!r}: gptlab applies adapters that train no bias ('none')")
     rank, alpha = raw.get("r", 8), raw.get("lora_alpha", 8)
@@ -265,7 +268,8 @@ def read_adapter(directory: Path) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
     try:
         state = from_peft_state_dict(load_file(str(weights)))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise GptlabError(f"{weights}: not a readable safetensors file ({str(exc).splitlines()[0] if str(exc) else exc!r})") from None
+        reason = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        raise GptlabError(f"{weights}: not a readable safetensors file ({reason})") from None
     # the layers come from the tensors themselves: target_modules may be a list, a regex or 'all-linear'
     layers = {_layer_of(name) for name in state}
     if not state or layers - set(LORA_LAYERS):
@@ -281,7 +285,8 @@ def read_adapter(directory: Path) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
 def _layer_of(name: str) -> str:
     """'transformer.h.3.attn.c_attn.lora_A.weight' -> 'attn.c_attn'; any other tensor keeps its whole name."""
     parts = name.split(".")
-    if len(parts) != 7 or parts[:2] != ["transformer", "h"] or parts[5:] not in (["lora_A", "weight"], ["lora_B", "weight"]):
+    if len(parts) != 7 or parts[:2] != ["transformer", "h"] or parts[5:] not in (["lora_A", "weight"],
+                                                                                 ["lora_B", "weight"]):
         return name
     return ".".join(parts[3:5])
 
