@@ -47,7 +47,7 @@ SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinysha
 GPTLAB_TRAIN = """
 import json, sys, time
 from gptlab.cli import main
-import gptlab.tokenizer_training  # imported before the clock starts, as the HF side imports tokenizers
+import gptlab.data.tokenizer_training  # imported before the clock starts, as the HF side imports tokenizers
 start = time.perf_counter()
 code = main(["tokenizer", "train", sys.argv[1], "--vocab-size", sys.argv[2], "--out", sys.argv[3]])
 print(json.dumps({"seconds": time.perf_counter() - start, "code": code}))

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import SHAKESPEARE, TINY_TEXT, needs_shakespeare
+from helpers import SHAKESPEARE, TINY_TEXT, needs_shakespeare
 from gptlab import bpe
 from gptlab.errors import GptlabError
-from gptlab.tokenizer_training import train_tokenizer
+from gptlab.data.tokenizer_training import train_tokenizer
 from gptlab.tokenizers import GPT2_EOT, BPETokenizer, load_tokenizer
 
 CODE = '''def mean(values: list[float]) -> float:
@@ -81,6 +81,7 @@ def test_hugging_face_trainer_learns_the_textbook_merges(tmp_path, pattern):
     assert _hf_merges_as_ids(trained) == reference
 
 
+@pytest.mark.slow
 @needs_shakespeare()
 def test_same_merges_on_shakespeare(tmp_path):
     text = SHAKESPEARE.read_text(encoding="utf-8")[:40_000]

@@ -21,12 +21,12 @@ FLOORS: list[set[str]] = [
     {"cli"},
     {"__init__"},
     {"serve", "train", "evaluate", "attention_maps"},
-    {"generation"},  # deprecated: the inference API under its old name
-    {"inference", "checkpoint"},
+    {"inference"},
+    {"checkpoint"},  # the disk format, which inference's loader reads
     {"lora"},  # LoRA adapters on a model: checkpoint reads and writes them
     {"model", "data", "quantize"},  # quantize: a transform of a model's weights
     {"tokenizers", "kernels", "throughput", "threads", "precision", "device"},
-    {"config"},
+    {"config", "bpe"},  # bpe: the textbook algorithm, imports nothing of gptlab
     {"fileio", "lazy"},
     {"errors"},
 ]
@@ -35,14 +35,9 @@ SIDEWAYS = {
     ("train", "evaluate"): "training scores its model with evaluate's scorer, report and lm-eval runner; "
                            "evaluate knows nothing of training",
 }
-# Rooms kept for callers outside the package, which nothing inside it may import.
-DEPRECATED = {"generation"}
 # Violations known and owned by other work, each with what removes it. One that no longer happens
 # fails the test too, so that the table shrinks as they go.
-KNOWN = {
-    ("gptlab.evaluate.harness", "generation"): "the deprecated module; the helper who writes the one "
-                                               "inference loading function removes it (issue 25)",
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 def floor_of(room: str) -> int | None:
@@ -97,8 +92,8 @@ def imported_modules(path: Path, package: Path) -> set[str]:
 
 
 def violations(package: Path, known: dict[tuple[str, str], str] | None = None) -> list[str]:
-    """Each import that goes up, sideways without leave, into a deprecated room or into a room with no
-    floor, as one line; and each known exception that no longer happens."""
+    """Each import that goes up, sideways without leave or into a room with no floor, as one line; and
+    each known exception that no longer happens."""
     known = KNOWN if known is None else known
     found, seen_known = [], set()
     for path in sorted(package.rglob("*.py")):
@@ -115,8 +110,6 @@ def violations(package: Path, known: dict[tuple[str, str], str] | None = None) -
             if up is None or down is None:
                 missing = source if up is None else room
                 found.append(f"{module} -> {target}: the room {missing!r} has no floor in FLOORS")
-            elif room in DEPRECATED:
-                found.append(f"{module} -> {target}: {room} is deprecated, kept for callers outside the package")
             elif down < up:
                 found.append(f"{module} -> {target}: imports upwards ({source} sits below {room})")
             elif down == up and (source, room) not in SIDEWAYS:
@@ -150,12 +143,12 @@ def fake_package(tmp_path: Path, files: dict[str, str]) -> Path:
     ({"serve/runner.py": "from ..train.device import resolve_device\n"},
      "gptlab.serve.runner -> gptlab.train.device: imports sideways"),
     ({"evaluate/tasks.py": "from ..train import config\n"}, "gptlab.evaluate.tasks -> gptlab.train: imports sideways"),
-    ({"train/run.py": "from ..generation import generate\n"}, "gptlab.train.run -> gptlab.generation: generation is deprecated"),
+    ({"checkpoint.py": "from .inference import generate\n"}, "gptlab.checkpoint -> gptlab.inference: imports upwards"),
     ({"train/run.py": "from ..attic import old\n"}, "gptlab.train.run -> gptlab.attic: the room 'attic' has no floor"),
 ])
 def test_a_bad_import_is_caught(tmp_path: Path, files: dict[str, str], expected: str) -> None:
     """The control: each of these imports, planted in a package of its own, is reported."""
-    package = fake_package(tmp_path, {"evaluate/__init__.py": "", "attic.py": "", "generation.py": "", **files})
+    package = fake_package(tmp_path, {"evaluate/__init__.py": "", "attic.py": "", "inference/__init__.py": "", **files})
     found = violations(package, known={})
     assert len(found) == 1 and found[0].startswith(expected), found
 

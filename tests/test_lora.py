@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import needs_compile, one_line_error
+from helpers import needs_compile, one_line_error
 from safetensors.torch import load_file
 
 from gptlab.checkpoint import load_model
@@ -204,6 +204,7 @@ def trace(run_dir: Path) -> dict[tuple[str, int], float]:
     return {(kind, row["step"]): row[kind] for row in rows for kind in ("loss", "val_loss") if kind in row}
 
 
+@pytest.mark.slow
 def test_a_resumed_lora_run_equals_an_uninterrupted_one(gpt2_data: Path, base: Path, tmp_path: Path) -> None:
     options = dict(lr_decay_iters=8, dropout=0.1, lora_dropout=0.1)  # dropout: the random states travel too
     reference = tmp_path / "reference"
@@ -218,6 +219,7 @@ def test_a_resumed_lora_run_equals_an_uninterrupted_one(gpt2_data: Path, base: P
     assert all(torch.equal(final[k], expected[k]) for k in expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [dict(dtype="bfloat16"), dict(grad_accum=2, batch_size=2)],
                          ids=["bfloat16", "grad-accum"])
 def test_bf16_and_gradient_accumulation_train_the_adapters_alone(
@@ -315,6 +317,7 @@ def metric_rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_two_processes_train_a_lora_run_as_one_does(gpt2_data: Path, base: Path, tmp_path: Path) -> None:
     """DDP all-reduces the adapters' gradients (the frozen base has none), so 2 processes step as 1 does."""
     options = dict(grad_accum=2, batch_size=2, max_iters=4, eval_interval=2, log_interval=1)
@@ -338,6 +341,7 @@ def test_two_processes_train_a_lora_run_as_one_does(gpt2_data: Path, base: Path,
     assert all(torch.allclose(adapters[0][k], adapters[1][k], atol=1e-6) for k in adapters[1])
 
 
+@pytest.mark.slow
 @needs_compile()
 def test_a_compiled_lora_run_trains_like_an_eager_one(gpt2_data: Path, base: Path, tmp_path: Path) -> None:
     options = dict(max_iters=3, eval_interval=0, log_interval=1)

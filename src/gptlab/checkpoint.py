@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import GPTConfig
-from .errors import EnvironmentProblem, GptlabError
+from .errors import EnvironmentProblem, GptlabError, first_line
 from .fileio import atomic_write_json, atomic_write_via, describe_os_error
 from .quantize import Int8Linear
 from .lora import (ADAPTER_FILES, ADAPTER_WEIGHTS_FILE, LoRAConfig, apply_lora, is_adapter_dir, load_adapter_tensors,
@@ -152,7 +152,7 @@ def read_model_config(directory: Path) -> GPTConfig:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise GptlabError(f"{path}: not valid JSON ({_first_line(exc)}); expected a GPT-2 config") from None
+        raise GptlabError(f"{path}: not valid JSON ({first_line(exc)}); expected a GPT-2 config") from None
     if not isinstance(raw, dict):
         raise GptlabError(f"{path}: expected a JSON object with a GPT-2 config")
     return config_from_hf(raw, path)
@@ -217,7 +217,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError, ValueError) as exc:
         raise GptlabError(
             f"{path}: not a readable safetensors file (truncated or corrupt?); expected the model weights "
-            f"({_first_line(exc)})"
+            f"({first_line(exc)})"
         ) from None
 
 
@@ -264,12 +264,6 @@ def _read_torch(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise GptlabError(f"{path}: expected a state dict of tensors, found {type(state).__name__}")
     return state
-
-
-def _first_line(exc: Exception) -> str:
-    """Library exceptions can run to many lines; a user error stays one."""
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def _owned(tensor: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
@@ -399,9 +393,16 @@ def adapter_base(directory: Path, lora: LoRAConfig) -> Path:
     return base
 
 
+def _has_tokenizer(directory: Path) -> bool:
+    return (directory / TOKENIZER_FILE).is_file() or (directory / "vocab.json").is_file()
+
+
 def find_tokenizer(directory: Path, config: GPTConfig) -> Tokenizer | None:
-    """The tokenizer saved beside a model; GPT-2's BPE for a bare checkpoint of GPT-2's vocabulary size."""
-    if (directory / TOKENIZER_FILE).is_file() or (directory / "vocab.json").is_file():
+    """The tokenizer saved beside a model; GPT-2's BPE for a bare checkpoint of GPT-2's vocabulary size.
+    An adapter without a tokenizer of its own has its base's."""
+    if not _has_tokenizer(directory) and is_adapter_dir(directory):
+        directory = adapter_base(directory, read_adapter(directory)[0])
+    if _has_tokenizer(directory):
         tokenizer = load_tokenizer(directory)
     elif config.vocab_size == GPT2_VOCAB_SIZE:
         tokenizer = GPT2Tokenizer()
@@ -416,21 +417,6 @@ def find_tokenizer(directory: Path, config: GPTConfig) -> Tokenizer | None:
             f"{config.vocab_size}; they do not belong together (the tokenizer file was replaced or damaged?)"
         )
     return tokenizer
-
-
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
-    """The model and its tokenizer: what sampling, evaluation and serving need from one argument."""
-    directory = resolve_model_dir(path)
-    model = load_model(directory, device)
-    tokenizer = find_tokenizer(directory, model.config)
-    if tokenizer is None and is_adapter_dir(directory):  # an adapter without a tokenizer: its base's
-        tokenizer = find_tokenizer(adapter_base(directory, read_adapter(directory)[0]), model.config)
-    if tokenizer is None:
-        raise GptlabError(
-            f"{directory}: no tokenizer ({TOKENIZER_FILE}, or GPT-2's vocab.json + merges.txt) beside "
-            f"a model whose {model.config.vocab_size}-token vocabulary is not GPT-2's"
-        )
-    return model, tokenizer
 
 
 # --- writing ----------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import EnvironmentProblem, GptlabError
+from .errors import EnvironmentProblem, GptlabError, first_line
 from .fileio import atomic_write_json, atomic_write_via, describe_os_error
 from .kernels import Linear, linear
 from .model import GPT
@@ -268,8 +268,7 @@ def read_adapter(directory: Path) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
     try:
         state = from_peft_state_dict(load_file(str(weights)))
     except (SafetensorError, OSError, ValueError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else repr(exc)
-        raise GptlabError(f"{weights}: not a readable safetensors file ({reason})") from None
+        raise GptlabError(f"{weights}: not a readable safetensors file ({first_line(exc)})") from None
     # the layers come from the tensors themselves: target_modules may be a list, a regex or 'all-linear'
     layers = {_layer_of(name) for name in state}
     if not state or layers - set(LORA_LAYERS):

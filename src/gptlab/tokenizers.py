@@ -1,5 +1,5 @@
 """Tokenizers: a character vocabulary for tiny experiments, GPT-2's exact byte-level BPE, and byte-level
-BPEs trained on one's own corpus (`gptlab tokenizer train`, see gptlab.tokenizer_training).
+BPEs trained on one's own corpus (`gptlab tokenizer train`, see gptlab.data.tokenizer_training).
 
 Both sit behind one small interface so data preparation, training and sampling never care which
 one a run uses. A tokenizer is saved next to the data it produced and loaded back by directory,

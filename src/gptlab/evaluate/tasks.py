@@ -7,6 +7,7 @@ absence is one line naming the install command.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import torch
 
 from ..errors import GptlabError
 from ..fileio import atomic_write_text, environment_errors
+from ..inference.modes import eval_mode
 from ..model import GPT
 from ..tokenizers import Tokenizer
 
@@ -110,14 +112,12 @@ def run_tasks(
     for name, value in (("--num-fewshot", num_fewshot), ("--limit", limit)):
         if value is not None and value < 0:
             raise GptlabError(f"{name} must not be negative, got {value}")
-    lm = GptlabLM(pretrained=model_path, model=model, tokenizer=tokenizer, device=device, batch_size=batch_size)
-    was_training = lm.model.training
-    try:
+    # a model handed in (training's) goes back in the mode it came in: GptlabLM puts it in eval mode
+    with contextlib.nullcontext() if model is None else eval_mode(model):
+        lm = GptlabLM(pretrained=model_path, model=model, tokenizer=tokenizer, device=device, batch_size=batch_size)
         raw = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
                                       task_manager=manager, log_samples=False, verbosity="WARNING",
                                       bootstrap_iters=bootstrap_iters)
-    finally:
-        lm.model.train(was_training)
     raw.pop("samples", None)
     return TaskResults(raw)
 

@@ -27,8 +27,9 @@ from tqdm import tqdm
 
 from ..checkpoint import save_model
 from ..device import DTYPES
-from ..errors import EnvironmentProblem, GptlabError
+from ..errors import EnvironmentProblem, GptlabError, first_line
 from ..evaluate.scorer import token_nll
+from ..inference.modes import eval_mode
 from ..model import GPT
 from ..throughput import ThroughputMeter, matmul_peak
 from . import distributed
@@ -83,20 +84,18 @@ def estimate_loss(
     The batches depend on the seed and the step only, so evaluating never moves the training
     generator and gives the same figures however many processes share the work.
     """
-    was_training = model.training
-    model.eval()
     losses = {}
-    for split in ("train", "val"):
-        rng = np.random.default_rng([config.seed, step, split == "val"])
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        for i in range(config.eval_iters):
-            x, y = dataset.get_batch(split, config.batch_size, config.block_size, rng)
-            if i % group.world_size == group.rank:
-                x, y = x.to(device), y.to(device)
-                with autocast_context(device, config.dtype):  # the positions the loss takes (not the adder's prompt)
-                    total += token_nll(model, x, y, where=y >= 0).double().mean()
-        losses[split] = distributed.all_reduce_sum(total, group).item() / config.eval_iters
-    model.train(was_training)
+    with eval_mode(model):
+        for split in ("train", "val"):
+            rng = np.random.default_rng([config.seed, step, split == "val"])
+            total = torch.zeros((), dtype=torch.float64, device=device)
+            for i in range(config.eval_iters):
+                x, y = dataset.get_batch(split, config.batch_size, config.block_size, rng)
+                if i % group.world_size == group.rank:
+                    x, y = x.to(device), y.to(device)
+                    with autocast_context(device, config.dtype):  # the positions the loss takes (not the adder's prompt)
+                        total += token_nll(model, x, y, where=y >= 0).double().mean()
+            losses[split] = distributed.all_reduce_sum(total, group).item() / config.eval_iters
     return losses
 
 
@@ -251,8 +250,7 @@ class Loop:
         try:  # the first call compiles: turn a toolchain failure into one clear line
             return self.run.step_model(x, y).loss
         except torch._dynamo.exc.TorchDynamoException as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise GptlabError(f"--compile: torch.compile failed ({first}); train without --compile") from None
+            raise GptlabError(f"--compile: torch.compile failed ({first_line(exc)}); train without --compile") from None
 
     def _gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """DDP all-reduces gradients on a step's last micro-batch only; the others just accumulate."""

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import read_torch_file
-from ..errors import GptlabError
+from ..errors import GptlabError, first_line
 from ..fileio import atomic_write
 from ..lora import load_trainable_state, trainable_state
 from ..model import GPT
@@ -117,8 +117,8 @@ def unusable_checkpoint(run_dir: Path) -> Iterator[None]:
     except (GptlabError, KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
         if out_of_memory(exc):
             raise
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise GptlabError(f"{Path(run_dir) / STATE_FILE}: cannot resume from this training state ({first})") from None
+        raise GptlabError(f"{Path(run_dir) / STATE_FILE}: cannot resume from this training state "
+                          f"({first_line(exc)})") from None
 
 
 def process_rng_state() -> dict[str, Any]:

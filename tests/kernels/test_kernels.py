@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import needs_compile, tiny_model
+from helpers import needs_compile, tiny_model
 
 from gptlab import kernels
 from gptlab.kernels import chooser
@@ -293,6 +293,7 @@ def test_the_sigmoid_form_is_the_tanh_gelu_forward_and_backward() -> None:
     assert (erf - expected).abs().max().item() > 1e-4
 
 
+@pytest.mark.slow
 @needs_compile()
 @pytest.mark.parametrize("form", kernels.GELU_FORMS)
 def test_a_compiled_graph_takes_the_measured_gelu_form(
@@ -374,6 +375,7 @@ def test_decoding_rows_share_a_measurement_per_power_of_two(fresh: Path) -> None
     assert [key[1] for key in chooser._chosen if key[0] == "linear"] == [8]
 
 
+@pytest.mark.slow
 def test_the_engine_warms_up_every_batch_size_it_will_decode(fresh: Path) -> None:
     """Engine.warm_up (the server runs it before its first request) makes the kernels' choices for batch
     sizes 1, 2, 4, 8 up to max_batch, so no request waits on a measurement."""
@@ -541,11 +543,12 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_sampling_on_an_avx2_cpu_works_and_matches_the_plain_path(tiny_run: Path, tmp_path: Path) -> None:
     """On a CPU without AVX-512 (emulated by holding torch and oneDNN to AVX2), `gptlab sample` in float32,
     bfloat16 and int8 runs, measured kernels or plain; float32's sampled tokens (a seed: every probability
     counts, not only the largest) equal the plain path's."""
-    from conftest import child_env
+    from helpers import child_env
 
     env = child_env(**LESSER_CPU, GPTLAB_KERNEL_CACHE=str(tmp_path / "kernels.json"))
     done = subprocess.run([sys.executable, "-c", SAMPLE_BOTH_WAYS, str(tiny_run)], env=env,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_RUN, TINY_TEXT, one_line_error
+from helpers import TINY_RUN, TINY_TEXT, one_line_error
 
 from gptlab.data import TokenDataset, prepare
 from gptlab.data import output as output_module
@@ -238,6 +238,7 @@ def large_corpus(tmp_path: Path) -> Path:
     return tmp_path / "large.txt"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the worker processes through Linux's /proc")
 def test_sigkill_leaves_nothing_train_accepts_and_no_process(tmp_path, large_corpus, corpus, gptlab):
     out = tmp_path / "fresh"
@@ -258,6 +259,7 @@ def test_sigkill_leaves_nothing_train_accepts_and_no_process(tmp_path, large_cor
     assert not staging_dirs(out) and len(TokenDataset(out).split("train")) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the worker processes through Linux's /proc")
 def test_sigkill_during_overwrite_keeps_the_old_dataset(dataset, large_corpus, corpus, gptlab):
     before = snapshot(dataset)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY_RUN
+from helpers import REPO, TINY_RUN
 from lm_eval_reference import TASKS, TASKS_DIR, answers, assert_same_scores, evaluate
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is the eval extra: pip install 'gptlab[eval]'")
@@ -42,6 +42,7 @@ def gpt2_run(gpt2_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_every_request_type_scores_as_the_hf_model_does(gpt2_run: Path) -> None:
     import gptlab.evaluate.harness  # noqa: F401  (registers --model gptlab)
 
@@ -52,6 +53,7 @@ def test_every_request_type_scores_as_the_hf_model_does(gpt2_run: Path) -> None:
     assert len(set(lls)) == len(lls) and max(lls) < 0  # distinct scores per document: nothing trivially equal
 
 
+@pytest.mark.slow
 def test_a_character_level_run_gets_scores(tiny_run: Path, caplog: pytest.LogCaptureFixture) -> None:
     results = run_tasks(TASKS, model_path=tiny_run, include_path=TASKS_DIR, batch_size=3)
     metrics = results.metrics()
@@ -63,6 +65,17 @@ def test_a_character_level_run_gets_scores(tiny_run: Path, caplog: pytest.LogCap
     assert "gptlab_rolling" in results.table() and "bits_per_byte" in results.table()
 
 
+def test_a_model_handed_in_training_mode_is_given_back_in_training_mode(tiny_run: Path) -> None:
+    """Training's task scores: the model is scored without dropout, then trains on with it."""
+    from gptlab import load_model
+
+    model = load_model(tiny_run).train()
+    run_tasks(["gptlab_mc"], model=model, tokenizer=load_tokenizer(tiny_run), include_path=TASKS_DIR,
+              limit=2, batch_size=3)
+    assert model.training and all(module.training for module in model.modules())
+
+
+@pytest.mark.slow
 def test_cli_prints_lm_eval_table_and_writes_results_beside_the_run(gpt2_run: Path, gptlab) -> None:
     code, out, err = gptlab("eval", str(gpt2_run), "--tasks", "gptlab_mc,gptlab_gen", "--include-path",
                             str(TASKS_DIR), "--limit", "3", "--batch-size", "2")
@@ -77,6 +90,7 @@ def test_cli_prints_lm_eval_table_and_writes_results_beside_the_run(gpt2_run: Pa
     assert code == 0 and second != written and written.is_file()  # an earlier result is never replaced
 
 
+@pytest.mark.slow
 def test_task_mode_usage_errors(gpt2_run: Path, gptlab, monkeypatch: pytest.MonkeyPatch) -> None:
     code, _, err = gptlab("eval", str(gpt2_run), "--tasks", "no_such_task", "--include-path", str(TASKS_DIR))
     assert code == 2 and "unknown lm-eval task(s): no_such_task" in err and len(err.strip().splitlines()) == 1
@@ -90,6 +104,7 @@ def test_task_mode_usage_errors(gpt2_run: Path, gptlab, monkeypatch: pytest.Monk
                                          "with: pip install 'gptlab[eval]'")
 
 
+@pytest.mark.slow
 def test_lm_eval_command_line_finds_the_gptlab_model(gpt2_run: Path, monkeypatch: pytest.MonkeyPatch,
                                                       tmp_path: Path) -> None:
     """`python -m gptlab.evaluate.lm_eval_cli` is lm-eval's CLI with --model gptlab registered."""
@@ -122,6 +137,7 @@ def test_pyproject_declares_the_lm_eval_plugin_entry_point() -> None:
     assert os.path.isfile(TASKS_DIR / "README.md")
 
 
+@pytest.mark.slow
 def test_training_records_task_scores_without_changing_the_run(char_data: Path, tmp_path: Path) -> None:
     """`gptlab train --eval-tasks ... --eval-tasks-every N`, as llm.c logs HellaSwag while training."""
     def run(name: str, **extra) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_ARGS, expect_one_line_error, snapshot
+from helpers import TINY_ARGS, one_line_error, snapshot
 
 from gptlab.model import GPT
 from gptlab.train.state import checkpoint_keys, load_checkpoint
@@ -31,6 +31,7 @@ def fill(directory: Path) -> Path:
     return ballast
 
 
+@pytest.mark.slow
 def test_a_disk_that_fills_during_a_checkpoint_is_one_line_and_keeps_the_last_checkpoint(
     small_disk: Path, char_data: Path, gptlab, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -49,7 +50,7 @@ def test_a_disk_that_fills_during_a_checkpoint_is_one_line_and_keeps_the_last_ch
     monkeypatch.setattr(GPT, "forward", filling_forward)
     code, _, err = gptlab("train", "--out", str(out), "--resume", "--max-iters=8", "--no-progress")
     monkeypatch.setattr(GPT, "forward", forward)
-    expect_one_line_error(code, err, 3, "no space left on device", "(saving step 6)",
+    one_line_error(code, err, 3, "no space left on device", "(saving step 6)",
                           "--resume continues from the checkpoint of step 4")
     after = snapshot(out)
     for name in ("training_state.pt", "model.safetensors", "config.json"):
@@ -71,7 +72,7 @@ def test_running_out_of_memory_is_one_line_with_exit_3(
 
     monkeypatch.setattr(GPT, "forward", exhausted)
     code, _, err = gptlab("train", "--data", str(char_data), "--out", str(tmp_path / "run"), "--no-progress", *TINY_ARGS)
-    expect_one_line_error(code, err, 3, "out of memory on cpu", "--batch-size", "--grad-accum")
+    one_line_error(code, err, 3, "out of memory on cpu", "--batch-size", "--grad-accum")
 
 
 def test_any_other_runtime_error_keeps_its_traceback(
@@ -102,7 +103,7 @@ def test_a_training_state_missing_keys_is_one_line(finished_run: Path, gptlab, m
     del state[missing]
     torch.save(state, finished_run / "training_state.pt")
     code, _, err = gptlab("train", "--out", str(finished_run), "--resume", "--max-iters=12", "--no-progress")
-    expect_one_line_error(code, err, 2, "training_state.pt: the training state lacks", missing)
+    one_line_error(code, err, 2, "training_state.pt: the training state lacks", missing)
 
 
 @pytest.mark.parametrize("damage", ["weights", "optimizer", "rng", "model_config"])
@@ -118,14 +119,14 @@ def test_a_training_state_with_entries_that_do_not_fit_is_one_line(finished_run:
         state["model_config"] = {"n_layer": "two"}
     torch.save(state, finished_run / "training_state.pt")
     code, _, err = gptlab("train", "--out", str(finished_run), "--resume", "--max-iters=12", "--no-progress")
-    expect_one_line_error(code, err, 2, "training_state.pt: cannot resume from this training state")
+    one_line_error(code, err, 2, "training_state.pt: cannot resume from this training state")
 
 
 def test_a_damaged_train_config_is_one_line(finished_run: Path, gptlab) -> None:
     path = finished_run / "train_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "lr": "fast"}))
     code, _, err = gptlab("train", "--out", str(finished_run), "--resume", "--max-iters=12", "--no-progress")
-    expect_one_line_error(code, err, 2, f"{path}: --lr must be a finite number, got 'fast'")
+    one_line_error(code, err, 2, f"{path}: --lr must be a finite number, got 'fast'")
 
 
 @pytest.mark.parametrize("device, available, expected_code, fragment", [
@@ -143,5 +144,5 @@ def test_a_device_this_machine_lacks_is_one_line(
     out = tmp_path / "run"
     code, _, err = gptlab("train", "--data", str(char_data), "--out", str(out), "--no-progress", *TINY_ARGS,
                           "--device", device)
-    expect_one_line_error(code, err, expected_code, fragment)
+    one_line_error(code, err, expected_code, fragment)
     assert not out.exists()

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import TINY_ARGS, TINY_RUN, steps_logged
+from helpers import TINY_ARGS, TINY_RUN, steps_logged
 
 
 def saved(run_dir: Path) -> dict:
@@ -28,6 +28,7 @@ def relative_run(char_data: Path, tmp_path: Path, gptlab, monkeypatch: pytest.Mo
     return work / "run"
 
 
+@pytest.mark.slow
 def test_resume_works_from_another_directory(relative_run: Path, gptlab) -> None:
     assert saved(relative_run)["data"] == str(relative_run.parent / "data")  # stored resolved
     code, out, err = gptlab("train", "--out", str(relative_run), "--resume", "--no-progress", "--max-iters=30")
@@ -36,6 +37,7 @@ def test_resume_works_from_another_directory(relative_run: Path, gptlab) -> None
     assert steps_logged(relative_run) == [5, 10, 15, 20, 25, 30]
 
 
+@pytest.mark.slow
 def test_options_given_with_resume_are_recorded_and_may_equal_their_default(relative_run: Path, gptlab) -> None:
     # the run logged every 5 steps; 10 is TrainConfig's default, and typing it must still count
     code, _, err = gptlab("train", "--out", str(relative_run), "--resume", "--no-progress", "--max-iters=40",
@@ -47,6 +49,7 @@ def test_options_given_with_resume_are_recorded_and_may_equal_their_default(rela
     assert options["lr"] == 1e-3 and options["n_layer"] == TINY_RUN["n_layer"]  # the rest as saved
 
 
+@pytest.mark.slow
 def test_resume_keeps_options_that_would_change_the_computation(relative_run: Path, gptlab) -> None:
     code, _, err = gptlab("train", "--out", str(relative_run), "--resume", "--no-progress", "--max-iters=25",
                           "--lr=0.5", "--n-layer=4")
@@ -55,6 +58,7 @@ def test_resume_keeps_options_that_would_change_the_computation(relative_run: Pa
     assert (saved(relative_run)["lr"], saved(relative_run)["n_layer"]) == (1e-3, TINY_RUN["n_layer"])
 
 
+@pytest.mark.slow
 def test_a_moved_dataset_is_given_with_data(relative_run: Path, tmp_path: Path, gpt2_data: Path, gptlab) -> None:
     moved = tmp_path / "moved-data"
     shutil.move(relative_run.parent / "data", moved)

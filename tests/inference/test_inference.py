@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import tiny_model
+from helpers import tiny_model
 from gptlab.cli import main
 from gptlab.config import GPTConfig
 from gptlab.inference import Completion, Engine, SamplingParams, TextStream, complete, generate
@@ -175,11 +175,30 @@ def test_generation_leaves_the_training_mode_as_it_was() -> None:
     assert out[0, 2:].tolist() == reference_greedy(model.eval(), [0, 0], 4)[0]
 
 
-def test_the_old_module_still_works_and_says_what_replaces_it() -> None:
-    sys.modules.pop("gptlab.generation", None)
-    with pytest.warns(DeprecationWarning, match="gptlab.inference"):
-        import gptlab.generation as old
-    assert old.generate is generate and old.SamplingParams is SamplingParams
+def test_eval_mode_gives_the_model_back_as_it_was_even_after_an_error() -> None:
+    from gptlab.inference import eval_mode
+
+    model = tiny_model(dropout=0.5).train()
+    with pytest.raises(RuntimeError), eval_mode(model):
+        assert not any(module.training for module in model.modules())
+        raise RuntimeError("the reader failed")
+    assert all(module.training for module in model.modules())
+    with eval_mode(model.eval()):
+        pass
+    assert not model.training
+
+
+def test_load_pretrained_gives_the_model_in_eval_mode_dtype_and_quantization_asked(tiny_run, tmp_path) -> None:
+    from gptlab.errors import GptlabError
+    from gptlab.inference import load_pretrained
+    from gptlab.quantize import Int8Linear
+
+    model, tokenizer = load_pretrained(tiny_run, "cpu", dtype="bfloat16", quantize="int8")
+    assert not model.training and tokenizer.vocab_size == model.config.vocab_size
+    assert model.transformer.wpe.weight.dtype == torch.bfloat16 and isinstance(model.lm_head, Int8Linear)
+    for bad in (dict(dtype="float64"), dict(quantize="int4")):  # refused before any file is read
+        with pytest.raises(GptlabError, match=next(iter(bad))):
+            load_pretrained(tmp_path / "missing", **bad)
 
 
 # --- continuous batching -------------------------------------------------------------------------
@@ -565,6 +584,7 @@ def test_stream_pieces_add_up_to_the_completion_and_close_stops_early() -> None:
     assert list(early) == [] and early.finish_reason is None and early.completion_tokens == 1
 
 
+@pytest.mark.slow
 def test_bfloat16_generation_runs_with_a_bfloat16_cache() -> None:
     model = tiny_model().to(torch.bfloat16)
     engine = Engine(model, CHARS)

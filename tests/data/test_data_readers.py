@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import one_line_error
+from helpers import one_line_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -294,6 +294,7 @@ TEXT = st.lists(st.sampled_from(list("ab Z9.,'\n\t\r\u00a0\u3000é🙂\x1c") + [
                 min_size=1, max_size=200).map("".join)
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(text=TEXT, data=st.data())
 def test_pieces_tokenise_exactly_as_the_whole_text(text, data):

@@ -23,11 +23,12 @@ import torch
 
 from gptlab.checkpoint import load_model, save_model
 from gptlab.cli import main
-from gptlab.config import GPTConfig, ServerLimits
+from gptlab.config import GPTConfig
 from gptlab.inference import Completion, SamplingParams, complete
 from gptlab.inference.engine import Sequence
 from gptlab.model import GPT
 from gptlab.serve import create_app, running_server
+from gptlab.serve.limits import ServerLimits
 from gptlab.serve.service import CompletionService
 from gptlab.tokenizers import GPT2Tokenizer, Tokenizer, load_tokenizer
 
@@ -546,6 +547,7 @@ TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nS
 
 # -- clients that leave, a full queue -------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_non_streamed_request_whose_client_left_stops_generating(server: Served) -> None:
     before = server.stats()
     request = dict(model="tiny", prompt="All:\n", max_tokens=5000, temperature=1.0)
@@ -561,6 +563,7 @@ def test_a_non_streamed_request_whose_client_left_stops_generating(server: Serve
     assert server.stats()["completion_tokens"] - before["completion_tokens"] == generated + 2
 
 
+@pytest.mark.slow
 def test_a_full_queue_answers_429_with_retry_after(tiny_run: Path) -> None:
     for served in serve_tiny_run(tiny_run, ServerLimits(max_tokens=5000, max_batch=1, max_queue=2)):
         stream = dict(model="tiny", prompt="All", max_tokens=5000, stream=True)
@@ -743,6 +746,7 @@ def test_framework_errors_have_openais_shape(server: Served, method: str, path: 
 
 # -- the official openai client -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_openai_client_completes_and_streams(server: Served) -> None:
     from openai import BadRequestError, OpenAI
 
@@ -763,6 +767,7 @@ def test_openai_client_completes_and_streams(server: Served) -> None:
 
 # -- the command line -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cli_serves_a_run(tiny_run: Path) -> None:
     with socket.socket() as probe:  # a port free now; the server binds it a moment later
         probe.bind(("127.0.0.1", 0))
@@ -809,6 +814,31 @@ def test_cli_serve_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFix
         assert err.count("\n") == 1 and says in err and "Traceback" not in err
 
 
+def test_a_bf16_model_is_served_as_it_completes_offline(tiny_run: Path) -> None:
+    """`serve --dtype bfloat16` (the loader's dtype): text and logprobs of the bf16 model itself."""
+    from gptlab.inference import load_pretrained
+
+    model, tokenizer = load_pretrained(tiny_run, "cpu", dtype="bfloat16")
+    reference, _ = load_pretrained(tiny_run, "cpu", dtype="bfloat16")
+    with running_server(create_app(model, tokenizer, "tiny", LIMITS)) as url:
+        answer = httpx.post(url + "/v1/completions", json={"prompt": "the ", "max_tokens": 12, "temperature": 0,
+                                                           "logprobs": 2}, timeout=TIMEOUT).json()["choices"][0]
+    expected = complete(reference, tokenizer, [tokenizer.encode("the ")],
+                        SamplingParams(max_new_tokens=12, temperature=0, logprobs=2))[0]
+    assert answer["text"] == expected.text
+    assert answer["logprobs"]["token_logprobs"] == pytest.approx([t.logprob for t in expected.logprobs])
+
+
+def test_server_limits_check_themselves_naming_the_option() -> None:
+    from gptlab.errors import GptlabError
+
+    for field, option in [("max_tokens", "--max-tokens-limit"), ("max_body_bytes", "--max-body-bytes"),
+                          ("kv_cache_mb", "--kv-cache-mb")]:
+        for bad in (0, -3, 2.5, True, "8"):
+            with pytest.raises(GptlabError, match=f"^{option} must be at least 1, got"):
+                ServerLimits(**{field: bad})
+
+
 def test_cli_serve_on_a_taken_port_is_one_line(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -820,6 +850,7 @@ def test_cli_serve_on_a_taken_port_is_one_line(tiny_run: Path, capsys: pytest.Ca
 
 # -- lm-evaluation-harness against the server -----------------------------------------------------
 
+@pytest.mark.slow
 def test_lm_eval_local_completions_scores_as_the_hf_model(gpt2_run_dir: Path, monkeypatch: pytest.MonkeyPatch,
                                                           tmp_path: Path) -> None:
     """lm-eval's `local-completions` model against `gptlab serve` (with the server's own tokenizer through

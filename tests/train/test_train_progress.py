@@ -8,13 +8,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_ARGS, TINY_RUN
+from helpers import TINY_ARGS, TINY_RUN
 
 from gptlab.train import build_train_config, train
 from gptlab.train import progress as progress_module
 from gptlab.train.progress import CpuWait, busy_warning
 
 
+@pytest.mark.slow
 def test_a_time_limited_runs_bar_counts_the_seconds_of_its_budget(
     char_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -56,6 +57,7 @@ def test_the_busy_warning_names_the_steps_a_quiet_machine_gives() -> None:
     assert busy_warning(117, None, timed, "cpu") == ""  # not measured
 
 
+@pytest.mark.slow
 def test_the_command_line_warns_of_a_busy_cpu_and_says_what_the_time_counted(
     char_data: Path, tmp_path: Path, gptlab, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -72,6 +74,7 @@ def test_the_command_line_warns_of_a_busy_cpu_and_says_what_the_time_counted(
     assert f"gptlab serve {out}" in stdout and f"gptlab eval {out} --data {char_data.resolve()} --baselines" in stdout
 
 
+@pytest.mark.slow
 def test_a_quiet_run_is_not_warned(char_data: Path, tmp_path: Path, gptlab, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(progress_module.CpuWait, "share", lambda self: 0.05)
     code, _, err = gptlab("train", "--data", str(char_data), "--out", str(tmp_path / "run"), "--no-progress", *TINY_ARGS,

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_ARGS, child_env, expect_one_line_error, snapshot, steps_logged
+from helpers import TINY_ARGS, child_env, one_line_error, snapshot, steps_logged
 
 from gptlab.data import TokenDataset
 
@@ -53,7 +53,7 @@ def test_overwrite_refuses_the_current_directory_holding_a_thesis(
     monkeypatch.chdir(home)
     before = snapshot(home)
     code, _, err = gptlab("train", "--data", str(char_data), "--out", ".", "--overwrite", "--no-progress", *TINY_ARGS)
-    expect_one_line_error(code, err, 2, "is not a gptlab run", "thesis.tex", "--overwrite replaces only a gptlab run")
+    one_line_error(code, err, 2, "is not a gptlab run", "thesis.tex", "--overwrite replaces only a gptlab run")
     assert snapshot(home) == before
 
 
@@ -62,7 +62,7 @@ def test_overwrite_refuses_a_dataset(char_data: Path, tmp_path: Path, gptlab) ->
     shutil.copytree(char_data, data)
     before = snapshot(data)
     code, _, err = gptlab("train", "--data", str(data), "--out", str(data), "--overwrite", "--no-progress", *TINY_ARGS)
-    expect_one_line_error(code, err, 2, "is not a gptlab run", "meta.json")
+    one_line_error(code, err, 2, "is not a gptlab run", "meta.json")
     assert snapshot(data) == before
     TokenDataset(data).check_length("train", 8)  # still a dataset
 
@@ -78,7 +78,7 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_fails_a_check(
     before = snapshot(old_run)
     args = ["train", "--data", str(char_data), "--out", str(old_run), "--overwrite", "--no-progress", *TINY_ARGS]
     code, _, err = gptlab(*args, *(arg.format(tmp=tmp_path) for arg in bad))
-    expect_one_line_error(code, err, 2, fragment)
+    one_line_error(code, err, 2, fragment)
     assert snapshot(old_run) == before
 
 
@@ -89,10 +89,11 @@ def test_overwrite_refuses_a_run_that_also_holds_the_users_files(
     before = snapshot(old_run)
     code, _, err = gptlab("train", "--data", str(char_data), "--out", str(old_run), "--overwrite", "--no-progress",
                           *TINY_ARGS)
-    expect_one_line_error(code, err, 2, "also holds notes.txt")
+    one_line_error(code, err, 2, "also holds notes.txt")
     assert snapshot(old_run) == before
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_a_run_entirely(old_run: Path, char_data: Path, gptlab) -> None:
     before = snapshot(old_run)
     code, _, err = gptlab("train", "--data", str(char_data), "--out", str(old_run), "--overwrite", "--no-progress",
@@ -110,7 +111,7 @@ def test_out_naming_a_file_is_refused(char_data: Path, tmp_path: Path, gptlab, b
     out = notes / "run" if below else notes
     for extra in ([], ["--overwrite"]):
         code, _, err = gptlab("train", "--data", str(char_data), "--out", str(out), "--no-progress", *TINY_ARGS, *extra)
-        expect_one_line_error(code, err, 2, "is a file")
+        one_line_error(code, err, 2, "is a file")
     assert notes.read_text() == "keep me\n"
 
 
@@ -124,10 +125,11 @@ def test_an_unwritable_output_path_is_one_line_with_exit_3(
     read_only(shelf)
     for out, extra in ((shelf / "new", []), (shelf / "run", ["--overwrite"])):
         code, _, err = gptlab("train", "--data", str(char_data), "--out", str(out), "--no-progress", *TINY_ARGS, *extra)
-        expect_one_line_error(code, err, 3, str(out), "read-only file system")
+        one_line_error(code, err, 3, str(out), "read-only file system")
     assert snapshot(shelf) == before
 
 
+@pytest.mark.slow
 def test_a_run_in_use_is_refused_and_a_killed_run_resumes(char_data: Path, tmp_path: Path, gptlab) -> None:
     out, marker = tmp_path / "run", tmp_path / "holding"
     args = ["train", "--data", str(char_data), "--out", str(out), "--no-progress", *TINY_ARGS]
@@ -143,7 +145,7 @@ def test_a_run_in_use_is_refused_and_a_killed_run_resumes(char_data: Path, tmp_p
         before = snapshot(out)
         for extra in (["--overwrite"], ["--resume"]):
             code, _, err = gptlab(*args, *extra)
-            expect_one_line_error(code, err, 3, "another gptlab train is using this run directory")
+            one_line_error(code, err, 3, "another gptlab train is using this run directory")
         assert snapshot(out) == before
         child.send_signal(signal.SIGKILL)  # the kernel drops its lock: nothing stale is left to clean
         child.wait(timeout=60)
@@ -161,6 +163,7 @@ def start_child(args: list[str], cwd: Path) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_into_one_directory(char_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = ["train", "--data", str(char_data), "--out", str(out), "--no-progress", *TINY_ARGS]
@@ -175,6 +178,7 @@ def test_two_runs_started_together_into_one_directory(char_data: Path, tmp_path:
     assert steps_logged(out) == [5, 10, 15, 20, 25, 30]
 
 
+@pytest.mark.slow
 def test_auto_numbered_runs_started_together_get_numbers_of_their_own(char_data: Path, tmp_path: Path) -> None:
     (tmp_path / "runs" / "run-1").mkdir(parents=True)  # just claimed by a run still setting up
     children = [start_child(["train", "--data", str(char_data), "--no-progress", *TINY_ARGS], tmp_path)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_ARGS, TINY_TEXT, one_line_error
+from helpers import TINY_ARGS, TINY_TEXT, one_line_error
 from gptlab.tokenizers import BPETokenizer, load_tokenizer
 
 DOCS = [TINY_TEXT[:2000], "def f(x):\n    return [x ** 2 for _ in range(3)]\n" * 20, "Ελληνικά και 日本語 🙂 " * 30]
@@ -161,3 +161,52 @@ def test_input_that_is_not_text(gptlab, corpus, tmp_path):
                           "--out", str(tmp_path / "t"))
     one_line_error(code, err, 2, "blob.bin", "--skip-binary")
     assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.slow
+def test_serve_and_the_lm_eval_model_take_a_trained_tokenizer(gptlab, corpus, tmp_path):
+    """The server and lm-eval's model read a run's own BPE: the server's echoed prompt tokens and the
+    lm-eval model's token ids are the trained tokenizer's, and its scores equal gptlab's scorer."""
+    import httpx
+    import torch
+
+    from gptlab.evaluate import token_nll
+    from gptlab.evaluate.harness import GptlabLM
+    from gptlab.inference.loading import load_pretrained
+    from gptlab.serve import create_app, running_server
+
+    tok_dir, data, run = tmp_path / "tok", tmp_path / "data", tmp_path / "run"
+    assert gptlab("tokenizer", "train", str(corpus), "--vocab-size", "360", "--out", str(tok_dir))[0] == 0
+    assert gptlab("prepare", str(corpus), "--tokenizer", str(tok_dir), "--out", str(data))[0] == 0
+    code, _, err = gptlab("train", "--data", str(data), "--out", str(run), *TINY_ARGS, "--max-iters", "4",
+                          "--no-progress")
+    assert code == 0, err
+    tok = load_tokenizer(tok_dir)
+    model, run_tok = load_pretrained(run, torch.device("cpu"))
+    prompt = "def f(x): return 日本語 🙂"
+    ids = tok.encode(prompt)
+    assert len(ids) < len(prompt.encode())  # merges apply: fewer tokens than bytes
+    with running_server(create_app(model, run_tok, "bpe-run")) as url:
+        answer = httpx.post(url + "/v1/completions", timeout=60, json={
+            "model": "bpe-run", "prompt": prompt, "max_tokens": 2, "echo": True, "logprobs": 0, "temperature": 0})
+    assert answer.status_code == 200, answer.text
+    echoed = answer.json()["choices"][0]["logprobs"]["tokens"][:len(ids)]
+    assert echoed == [tok.decode([i]) for i in ids]
+    lm = GptlabLM(pretrained=str(run))
+    assert lm.tok_encode(prompt) == ids
+    context, continuation = "def f(x):", "\n    return x"
+    (logprob, _), = lm.loglikelihood([_Request(context, continuation)], disable_tqdm=True)
+    whole = tok.encode(context + continuation)
+    start = len(tok.encode(context))  # lm-eval splits the whole text's tokens where the context's end
+    x = torch.tensor([whole[:-1]])  # (1, T): the context needs no document start
+    y = torch.tensor([[-100] * (start - 1) + whole[start:]])  # (1, T): scored on the continuation only
+    with torch.no_grad():
+        expected = -token_nll(model, x, y, where=y >= 0).sum().item()
+    assert logprob == pytest.approx(expected, abs=1e-4)
+
+
+class _Request:
+    """What lm-eval hands a model: a request whose `args` are its arguments."""
+
+    def __init__(self, *args: str) -> None:
+        self.args = args

@@ -13,11 +13,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .bpe import PATTERNS
-from .data.inputs import Source, file_sources, hf_source
-from .data.readers import Corpus
-from .errors import GptlabError
-from .tokenizers import GPT2_EOT, TOKENIZER_FILE, BPETokenizer
+from ..bpe import PATTERNS
+from .inputs import Source, file_sources, hf_source
+from .readers import Corpus
+from ..errors import GptlabError
+from ..tokenizers import GPT2_EOT, TOKENIZER_FILE, BPETokenizer
 
 TOKENIZER_FILES = frozenset({TOKENIZER_FILE, "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
                              "special_tokens_map.json"})

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import SHAKESPEARE, needs_shakespeare
+from helpers import SHAKESPEARE, needs_shakespeare
 
 from gptlab.data import TokenDataset, default_corpus_files, prepare, resolve_inputs
 from gptlab.data import readers

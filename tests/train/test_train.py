@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
-from conftest import child_env, needs_compile
+from helpers import child_env, needs_compile
 
 from gptlab import kernels, precision
 from gptlab.train import device as device_module
@@ -129,6 +128,7 @@ def assert_same_run(resumed: Path, reference: Path) -> None:
     assert all(torch.equal(final[name], expected[name]) for name in expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
 def test_signal_writes_a_checkpoint_and_resume_is_bit_identical(
     signame: str, char_data: Path, reference: Path, tmp_path: Path
@@ -140,6 +140,7 @@ def test_signal_writes_a_checkpoint_and_resume_is_bit_identical(
     assert_same_run(out, reference)
 
 
+@pytest.mark.slow
 def test_a_muon_run_resumes_bit_identically(char_data: Path, tmp_path: Path) -> None:
     """Muon's momentum and AdamW's moments both travel through the checkpoint."""
     reference = tmp_path / "reference"
@@ -165,6 +166,7 @@ def stop_by_signal(data: Path, out: Path, signame: str, *options: str) -> None:
     assert max(trace(out)) == stop_at
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hang_before", ["training_state.pt", "model.safetensors"])
 def test_sigkill_during_a_save_keeps_a_good_checkpoint(
     hang_before: str, char_data: Path, reference: Path, tmp_path: Path
@@ -200,6 +202,7 @@ def test_sigkill_during_a_save_keeps_a_good_checkpoint(
     assert_same_run(out, reference)
 
 
+@pytest.mark.slow
 def test_resume_of_a_finished_run_continues_to_a_new_max_iters(char_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     train(config_for(char_data, out, max_iters=8, dropout=0.0), show_progress=False)
@@ -238,6 +241,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
     assert max(trace(out)) == 12
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_can_skip_the_step_instead(
     char_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -275,6 +279,7 @@ def test_flops_formula_matches_torch_flop_counter(T: int) -> None:
     assert counter.get_total_flops() == pytest.approx(flops_per_token(config, T) * 3 * T, rel=1e-12)
 
 
+@pytest.mark.slow
 def test_matmul_probe_measures_a_positive_rate() -> None:
     assert math.isfinite(peak := matmul_peak("cpu", torch.float32, seconds=0.02)) and peak > 0
 
@@ -308,6 +313,7 @@ def test_compile_without_a_compiler_falls_back_to_eager_with_a_message(
     assert "--compile: torch.compile needs a C++ compiler" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @needs_compile()
 def test_a_compiled_run_trains_like_an_eager_one(char_data: Path, tmp_path: Path) -> None:
     """--compile changes the kernels (the GELU among them), not the numbers beyond rounding."""
@@ -346,6 +352,7 @@ def test_decay_by_time_runs_the_warmup_and_the_decay_on_the_clock(
     assert logged[-1] < config.min_lr + 0.01 * (config.lr - config.min_lr)  # decayed as the budget ends
 
 
+@pytest.mark.slow
 def test_a_slow_time_limited_run_warms_up_briefly_and_decays_smoothly(
     char_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

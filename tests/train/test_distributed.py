@@ -112,6 +112,7 @@ def test_train_argv_reproduces_the_command_line() -> None:
     assert vars(again) == vars(args)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(
     char_data: Path, one_process: Path, tmp_path: Path
 ) -> None:
@@ -124,6 +125,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
     assert json.loads((two / "train_config.json").read_text())["nproc"] == 2
 
 
+@pytest.mark.slow
 def test_muon_in_two_processes_matches_one_process(char_data: Path, tmp_path: Path) -> None:
     """Both processes orthogonalise the same all-reduced gradients, so they step as one process does."""
     one = train_in_one_process(char_data, tmp_path / "one", optimizer="muon")
@@ -133,6 +135,7 @@ def test_muon_in_two_processes_matches_one_process(char_data: Path, tmp_path: Pa
     assert_same_losses(two, one)
 
 
+@pytest.mark.slow
 def test_a_signal_to_one_process_stops_both_at_the_same_step(
     char_data: Path, one_process: Path, tmp_path: Path
 ) -> None:

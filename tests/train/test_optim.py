@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_model
+from helpers import tiny_model
 from gptlab.train.config import OPTIMIZERS, TrainConfig, build_train_config
 from gptlab.errors import GptlabError
 import torch.optim._muon as torch_muon_module

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_model
+from helpers import tiny_model
 from gptlab.train import adder
 from gptlab.train.adder import AdderDataset, all_examples, format_example
 from gptlab.checkpoint import load_model
@@ -112,6 +112,7 @@ def adder_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_preset_trains_and_reports_test_accuracy(adder_run: Path, capsys: pytest.CaptureFixture) -> None:
     config = json.loads((adder_run / "train_config.json").read_text())
     assert config["task"] == "adder" and config["preset"] == "adder" and config["block_size"] == 8
@@ -123,6 +124,7 @@ def test_preset_trains_and_reports_test_accuracy(adder_run: Path, capsys: pytest
     assert scored.accuracy == facts["test_exact_match"]
 
 
+@pytest.mark.slow
 def test_sample_answers_with_the_models_greedy_digits(adder_run: Path, capsys: pytest.CaptureFixture) -> None:
     capsys.readouterr()
     code = main(["sample", str(adder_run), "--prompt", "98+35=", "--temperature", "0", "--max-new-tokens", "3"])

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from gptlab.checkpoint import load_model
-from gptlab.config import ServerLimits
+from gptlab.serve.limits import ServerLimits
 from gptlab.inference import SamplingParams, complete
 from gptlab.serve import create_app, running_server
 from gptlab.tokenizers import load_tokenizer

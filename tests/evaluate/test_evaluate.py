@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import tiny_model
+from helpers import tiny_model
 from gptlab.checkpoint import load_model
 from gptlab.data import TokenDataset, prepare
 from gptlab.errors import GptlabError

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
 from gptlab.train import TRAIN_PRESETS, build_train_config, train
 from gptlab.train.device import enable_tf32
@@ -37,6 +37,7 @@ def test_the_gpt2_124m_recipe_is_the_published_one() -> None:
     assert (recipe["optimizer"], recipe["dtype"], recipe["compile"]) == ("adamw", "auto", True)
 
 
+@pytest.mark.slow
 def test_the_gpt2_124m_recipe_trains_on_a_tiny_shape(gpt2_data: Path, tmp_path: Path) -> None:
     """Its code path on a CPU: GPT-2 BPE data, gradient accumulation, AdamW (0.9, 0.95), warm-up and
     cosine, clipping, dtype auto. Not torch.compile: compiling costs a minute on a busy 2-core machine,
@@ -93,6 +94,7 @@ print(kib("VmHWM:") - before)
 """
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_lowers_the_peak_memory_of_a_step() -> None:
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("measuring a step's peak memory needs Linux's /proc/self/clear_refs")
@@ -120,22 +122,25 @@ def test_tf32_is_enabled_on_cuda_only() -> None:
 
 
 def test_adapt_threads_keeps_the_fastest_count_and_looks_again(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    chosen: list[int] = []
-    monkeypatch.setattr(torch, "set_num_threads", chosen.append)
+    threads = [2]  # torch's setting, as the tuner sees and changes it
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads[-1])
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
     said: list[str] = []
     tuner = ThreadTuner(True, said.append)
+    ran: list[int] = []  # the thread count of each step
     seconds = {1: 1.0, 2: 3.5}  # a busy machine: one thread steps 3.5 times faster
     for _ in range(2 * EXPLORE_STEPS + EXPLOIT_STEPS):
         tuner.before_step()
-        tuner.after_step(seconds[chosen[-1]])
-    assert chosen == [1] * EXPLORE_STEPS + [2] * EXPLORE_STEPS + [1] * EXPLOIT_STEPS
-    assert said == ["--adapt-threads: 1 thread(s) from now on (a step took 1.00 s at 1, 3.50 s at 2)"]
+        ran.append(threads[-1])
+        tuner.after_step(seconds[threads[-1]])
+    # a look interleaves the counts, starting with the one in use; then the faster one runs
+    assert ran == [2, 1] * EXPLORE_STEPS + [1] * EXPLOIT_STEPS
+    assert said == ["--adapt-threads: 1 thread(s) from now on (a step took 1 s at 1, 3.5 s at 2)"]
     seconds = {1: 1.0, 2: 0.6}  # the machine has gone quiet: the next look finds two faster
     for _ in range(2 * EXPLORE_STEPS + 1):
         tuner.before_step()
-        tuner.after_step(seconds[chosen[-1]])
-    assert chosen[-1] == 2 and said[-1].startswith("--adapt-threads: 2 thread(s)")
+        tuner.after_step(seconds[threads[-1]])
+    assert threads[-1] == 2 and said[-1].startswith("--adapt-threads: 2 thread(s)")
 
 
 def test_adapt_threads_leaves_torch_alone_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -160,7 +165,7 @@ def test_the_amx_shakespeare_preset_changes_only_the_shape_and_the_weight_decay(
 def test_the_shakespeare_benchmark_takes_the_wide_preset_where_bf16_runs_4x() -> None:
     import importlib.util
 
-    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    benchmarks = Path(__file__).resolve().parents[2] / "benchmarks"
     sys.path.insert(0, str(benchmarks))  # the script imports its neighbour machine.py
     try:
         spec = importlib.util.spec_from_file_location("shakespeare_bench", benchmarks / "shakespeare.py")
