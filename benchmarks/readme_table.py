@@ -94,6 +94,13 @@ def _tokenizer(r: Result) -> str:
             f"GPT-2's bytes per token")
 
 
+def _lora(r: Result) -> str:
+    rows = r["variants"]
+    lora, full, peft = rows["gptlab LoRA"], rows["gptlab full fine-tuning"], rows["peft + transformers LoRA"]
+    return (f"rank {r['rank']} on GPT-2 medium: peak RSS **{lora['peak_rss_bytes'] / full['peak_rss_bytes']:.2f}x** "
+            f"full fine-tuning's, step **{peft['step_seconds'] / lora['step_seconds']:.2f}x** peft + transformers'")
+
+
 def _adder(r: Result) -> str:
     preset = r["rows"][0]
     return (f"held-out exact match **{preset['test_exact_match']:.1%}** in {preset['seconds']:.0f} s "
@@ -112,6 +119,7 @@ HEADLINES: list[tuple[str, str, Callable[[Result], str]]] = [
     ("ngram", "n-gram baselines", _ngram),
     ("prepare", "`gptlab prepare` (GPT-2 BPE)", _prepare),
     ("tokenizer", "`gptlab tokenizer train`", _tokenizer),
+    ("lora", "LoRA fine-tuning", _lora),
     ("adder", "the adder task", _adder),
 ]
 

@@ -355,13 +355,15 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", metavar="MODEL", help="a run directory, a Hugging Face GPT-2 directory or a GPT-2 size")
     p.add_argument("out", metavar="OUT", help="the directory to write")
     p.add_argument("--overwrite", action="store_true", help="write into OUT even if it already holds files")
+    p.add_argument("--merge", action="store_true", help="MODEL is a LoRA adapter (a LoRA run): write its base with "
+                   "the adapter merged in, a plain GPT-2 (without --merge: the adapter alone, as peft saves it)")
     p.set_defaults(handler=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
     from .checkpoint import export_model
 
-    files = export_model(args.model, args.out, overwrite=args.overwrite)
+    files = export_model(args.model, args.out, overwrite=args.overwrite, merge=args.merge)
     print(f"wrote {args.out}: {', '.join(files)}")
     return 0
 

@@ -95,25 +95,27 @@ def compile_unavailable(device: torch.device) -> str:
     return ""
 
 
-def check_memory(model: GPTConfig, tokens: int, dtype: str, device: torch.device) -> None:
+def check_memory(model: GPTConfig, tokens: int, dtype: str, device: torch.device, *,
+                 bytes_per_parameter: int = 12) -> None:
     """Refuse, before allocating anything, a run that cannot fit in this device's memory at all.
 
     The estimate is a lower bound: the weights, their gradients and one optimizer moment (12 bytes a
     parameter), the logits of one micro-batch of `tokens` tokens and their gradient, and each
-    block's input (what even activation checkpointing keeps). A run it lets through can still run out
+    block's input (what even activation checkpointing keeps). Frozen weights (LoRA) take 4 bytes a
+    parameter, `bytes_per_parameter`. A run it lets through can still run out
     of memory (`out_of_memory` then tells it apart).
     """
     parameters = matmul_parameters(model) + model.block_size * model.n_embd
     activation_bytes = 4 if dtype in ("float32", "auto") else 2
-    need = 12 * parameters + tokens * activation_bytes * (2 * model.vocab_size + model.n_layer * model.n_embd)
+    need = bytes_per_parameter * parameters + tokens * activation_bytes * (2 * model.vocab_size + model.n_layer * model.n_embd)
     if device.type == "cuda":
         have, what = torch.cuda.get_device_properties(device).total_memory, f"{device}'s memory"
     else:
         have, what = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
     if need > have:
         raise GptlabError(
-            f"this run needs at least {need / 2**30:,.1f} GiB ({parameters:,} parameters with their gradients and "
-            f"optimizer state, and micro-batches of {tokens:,} tokens), more than {what} ({have / 2**30:,.1f} GiB); "
+            f"this run needs at least {need / 2**30:,.1f} GiB ({parameters:,} parameters"
+            f"{' with their gradients and optimizer state' if bytes_per_parameter > 4 else ''}, and micro-batches of {tokens:,} tokens), more than {what} ({have / 2**30:,.1f} GiB); "
             f"choose a smaller model, --batch-size or --block-size"
         )
 
