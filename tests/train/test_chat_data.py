@@ -128,3 +128,15 @@ def test_a_chat_run_resumes_and_trains_in_bfloat16(gptlab, base_model: Path, tmp
     assert (saved["task"], saved["dtype"], saved["data"]) == ("chat", "bfloat16", str(data.resolve()))
     assert load_tokenizer(out).chat_template == CHAT_TEMPLATE
     assert json.loads((out / "report.json").read_text())["steps"] == 4
+
+
+def test_chat_tuning_with_lora_keeps_the_template(gptlab, base_model: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "c.jsonl", RECORDS * 4)
+    out = tmp_path / "adapter"
+    code, _, err = gptlab("train", "--init-from", str(base_model), "--task", "chat", "--data", str(data),
+                          "--out", str(out), "--max-iters", "2", "--eval-interval", "0", "--eval-iters", "1",
+                          "--batch-size", "2", "--block-size", "64", "--sample-tokens", "0", "--lora-rank", "4",
+                          "--no-progress")
+    assert code == 0, err
+    model, tokenizer = load_pretrained(out)
+    assert tokenizer.chat_template == CHAT_TEMPLATE
