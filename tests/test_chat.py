@@ -111,3 +111,14 @@ def test_a_char_tokenizer_has_no_chat_format() -> None:
 def test_text_parts_are_joined() -> None:
     assert parse_messages([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
                           )[0].content == "ab"
+
+
+def test_an_export_keeps_the_template_for_transformers(gptlab, chat_run: Path, tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    code, _, err = gptlab("export", str(chat_run), str(tmp_path / "export"))
+    assert code == 0, err
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "export"))
+    ids = hf.apply_chat_template(CONVERSATIONS[1], tokenize=True, add_generation_prompt=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    assert ids == ChatFormat(GPT2Tokenizer()).prompt_ids(parse_messages(CONVERSATIONS[1]))
+    assert transformers.AutoConfig.from_pretrained(str(tmp_path / "export")).vocab_size == 50257
