@@ -4,6 +4,9 @@ conversation a window, and bad conversations refused in one line (exit 2) before
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,7 @@ from gptlab.chat import CHAT_TEMPLATE, IGNORE
 from gptlab.checkpoint import save_model
 from gptlab.inference import load_pretrained
 from gptlab.tokenizers import GPT2Tokenizer, load_tokenizer
+from gptlab.train import distributed
 from gptlab.train.chat_data import ChatDataset
 from helpers import one_line_error, snapshot, tiny_model
 
@@ -140,3 +144,29 @@ def test_chat_tuning_with_lora_keeps_the_template(gptlab, base_model: Path, tmp_
     assert code == 0, err
     model, tokenizer = load_pretrained(out)
     assert tokenizer.chat_template == CHAT_TEMPLATE
+
+
+@pytest.mark.slow
+def test_two_processes_tune_as_one_does(base_model: Path, tmp_path: Path) -> None:
+    """DDP over conversations: each process pads its own rows, which changes no loss (padding is never a
+    target and comes after every real token), so 2 processes log what 1 process does with the same batch."""
+    data = write_jsonl(tmp_path / "c.jsonl", [{"prompt": f"q{i} " * (i % 5 + 1), "completion": f"a{i}"}
+                                              for i in range(30)])
+    clean = {k: v for k, v in os.environ.items() if k not in distributed.TORCHRUN_VARIABLES}
+    common = ["train", "--init-from", str(base_model), "--task", "chat", "--data", str(data), "--block-size", "64",
+              "--batch-size", "2", "--grad-accum", "2", "--max-iters", "4", "--eval-interval", "2", "--eval-iters",
+              "2", "--log-interval", "1", "--sample-tokens", "0", "--dropout", "0", "--no-progress"]
+    losses = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"p{nproc}"
+        done = subprocess.run([sys.executable, "-m", "gptlab", *common, "--out", str(out), "--nproc", str(nproc)],
+                              env={**clean, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[nproc] = [(r["step"], r.get("loss"), r.get("val_loss")) for r in rows]
+    assert [row[0] for row in losses[2]] == [row[0] for row in losses[1]]
+    assert sum(a is not None for _, a, _ in losses[1]) == 4 and sum(v is not None for *_, v in losses[1]) == 2
+    for (_, a, va), (_, b, vb) in zip(losses[2], losses[1]):
+        assert (a is None) == (b is None) and (va is None) == (vb is None)
+        assert a is None or a == pytest.approx(b, abs=1e-5)
+        assert va is None or va == pytest.approx(vb, abs=1e-5)
