@@ -115,3 +115,55 @@ def test_playground_shows_a_refusal(browser, served) -> None:
     page.click("#generate")
     page.wait_for_function("document.getElementById('status').textContent.startsWith('error')")
     assert "at most 32" in _text(page, "#status")
+
+
+@pytest.fixture(scope="module")
+def chat_served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """A random GPT with GPT-2's vocabulary, saved with gptlab's chat template."""
+    import torch
+
+    from gptlab.chat import CHAT_TEMPLATE
+    from gptlab.checkpoint import save_model
+    from gptlab.config import GPTConfig
+    from gptlab.model import GPT
+    from gptlab.tokenizers import GPT2Tokenizer
+
+    directory = tmp_path_factory.mktemp("chat-run")
+    torch.manual_seed(2)  # its greedy replies are words (seed 0's are newlines)
+    save_model(GPT(GPTConfig(vocab_size=50257, block_size=64, n_layer=2, n_head=2, n_embd=32)), directory)
+    tokenizer = GPT2Tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save(directory)
+    app = create_app(load_model(directory), load_tokenizer(directory), "chat-tiny", ServerLimits(max_tokens=5000))
+    with running_server(app) as url:
+        yield url, directory
+
+
+def test_the_chat_tab_keeps_the_conversation_and_streams_replies(browser, chat_served) -> None:
+    from gptlab.chat import ChatFormat, parse_messages
+
+    url, directory = chat_served
+    reference, tokenizer = load_model(directory).eval(), load_tokenizer(directory)
+    chat = ChatFormat.of(tokenizer)
+    page = browser.new_page()
+    page.goto(url + "/")
+    page.wait_for_function("document.getElementById('model').textContent.startsWith('model chat-tiny')")
+    page.check("input[name=mode][value=chat]")
+    assert _text(page, "#generate") == "Send" and page.is_visible("#new-chat") and not page.is_visible("#output")
+    page.eval_on_selector("#temperature", "el => { el.value = '0'; el.dispatchEvent(new Event('input')); }")
+    page.fill("#max-tokens", "8")
+    history: list[dict] = []
+    for number, message in enumerate(["What is 38 + 47?", "And 1 + 1?"], start=1):
+        page.fill("#prompt", message)
+        page.click("#generate")
+        page.wait_for_function(f"document.querySelectorAll('.turn.assistant').length == {number} && "
+                               "document.getElementById('status').textContent.startsWith('done')", timeout=120_000)
+        history.append({"role": "user", "content": message})
+        ids = chat.prompt_ids(parse_messages(history))
+        expected = complete(reference, tokenizer, [ids], SamplingParams(max_new_tokens=8, temperature=0))[0].text
+        assert page.eval_on_selector_all(".turn.assistant", "els => els.map(e => e.textContent)")[-1] == expected
+        assert page.eval_on_selector_all(".turn.user", "els => els.map(e => e.textContent)")[-1] == message
+        assert page.input_value("#prompt") == ""
+        history.append({"role": "assistant", "content": expected})
+    page.click("#new-chat")
+    assert page.eval_on_selector_all(".turn", "els => els.length") == 0
