@@ -107,6 +107,11 @@ def _adder(r: Result) -> str:
             f"(answers `{preset['sample']}`)")
 
 
+def _chat_adder(r: Result) -> str:
+    return (f"\"What is 38 + 47?\" through `/v1/chat/completions`: held-out exact match {r['exact_match_before']:.1%} "
+            f"before, **{r['exact_match_after']:.1%}** after {r['seconds']['tune']:.0f} s of `train --task chat`")
+
+
 # (results name, what it measures, headline) in the README's order.
 HEADLINES: list[tuple[str, str, Callable[[Result], str]]] = [
     ("demo_load", "`make demo`: 4 minutes of training", _demo),
@@ -121,6 +126,7 @@ HEADLINES: list[tuple[str, str, Callable[[Result], str]]] = [
     ("tokenizer", "`gptlab tokenizer train`", _tokenizer),
     ("lora", "LoRA fine-tuning", _lora),
     ("adder", "the adder task", _adder),
+    ("chat_adder", "chat tuning", _chat_adder),
 ]
 
 
