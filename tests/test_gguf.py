@@ -51,7 +51,7 @@ def exported(gpt2_run, tmp_path_factory: pytest.TempPathFactory):
     for quantize in ("f32", "f16", "q8_0"):
         out = tmp_path_factory.mktemp("gguf") / f"model-{quantize}.gguf"
         assert main(["export", str(run), str(out), "--format", "gguf", "--quantize", quantize]) == 0
-        files[quantize] = read_back(out)
+        files[quantize] = (*read_back(out), out)
     return files
 
 
@@ -90,7 +90,7 @@ def assert_within_q8_0(original: np.ndarray, restored: np.ndarray) -> None:
 @pytest.mark.parametrize("quantize", ["f32", "f16", "q8_0"])
 def test_every_tensor_read_back_within_the_formats_error(gpt2_run, exported, quantize: str) -> None:
     model, _ = gpt2_run
-    tensors, _ = exported[quantize]
+    tensors, _, _ = exported[quantize]
     names = expected_names(model)
     assert set(tensors) == set(names)  # and no output.weight: llama.cpp ties it to token_embd, as gptlab does
     state = model.state_dict()
@@ -115,7 +115,7 @@ def test_every_tensor_read_back_within_the_formats_error(gpt2_run, exported, qua
 
 def test_metadata_is_what_llama_cpps_gpt2_reads(gpt2_run, exported) -> None:
     model, _ = gpt2_run
-    _, fields = exported["q8_0"]
+    _, fields, _ = exported["q8_0"]
     c = model.config
     expected = {
         "general.architecture": "gpt2", "gpt2.context_length": c.block_size, "gpt2.embedding_length": c.n_embd,
@@ -199,3 +199,51 @@ def test_a_directory_is_not_a_gguf_file(gptlab, gpt2_run, tmp_path: Path) -> Non
     code, _, err = gptlab("export", str(run), str(tmp_path), "--format", "gguf")
     one_line_error(code, err, 2, "is a directory", "one file")
     assert list(tmp_path.iterdir()) == []
+
+
+# --- llama.cpp itself (optional: llama-cpp-python compiles llama.cpp, several minutes) ----------
+
+# How far llama.cpp's logits may be from gptlab's float32 ones, as a fraction of their spread (standard
+# deviation). Even an f32 file is computed with a float16 KV cache (llama.cpp's default) and a float16 GELU
+# table: about 2^-11 relative per value, which a few layers accumulate to ~1e-3. f16 adds the weights'
+# own 2^-11 rounding; q8_0's per-block rounding (up to 1/254 of a block's largest value) about 1e-2.
+LOGIT_TOLERANCE = {"f32": 5e-3, "f16": 5e-3, "q8_0": 3e-2}
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install "
+                                                   "llama-cpp-python: it compiles llama.cpp, several minutes)")
+
+
+def test_llama_cpp_tokenizes_as_gptlab_does(llama_cpp, exported) -> None:
+    llm = llama_cpp.Llama(model_path=str(exported["f32"][2]), n_ctx=32, n_threads=2, verbose=False)
+    tok = GPT2Tokenizer()
+    for text in ["ROMEO: But, soft! what light through yonder window breaks?", "  two  spaces\n\nand 1234 numbers",
+                 "naïve café – “quotes” 😀 我想", "I've, you'll, he'd; it's <|endoftext|>"]:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text), text
+        assert llm.detokenize(tok.encode(text)).decode() == text
+
+
+@pytest.mark.parametrize("quantize", ["f32", "f16", "q8_0"])
+def test_llama_cpp_computes_gptlabs_logits(llama_cpp, gpt2_run, exported, quantize: str) -> None:
+    """Teacher-forced over a prompt and gptlab's 16 greedy tokens: every position's logits within the format's
+    precision, and llama.cpp's most likely token gptlab's wherever gptlab's lead over the runner-up exceeds
+    twice that precision (nearer ties may go either way, for a reason the format explains)."""
+    model, _ = gpt2_run
+    prompt = GPT2Tokenizer().encode("ROMEO: But, soft! what light")
+    with torch.no_grad():
+        from gptlab import generate
+
+        ids = generate(model, torch.tensor([prompt]), 16, temperature=0)[0].tolist()
+        ours = model(torch.tensor([ids])).logits[0].numpy()  # (T, vocab)
+    llm = llama_cpp.Llama(model_path=str(exported[quantize][2]), n_ctx=32, n_threads=2, logits_all=True,
+                          verbose=False)
+    llm.eval(ids)
+    theirs = np.array(llm.scores[: len(ids)])
+    tolerance = LOGIT_TOLERANCE[quantize] * ours.std()
+    assert np.abs(theirs - ours).max() <= tolerance, (np.abs(theirs - ours).max() / ours.std())
+    top2 = np.sort(ours, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * tolerance
+    assert clear.sum() >= len(ids) // 2, "too many near-ties to test greedy agreement"
+    assert (theirs.argmax(1) == ours.argmax(1))[clear].all()
