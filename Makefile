@@ -30,8 +30,23 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	fi
 
+# After the whole suite, the kernel, generation and training-smoke tests run again as lesser machines
+# would run them: with every fast path off (GPTLAB_KERNELS=plain), and with torch and oneDNN held to AVX2
+# (no AVX-512, no AMX, no bf16 in oneDNN: most laptops and many cloud CPUs), so that a developer on an
+# AVX-512 or AMX machine sees what an AVX2 CPU does; test_kernels checks that the limits took effect.
+# torch.compile's kernels are cached without the limit in their key: a kernel compiled under AVX2 and
+# reused by a full-ISA process (or the other way round) computed garbage or aborted here, so the limited
+# run keeps its own inductor cache, and the full run one of its own too (never a shared /tmp one that a
+# limited process may have written). (ATEN_CPU_CAPABILITY=default, below AVX2, is not used: there torch's
+# inductor emits vector code it does not compile, so every torch.compile test fails for torch's reason.)
+LESSER_MACHINE_TESTS := tests/test_kernels.py tests/test_quantize.py tests/test_generation.py tests/test_model.py \
+	tests/test_train.py::test_bfloat16_autocast_trains_float32_weights \
+	tests/test_train.py::test_metrics_report_tokens_per_second_and_mfu
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q
+	TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/build/inductor $(BIN)/python -m pytest -q
+	GPTLAB_KERNELS=plain $(BIN)/python -m pytest -q $(LESSER_MACHINE_TESTS)
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/build/inductor-avx2 \
+		$(BIN)/python -m pytest -q $(LESSER_MACHINE_TESTS)
 
 # About 75 minutes on 2 CPU cores; the benchmarks that need ../shared/data say so and skip without it.
 # serve_load runs the previous server beside ours, from that commit's src/ (git archive: no worktree).

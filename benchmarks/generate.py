@@ -10,7 +10,7 @@ cache) and transformers produce the same tokens.
 A decoding step reads every weight once, plus the KV cache, so memory bandwidth is its limit: each row
 gives the bytes a step reads over the time of one step (the whole call less a prefill-only call, per
 new token), against the machine's read bandwidth measured here on a tensor far larger than its caches.
-int8 is `gptlab.kernels.quantize_int8` of the float32 model (weights int8, activations float32), with
+int8 is `gptlab.quantize.quantize_int8` of the float32 model (weights int8, activations float32), with
 the share of its greedy tokens equal to float32's (random weights make near-ties common: the
 Shakespeare benchmark gives the rate and the loss of a trained model).
 
@@ -37,7 +37,8 @@ from gptlab import generate
 from gptlab.checkpoint import load_model, save_model
 from gptlab.config import model_preset
 from gptlab.inference import Engine, SamplingParams
-from gptlab.kernels import Int8Linear, largest_cache_bytes, quantize_int8
+from gptlab.kernels import largest_cache_bytes
+from gptlab.quantize import Int8Linear, quantize_int8
 from gptlab.model import GPT
 
 from machine import MACHINE, save_results  # benchmarks/machine.py: a script's own folder is on sys.path

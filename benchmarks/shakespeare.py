@@ -33,7 +33,7 @@ from gptlab.train import TRAIN_PRESETS, build_train_config
 from gptlab.data import TokenDataset, prepare
 from gptlab.evaluate import score_tokens
 from gptlab.inference import generate
-from gptlab.kernels import quantize_int8
+from gptlab.quantize import quantize_int8
 from gptlab.model import GPT
 from gptlab.precision import bf16_native
 from gptlab.throughput import matmul_peak
@@ -64,7 +64,7 @@ def whole_split_loss(model: torch.nn.Module, dataset: TokenDataset, split: str, 
 
 @torch.no_grad()
 def int8_comparison(model: torch.nn.Module, dataset: TokenDataset, block_size: int, float_loss: float) -> dict:
-    """The trained model with int8 weights (gptlab.kernels.quantize_int8) against itself in float32:
+    """The trained model with int8 weights (gptlab.quantize.quantize_int8) against itself in float32:
     whole-split validation loss, the share of validation positions whose most likely next character is
     the same (both models reading the same text), and greedy continuations of validation prompts."""
     quantized = quantize_int8(copy.deepcopy(model)).eval()

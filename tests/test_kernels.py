@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
+import subprocess
+import sys
 import json
+import os
+import platform
 from pathlib import Path
 
 import pytest
@@ -12,10 +17,13 @@ import torch.nn.functional as F
 from conftest import needs_compile, tiny_model
 
 from gptlab import kernels
+from gptlab.kernels import chooser
 from gptlab.config import GPTConfig
 from gptlab.inference.cache import SlotCache
 from gptlab.kernels import can_prepack, fastest, force, matvec_rows, prepacked_product, sigmoid_form_gelu, tall_product
 from gptlab.model import GPT
+
+from gptlab.kernels import products as linear_module  # noqa: E402
 
 
 @pytest.fixture
@@ -23,7 +31,8 @@ def fresh(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """No choice made yet, in this process or on disk; returns the disk cache's path."""
     path = tmp_path / "kernels.json"
     monkeypatch.setenv("GPTLAB_KERNEL_CACHE", str(path))
-    monkeypatch.setattr(kernels, "_chosen", {})
+    monkeypatch.setenv("GPTLAB_KERNELS", "auto")  # these tests measure, also where CI runs the rest plain
+    monkeypatch.setattr(chooser, "_chosen", {})
     return path
 
 
@@ -47,8 +56,8 @@ class FakeClock:
 @pytest.mark.parametrize("costs", [{"a": 3.0, "b": 1.0}, {"a": 1.0, "b": 3.0}, {"a": 2.0, "b": 2.5, "c": 0.5}])
 def test_the_choice_is_the_fastest_candidate(fresh: Path, costs: dict[str, float]) -> None:
     clock = FakeClock()
-    build = lambda: {name: clock.candidate(name, cost) for name, cost in costs.items()}  # noqa: E731
-    chosen = fastest(("op", 1), tuple(costs), build, rounds=3, clock=clock)
+    build = lambda name: clock.candidate(name, costs[name])  # noqa: E731
+    chosen = fastest(("op", 1), tuple(costs), build, plain="a", rounds=3, clock=clock)
     assert chosen == min(costs, key=costs.get)
     assert sorted(clock.calls) == sorted(list(costs) * 4)  # one warm-up call and 3 timed rounds each
 
@@ -62,7 +71,7 @@ def test_a_candidate_is_judged_by_its_fastest_round(fresh: Path) -> None:
         clock.now += next(b_costs)
 
     candidates["b"] = b
-    assert fastest(("op", 2), ("a", "b"), lambda: candidates, rounds=3, clock=clock) == "b"
+    assert fastest(("op", 2), ("a", "b"), candidates.get, plain="a", rounds=3, clock=clock) == "b"
     assert next(b_costs, None) is None  # a fourth round, since b's two best differed: 0.5 and 9
 
 
@@ -74,37 +83,39 @@ def test_rounds_go_on_while_the_fastest_figures_disagree(fresh: Path) -> None:
     def a() -> None:
         clock.now += next(a_costs)
 
-    chosen = fastest(("op", 6), ("a", "b"), lambda: {"a": a, "b": clock.candidate("b", 1.5)}, rounds=3, clock=clock)
+    candidates = {"a": a, "b": clock.candidate("b", 1.5)}
+    chosen = fastest(("op", 6), ("a", "b"), candidates.get, plain="a", rounds=3, clock=clock)
     assert chosen == "a" and clock.calls.count("b") == 1 + 6  # warm-up and six rounds
 
 
 def test_a_choice_is_measured_once_per_machine(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     clock = FakeClock()
     costs = {"slow": 2.0, "quick": 1.0}
-    build = lambda: {name: clock.candidate(name, cost) for name, cost in costs.items()}  # noqa: E731
-    assert fastest(("op", 3), tuple(costs), build, clock=clock) == "quick"
+    build = lambda name: clock.candidate(name, costs[name])  # noqa: E731
+    assert fastest(("op", 3), tuple(costs), build, plain="slow", clock=clock) == "quick"
     measured = len(clock.calls)
 
-    def no_build():
+    def no_build(name: str):
         raise AssertionError("measured again")
 
-    assert fastest(("op", 3), tuple(costs), no_build) == "quick"  # this process remembers
+    assert fastest(("op", 3), tuple(costs), no_build, plain="slow") == "quick"  # this process remembers
     assert json.loads(fresh.read_text()) == {str(("op", 3)): {"choice": "quick", "seconds": costs}}
-    monkeypatch.setattr(kernels, "_chosen", {})  # as a new process on the same machine
-    assert fastest(("op", 3), tuple(costs), no_build) == "quick"
+    monkeypatch.setattr(chooser, "_chosen", {})  # as a new process on the same machine
+    assert fastest(("op", 3), tuple(costs), no_build, plain="slow") == "quick"
     assert len(clock.calls) == measured
     # a choice on disk that is not a candidate (an older version's) is measured again
     fresh.write_text(json.dumps({str(("op", 3)): {"choice": "gone"}}))
-    monkeypatch.setattr(kernels, "_chosen", {})
-    assert fastest(("op", 3), tuple(costs), build, clock=clock) == "quick"
+    monkeypatch.setattr(chooser, "_chosen", {})
+    assert fastest(("op", 3), tuple(costs), build, plain="slow", clock=clock) == "quick"
 
 
 def test_the_disk_cache_can_be_turned_off(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("GPTLAB_KERNEL_CACHE", "off")
+    monkeypatch.setenv("GPTLAB_KERNELS", "auto")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(kernels, "_chosen", {})
+    monkeypatch.setattr(chooser, "_chosen", {})
     clock = FakeClock()
-    assert fastest(("op", 4), ("x",), lambda: {"x": clock.candidate("x", 1.0)}, clock=clock) == "x"
+    assert fastest(("op", 4), ("x",), lambda name: clock.candidate(name, 1.0), plain="x", clock=clock) == "x"
     assert list(tmp_path.iterdir()) == []
 
 
@@ -112,7 +123,7 @@ def test_measuring_leaves_the_random_state_alone(fresh: Path) -> None:
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    fastest(("op", 5), ("draws",), lambda: {"draws": lambda: torch.rand(100)})
+    fastest(("op", 5), ("draws",), lambda name: lambda: torch.rand(100), plain="draws")
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -130,7 +141,7 @@ def test_force_pins_a_choice_and_checks_its_name() -> None:
 def test_the_real_operations_go_through_the_choice(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With the timing replaced by a fixed verdict, each operation runs the candidate it was told is fastest."""
     winners = ("W @ x^T", "textbook", "sigmoid")
-    monkeypatch.setattr(kernels, "_time_candidates", lambda candidates, rounds, clock: {
+    monkeypatch.setattr(chooser, "_time_candidates", lambda candidates, rounds, clock, unavailable: {
         name: 0.0 if name in winners else 1.0 for name in candidates})
     called = []
     for table, name in zip((kernels.LINEAR_PRODUCTS, kernels.ATTENTION_PATHS, kernels.GELU_FORMS), winners):
@@ -145,7 +156,7 @@ def test_the_real_operations_go_through_the_choice(fresh: Path, monkeypatch: pyt
 
 
 def test_training_products_take_f_linear_without_measuring(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernels, "fastest", lambda *a, **k: pytest.fail("measured a training product"))
+    monkeypatch.setattr(chooser, "fastest", lambda *a, **k: pytest.fail("measured a training product"))
     w = torch.randn(64, 32, requires_grad=True)
     kernels.linear(torch.randn(1, 32), w).sum().backward()  # autograd on: F.linear
     with torch.inference_mode():
@@ -291,11 +302,11 @@ def test_a_compiled_graph_takes_the_measured_gelu_form(
     torch._dynamo.reset()
     verdicts = []
 
-    def verdict(candidates, rounds, clock):
+    def verdict(candidates, rounds, clock, unavailable):
         verdicts.append(sorted(candidates))
         return {name: 0.0 if name == form else 1.0 for name in candidates}
 
-    monkeypatch.setattr(kernels, "_time_candidates", verdict)
+    monkeypatch.setattr(chooser, "_time_candidates", verdict)
     traced = []
     monkeypatch.setitem(kernels.GELU_FORMS, form, lambda x, f=kernels.GELU_FORMS[form]: traced.append(1) or f(x))
     x = torch.randn(64, 32, generator=torch.Generator().manual_seed(0), requires_grad=True)
@@ -314,7 +325,7 @@ def test_a_compiled_graph_takes_the_measured_gelu_form(
 def test_decoding_candidates_are_timed_on_weights_read_from_memory(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A decoding step reads each weight after all the others: the candidates must not all meet one
     cache-resident matrix. They see copies in turn, equal to the weight, twice the cache in all."""
-    monkeypatch.setattr(kernels, "largest_cache_bytes", lambda: 4096)
+    monkeypatch.setattr(linear_module, "largest_cache_bytes", lambda: 4096)
     weight = torch.randn(16, 32)  # 2 KiB: four copies make twice the fake 4 KiB cache
     seen: list[torch.Tensor] = []
 
@@ -322,7 +333,7 @@ def test_decoding_candidates_are_timed_on_weights_read_from_memory(fresh: Path, 
         seen.append(w)
         return F.linear(x, w, bias)
 
-    monkeypatch.setattr(kernels, "LINEAR_PRODUCTS", {"F.linear": recording})
+    monkeypatch.setattr(linear_module, "LINEAR_PRODUCTS", {"F.linear": recording})
     with torch.inference_mode():
         kernels.linear_path(torch.randn(1, 32), weight)
     storages = {w.untyped_storage().data_ptr() for w in seen}
@@ -338,17 +349,17 @@ def test_prepacked_copies_are_reordered_before_the_clock_starts(fresh: Path, mon
     weight = torch.randn(16, 32)
     if not can_prepack(weight):
         pytest.skip("this torch build has no oneDNN (mkldnn), so there is no prepacked product")
-    monkeypatch.setattr(kernels, "largest_cache_bytes", lambda: 4096)  # four copies of the 2 KiB weight
-    timing = kernels._time_candidates
+    monkeypatch.setattr(linear_module, "largest_cache_bytes", lambda: 4096)  # four copies of the 2 KiB weight
+    timing = chooser._time_candidates
     reordered_while_timed = []
 
-    def spy(candidates, rounds, clock):
-        before = len(kernels._PREPACKED)
-        seconds = timing(candidates, rounds, clock)
-        reordered_while_timed.append(len(kernels._PREPACKED) - before)
+    def spy(candidates, rounds, clock, unavailable):
+        before = len(linear_module._PREPACKED)
+        seconds = timing(candidates, rounds, clock, unavailable)
+        reordered_while_timed.append(len(linear_module._PREPACKED) - before)
         return seconds
 
-    monkeypatch.setattr(kernels, "_time_candidates", spy)
+    monkeypatch.setattr(chooser, "_time_candidates", spy)
     with torch.inference_mode():
         kernels.linear_path(torch.randn(1, 32), weight)
     assert reordered_while_timed == [0]
@@ -360,7 +371,7 @@ def test_decoding_rows_share_a_measurement_per_power_of_two(fresh: Path) -> None
     with torch.inference_mode():
         for rows in (5, 6, 7, 8):
             kernels.linear(torch.randn(rows, 1, 32), weight)
-    assert [key[1] for key in kernels._chosen if key[0] == "linear"] == [8]
+    assert [key[1] for key in chooser._chosen if key[0] == "linear"] == [8]
 
 
 def test_the_engine_warms_up_every_batch_size_it_will_decode(fresh: Path) -> None:
@@ -370,5 +381,180 @@ def test_the_engine_warms_up_every_batch_size_it_will_decode(fresh: Path) -> Non
 
     model = tiny_model()
     Engine(model, max_batch=6).warm_up()
-    rows = {key[1] for key in kernels._chosen if key[0] == "linear"}
+    rows = {key[1] for key in chooser._chosen if key[0] == "linear"}
     assert rows == {1, 2, 4, 8}
+
+
+# --- the guard: a candidate that cannot run here is never chosen -----------------------------------
+
+
+class Broken(RuntimeError):
+    pass
+
+
+def breaking_at(stage: str, clock: FakeClock):
+    """A build for candidates "broken" (the fastest, were it to run) and "ok", where "broken" raises
+    at `stage`: while it is built, at its warm-up call, or in a timed round."""
+    def build(name: str):
+        if name == "ok":
+            return clock.candidate("ok", 2.0)
+        if stage == "build":
+            raise Broken("needs an instruction this CPU lacks")
+        calls = itertools.count()
+
+        def run() -> None:
+            if next(calls) == (0 if stage == "warm-up" else 2):
+                raise Broken("needs an instruction this CPU lacks")
+            clock.now += 0.5
+        return run
+    return build
+
+
+@pytest.mark.parametrize("stage", ["build", "warm-up", "timing"])
+def test_a_candidate_that_raises_is_never_chosen_and_is_recorded_with_its_reason(
+    fresh: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, stage: str
+) -> None:
+    monkeypatch.setattr(chooser, "_logged", set())
+    for n in (1, 2):  # two keys, one failure: logged once
+        clock = FakeClock()
+        assert fastest(("op", stage, n), ("broken", "ok"), breaking_at(stage, clock), plain="ok", clock=clock) == "ok"
+        entry = json.loads(fresh.read_text())[str(("op", stage, n))]
+        assert entry["choice"] == "ok" and set(entry["seconds"]) == {"ok"}
+        assert entry["unavailable"] == {"broken": "Broken: needs an instruction this CPU lacks"}
+    logged = [r.getMessage() for r in caplog.records if r.name == "gptlab.kernels"]
+    assert len(logged) == 1 and "'broken' is unavailable" in logged[0] and "needs an instruction" in logged[0]
+    assert "\n" not in logged[0]
+
+
+def test_a_key_whose_every_candidate_fails_takes_the_plain_call(fresh: Path) -> None:
+    def build(name: str):
+        raise Broken(f"{name} cannot run here")
+
+    assert fastest(("op", "all fail"), ("a", "b"), build, plain="plain") == "plain"
+    entry = json.loads(fresh.read_text())[str(("op", "all fail"))]
+    assert entry["choice"] == "plain" and set(entry["unavailable"]) == {"a", "b"}
+
+
+def test_a_linear_candidate_that_raises_leaves_the_others_measured(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As oneDNN's bf16 reorder did on an AVX2 CPU: one candidate fails to build and decoding goes on."""
+    def failing(x, w, b=None):
+        raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert")
+
+    monkeypatch.setitem(linear_module.LINEAR_PRODUCTS, "row blocks", failing)
+    weight, x = torch.randn(64, 32), torch.randn(1, 32)
+    with torch.inference_mode():
+        y = kernels.linear(x, weight)
+    torch.testing.assert_close(y, F.linear(x, weight), rtol=0, atol=1e-5)
+    (entry,) = json.loads(fresh.read_text()).values()
+    assert entry["choice"] != "row blocks" and "avx_ne_convert" in entry["unavailable"]["row blocks"]
+
+
+def test_prepacking_is_offered_only_for_dtypes_onednn_runs_here() -> None:
+    """oneDNN's bf16 reorder raises where the CPU lacks AVX-512 (or avx_ne_convert): ask before trying."""
+    bf16 = can_prepack(torch.zeros(4, 4, dtype=torch.bfloat16))
+    assert bf16 == (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert not can_prepack(torch.zeros(4, 4, dtype=torch.float16))
+
+
+# --- GPTLAB_KERNELS=plain ------------------------------------------------------------------------
+
+
+def test_plain_mode_runs_plain_torch_and_measures_nothing(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPTLAB_KERNELS", "plain")
+    monkeypatch.setattr(chooser, "_time_candidates", lambda *a: pytest.fail("measured in plain mode"))
+    called = []
+    for table, name in ((kernels.LINEAR_PRODUCTS, "F.linear"), (kernels.ATTENTION_PATHS, "fused"),
+                        (kernels.GELU_FORMS, "tanh")):
+        for other in table:
+            monkeypatch.setitem(table, other, lambda *a, f=table[other], n=other: called.append(n) or f(*a))
+    int8_module = importlib.import_module("gptlab.kernels.int8")
+    for other in ("dequantized_product", "packed_int8_product", "packed_int8_product_in_bf16"):
+        monkeypatch.setattr(int8_module, other,
+                            lambda *a, f=getattr(int8_module, other), n=other: called.append(n) or f(*a))
+    values, scales = torch.randint(-127, 128, (64, 32), dtype=torch.int8), torch.rand(64)
+    with torch.inference_mode():
+        kernels.linear(torch.randn(1, 32), torch.randn(64, 32))
+        kernels.attention(*[torch.randn(2, 2, 8, 16)] * 3)
+        kernels.gelu(torch.randn(1, 32))
+        kernels.int8_linear(torch.randn(1, 32), values, scales)
+    assert called == ["F.linear", "fused", "tanh", "dequantized_product"]
+    assert not fresh.exists()
+
+
+def test_an_unknown_kernels_mode_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gptlab.errors import GptlabError
+
+    monkeypatch.setenv("GPTLAB_KERNELS", "fast")
+    with pytest.raises(GptlabError, match="GPTLAB_KERNELS must be 'auto' or 'plain' \\(or unset\\), got 'fast'"):
+        kernels.gelu(torch.randn(4))
+
+
+def test_the_machine_fingerprint_tells_a_limited_process_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process held to fewer instruction sets (or plain) never reads the choices of a full one."""
+    # ATen and oneDNN read ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA once, when first asked: not below
+    chooser._machine_fingerprint()
+    limits = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "default", "GPTLAB_KERNELS": "plain"}
+    for name in ("GPTLAB_KERNEL_CACHE", *limits):
+        monkeypatch.delenv(name, raising=False)
+    full = chooser.cache_path()
+    for name, value in limits.items():
+        with monkeypatch.context() as m:
+            m.setenv(name, value)
+            assert chooser.cache_path() != full, name
+
+
+# --- a lesser CPU: torch and oneDNN held to AVX2 -------------------------------------------------
+
+
+@pytest.mark.skipif(not (os.environ.get("ATEN_CPU_CAPABILITY") or os.environ.get("ONEDNN_MAX_CPU_ISA")),
+                    reason="no instruction-set limit in the environment (`make test` runs this file again with one)")
+def test_the_instruction_set_limits_in_the_environment_take_effect() -> None:
+    """`make test` runs the kernel tests again as a lesser CPU would: the limits must really hold."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the limits are x86 instruction sets")
+    levels = ["DEFAULT", "AVX2", "AVX512"]  # ATen's on x86, lowest first; a CPU below the limit keeps its own
+    capability = os.environ.get("ATEN_CPU_CAPABILITY", "").upper()
+    if capability in levels:
+        assert levels.index(torch.backends.cpu.get_cpu_capability()) <= levels.index(capability)
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ("SSE41", "AVX", "AVX2"):
+        assert not torch.ops.mkldnn._is_mkldnn_bf16_supported()  # oneDNN's bf16 needs AVX-512 or avx_ne_convert
+        assert not can_prepack(torch.zeros(4, 4, dtype=torch.bfloat16))
+
+
+LESSER_CPU = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+SAMPLE_BOTH_WAYS = """
+import contextlib, io, json, os, sys, torch
+from gptlab.cli import main
+from gptlab.kernels import can_prepack
+out = {"bf16 onednn": torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+       "capability": torch.backends.cpu.get_cpu_capability(),
+       "prepack bf16": can_prepack(torch.zeros(4, 4, dtype=torch.bfloat16))}
+for dtype in ("float32", "bfloat16", "int8"):
+    for mode in ("auto", "plain"):
+        os.environ["GPTLAB_KERNELS"] = mode
+        text, err = io.StringIO(), io.StringIO()
+        how = ["--quantize", "int8"] if dtype == "int8" else ["--dtype", dtype]
+        with contextlib.redirect_stdout(text), contextlib.redirect_stderr(err):
+            code = main(["sample", sys.argv[1], "--max-new-tokens", "24", "--seed", "0", "--prompt", "All:", *how])
+        out[dtype + " " + mode] = [code, text.getvalue(), err.getvalue()]
+print(json.dumps(out))
+"""
+
+
+def test_sampling_on_an_avx2_cpu_works_and_matches_the_plain_path(tiny_run: Path, tmp_path: Path) -> None:
+    """On a CPU without AVX-512 (emulated by holding torch and oneDNN to AVX2), `gptlab sample` in float32,
+    bfloat16 and int8 runs, measured kernels or plain; float32's sampled tokens (a seed: every probability
+    counts, not only the largest) equal the plain path's."""
+    from conftest import child_env
+
+    env = child_env(**LESSER_CPU, GPTLAB_KERNEL_CACHE=str(tmp_path / "kernels.json"))
+    done = subprocess.run([sys.executable, "-c", SAMPLE_BOTH_WAYS, str(tiny_run)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["capability"] == "AVX2" and out["bf16 onednn"] is False and out["prepack bf16"] is False
+    for run in ("float32", "bfloat16", "int8"):
+        for mode in ("auto", "plain"):
+            code, text, err = out[f"{run} {mode}"]
+            assert code == 0 and "Traceback" not in err and text.startswith("All:") and len(text) == 4 + 24 + 1, (run, err)
+    assert out["float32 auto"][1] == out["float32 plain"][1]

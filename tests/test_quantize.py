@@ -17,7 +17,8 @@ from gptlab.checkpoint import load_model, save_model
 from gptlab.config import GPTConfig
 from gptlab.errors import GptlabError
 from gptlab.inference import generate
-from gptlab.kernels import Int8Embedding, Int8Linear, force, int8_linear, int8_products, quantize_int8, quantize_rows
+from gptlab.kernels import chooser, force, int8_linear, int8_products
+from gptlab.quantize import Int8Embedding, Int8Linear, quantize_int8, quantize_rows
 from gptlab.model import GPT
 
 
@@ -88,7 +89,7 @@ def test_quantized_logits_are_close_to_the_float_ones(path: str) -> None:
 
 def test_quantized_decoding_goes_through_the_measured_int8_product(monkeypatch: pytest.MonkeyPatch) -> None:
     used = []
-    monkeypatch.setattr(kernels, "fastest", lambda key, names, build, **kw: used.append(key[0]) or names[-1])
+    monkeypatch.setattr(chooser, "fastest", lambda key, names, build, **kw: used.append(key[0]) or names[-1])
     q = quantized_copy(tiny_model(vocab_size=64))
     generate(q, torch.tensor([[1, 2, 3]]), 3, temperature=0)
     assert "int8 linear" in used and "linear" not in used  # every product is an int8 one, chosen by measurement

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from .config import GPTConfig
 from .errors import EnvironmentProblem, GptlabError
 from .fileio import atomic_write_json, atomic_write_via, describe_os_error
-from .kernels import Int8Linear
+from .quantize import Int8Linear
 from .model import GPT
 from .tokenizers import (GPT2_VOCAB_SIZE, TOKENIZER_FILE, TOKENIZER_FILES, GPT2Tokenizer, Tokenizer,
                          load_tokenizer)

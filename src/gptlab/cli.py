@@ -221,7 +221,7 @@ def _print_stream(model_dir: Path, prompt: str, max_new_tokens: int, temperature
 
     from .checkpoint import load_pretrained
     from .inference import SamplingParams, TextStream
-    from .kernels import quantize_int8
+    from .quantize import quantize_int8
     from .tokenizers import document_start_ids
     from .train import resolve_device
 

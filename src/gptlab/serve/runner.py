@@ -22,7 +22,7 @@ from fastapi import FastAPI
 from ..checkpoint import load_pretrained
 from ..config import ServerLimits
 from ..errors import EnvironmentProblem, GptlabError
-from ..kernels import quantize_int8
+from ..quantize import quantize_int8
 from .app import create_app
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")

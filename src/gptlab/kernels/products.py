@@ -1,0 +1,200 @@
+"""Linear layers: the product x @ W^T + b, through whichever candidate decodes fastest here.
+
+Decoding multiplies each weight by a few rows, where CPU BLAS may run a float32 matrix-vector product
+on one thread. Candidates: `F.linear`, W @ x^T (the other orientation of the tall, skinny product),
+`matvec_rows` (one block of the weight's rows per thread) and oneDNN's product on a weight reordered
+once for it (`prepacked_product`, offered only where oneDNN says it can take the weight's dtype),
+timed on weights read from memory, as a decoding step reads them (`from_memory`). Training, prefill
+and compiled graphs take `F.linear`: products of many rows are what BLAS is built for.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
+
+from . import chooser
+from .chooser import bucket, synchronized
+
+DECODE_ROWS = 16  # products of at most this many rows choose among the linear candidates
+FALLBACK_CACHE_BYTES = 64 * 2**20  # where the CPU's caches cannot be read, decoding candidates read this much
+MAX_COPIES = 256  # ... and at most this many copies of one weight
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T + bias, through whichever product is fastest for this shape."""
+    rows = x.numel() // x.size(-1)
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or rows > DECODE_ROWS:
+        return F.linear(x, weight, bias)
+    return LINEAR_PRODUCTS[linear_path(x, weight, bias)](x, weight, bias)
+
+
+def linear_path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> str:
+    """The fastest of LINEAR_PRODUCTS for these shapes on this machine (measured once)."""
+    pinned = chooser.forced("linear")
+    if pinned is not None:
+        return pinned
+    # rows rounded up to a power of two: a server's batch passes through every size, and each new key
+    # costs copies of the weight (`from_memory`)
+    key = ("linear", bucket(x.numel() // x.size(-1)), *weight.shape, str(x.dtype), str(weight.dtype),
+           bias is not None, str(weight.device), torch.get_num_threads(), "weights from memory", "row-major result")
+
+    names = tuple(name for name in LINEAR_PRODUCTS if name != "prepacked" or can_prepack(weight))
+
+    copies = functools.cache(lambda: from_memory(weight))
+    weights = functools.cache(lambda: itertools.cycle(copies()))
+
+    def build(name: str) -> Callable[[], object]:
+        if name == "prepacked":  # reordered before the clock starts, as a decoding step finds them
+            for copy in copies():
+                prepacked_weight(copy)
+        product = LINEAR_PRODUCTS[name]
+        return synchronized(lambda: product(x, next(weights()), bias), x.device)
+
+    return chooser.fastest(key, names, build, plain="F.linear")
+
+
+def from_memory(weight: torch.Tensor) -> list[torch.Tensor]:
+    """`weight` and copies of it, together twice the largest CPU cache, to be taken in turn.
+
+    A decoding step reads every weight once, so by the time it comes back to one weight it has read
+    all the others: the weight comes from memory, not from cache. A product timed again and again on
+    one cache-resident matrix measures something else (here a 768 x 768 float32 product took 0.07 ms
+    from cache and 0.22 ms from memory through F.linear, against 0.11 ms as row blocks), so decoding
+    candidates are timed on the copies in turn. GPUs keep the one matrix: their caches are small
+    beside a model's weights, and the copies would cost GPU memory.
+    """
+    copies = 1
+    if weight.device.type == "cpu":
+        copies = min(MAX_COPIES, math.ceil(2 * (largest_cache_bytes() or FALLBACK_CACHE_BYTES) / max(weight.nbytes, 1)))
+    return [weight] + [weight.clone() for _ in range(copies - 1)]
+
+
+def largest_cache_bytes() -> int:
+    """The size of the largest CPU cache that Linux reports for cpu0 (e.g. 32768K), 0 where it cannot be read."""
+    sizes = [0]
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip().upper()
+            sizes.append(int(text.rstrip("KMG")) * {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1))
+        except (OSError, ValueError):
+            pass
+    return max(sizes)
+
+
+def tall_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T computed as (weight @ x^T)^T: the same product in the other orientation.
+
+    The result is copied back to row-major order (R x out elements, small beside the weight): a
+    transposed result would send what follows down slower paths (scaled_dot_product_attention falls
+    back to its math kernel when a query's last stride is not 1), and the copy is part of the timing.
+    """
+    flat = x.reshape(-1, x.size(-1))  # (R, in)
+    if bias is None:
+        y = torch.mm(weight, flat.t())  # (out, R)
+    else:
+        y = torch.addmm(bias[:, None], weight, flat.t())  # (out, R), the bias added in the product
+    return y.t().contiguous().reshape(*x.shape[:-1], weight.size(0))
+
+
+def matvec_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T (+ bias) with the weight's rows cut into one block per thread, multiplied as a batch.
+
+    A step of decoding is one read of every weight. Where BLAS runs a product of a few rows on one
+    thread, the batched product gives each thread a block, so every core reads. Rows go through in
+    groups of 4, each group reading the weights once.
+    """
+    out_features, in_features = weight.shape
+    flat = x.reshape(-1, in_features)  # (R, in)
+    groups = [_row_block_product(rows, weight) for rows in flat.split(4)]
+    y = groups[0].contiguous() if len(groups) == 1 else torch.cat(groups)  # (R, out), row-major as tall_product's
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def _row_block_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(R, in) @ (out, in)^T with the weight's rows cut into one block per thread."""
+    threads = torch.get_num_threads()
+    (rows, in_features), out_features = x.shape, weight.size(0)
+    split = out_features - out_features % threads  # the rows of `weight` that divide evenly
+    blocks = weight[:split].view(threads, split // threads, in_features)  # (threads, out/threads, in)
+    y = torch.bmm(blocks, x.t().expand(threads, in_features, rows))  # (threads, out/threads, R)
+    y = y.reshape(split, rows).t()  # (R, split)
+    if split < out_features:
+        y = torch.cat([y, F.linear(x, weight[split:])], dim=1)  # (R, out)
+    return y
+
+
+def prepacked_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T + bias through oneDNN, with the weight reordered once into oneDNN's blocked layout.
+
+    F.linear on a CPU reorders the weight for its kernel on every call; with the few rows of a
+    decoding step that reordering is a second pass over the weight (measured on an AMX Xeon: a bf16
+    2304 x 768 product 0.28 ms through F.linear, 0.18 ms prepacked, the same bits). The reordered copy
+    is kept beside the weight (`prepacked_weight`), so decoding through this candidate holds each
+    weight it multiplies twice.
+    """
+    flat = x.reshape(-1, x.size(-1))  # (R, in)
+    y = torch.ops.mkldnn._linear_pointwise(flat, prepacked_weight(weight), bias, "none", [], "")  # (R, out)
+    return y.reshape(*x.shape[:-1], weight.size(0))
+
+
+def can_prepack(weight: torch.Tensor) -> bool:
+    """Whether oneDNN can take `weight` prepacked: a CPU float32 matrix, or a bf16 one where oneDNN says
+    this CPU runs bf16 (without AVX-512 or avx_ne_convert its reorder raises), in a build with oneDNN."""
+    if weight.device.type != "cpu" or weight.dim() != 2:
+        return False
+    return _onednn_prepacks().get(weight.dtype, False)
+
+
+@functools.cache
+def _onednn_prepacks() -> dict[torch.dtype, bool]:
+    """The dtypes this torch build's oneDNN can reorder weights for on this CPU, as far as torch can say
+    (asked once: decoding asks every product; ONEDNN_MAX_CPU_ISA is read when the process starts)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return {}
+    return {torch.float32: True, torch.bfloat16: bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())}
+
+
+def prepacked_weight(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` in oneDNN's layout, reordered on first use and again whenever the weight changes."""
+    stamp = (weight.data_ptr(), _version(weight))
+    entry = _PREPACKED.get(weight)
+    if entry is None or entry[0] != stamp:
+        with torch.no_grad():
+            entry = (stamp, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), DECODE_ROWS))
+        _PREPACKED[weight] = entry
+    return entry[1]
+
+
+def _version(t: torch.Tensor) -> int:
+    """The tensor's in-place version counter (tensors made under inference mode have none: 0)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return 0
+
+
+_PREPACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight -> ((data_ptr, version), reordered weight)
+LINEAR_PRODUCTS: dict[str, Callable[..., torch.Tensor]] = {
+    "F.linear": F.linear, "W @ x^T": tall_product, "row blocks": matvec_rows, "prepacked": prepacked_product,
+}
+
+
+class Linear(nn.Linear):
+    """nn.Linear (the same parameters and numbers) whose forward goes through `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+chooser.CANDIDATES["linear"] = tuple(LINEAR_PRODUCTS)
