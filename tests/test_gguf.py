@@ -203,11 +203,13 @@ def test_a_directory_is_not_a_gguf_file(gptlab, gpt2_run, tmp_path: Path) -> Non
 
 # --- llama.cpp itself (optional: llama-cpp-python compiles llama.cpp, several minutes) ----------
 
-# How far llama.cpp's logits may be from gptlab's float32 ones, as a fraction of their spread (standard
-# deviation). Even an f32 file is computed with a float16 KV cache (llama.cpp's default) and a float16 GELU
-# table: about 2^-11 relative per value, which a few layers accumulate to ~1e-3. f16 adds the weights'
-# own 2^-11 rounding; q8_0's per-block rounding (up to 1/254 of a block's largest value) about 1e-2.
-LOGIT_TOLERANCE = {"f32": 5e-3, "f16": 5e-3, "q8_0": 3e-2}
+# How far llama.cpp's logits may be from gptlab's float32 ones, as fractions of their spread (standard
+# deviation): (largest difference, root mean square difference). Even an f32 file is computed with a float16
+# KV cache (llama.cpp's default) and a float16 GELU table: about 2^-11 relative per value (measured here: 7e-4,
+# 9e-5). f16 adds the weights' own 2^-11 rounding (2.2e-3, 3.5e-4). For q8_0 llama.cpp rounds the activations
+# to Q8_0 too before each product (a Q8_0 x Q8_0 dot product), 1/254 of a block's largest value on both sides
+# (5.2e-2, 9.3e-3).
+LOGIT_TOLERANCE = {"f32": (5e-3, 1e-3), "f16": (5e-3, 1e-3), "q8_0": (1e-1, 2e-2)}
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +225,7 @@ def test_llama_cpp_tokenizes_as_gptlab_does(llama_cpp, exported) -> None:
                  "naïve café – “quotes” 😀 我想", "I've, you'll, he'd; it's <|endoftext|>"]:
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text), text
         assert llm.detokenize(tok.encode(text)).decode() == text
+    llm.close()
 
 
 @pytest.mark.parametrize("quantize", ["f32", "f16", "q8_0"])
@@ -241,8 +244,11 @@ def test_llama_cpp_computes_gptlabs_logits(llama_cpp, gpt2_run, exported, quanti
                           verbose=False)
     llm.eval(ids)
     theirs = np.array(llm.scores[: len(ids)])
-    tolerance = LOGIT_TOLERANCE[quantize] * ours.std()
-    assert np.abs(theirs - ours).max() <= tolerance, (np.abs(theirs - ours).max() / ours.std())
+    llm.close()
+    largest, rms = LOGIT_TOLERANCE[quantize]
+    difference = np.abs(theirs - ours) / ours.std()
+    assert difference.max() <= largest and np.sqrt((difference ** 2).mean()) <= rms, difference.max()
+    tolerance = largest * ours.std()
     top2 = np.sort(ours, axis=1)[:, -2:]
     clear = top2[:, 1] - top2[:, 0] > 2 * tolerance
     assert clear.sum() >= len(ids) // 2, "too many near-ties to test greedy agreement"
