@@ -53,6 +53,10 @@ test: $(STAMP) browser
 OLD_SERVE := 69885c2
 bench: $(STAMP)
 	$(BIN)/python benchmarks/generate.py
+	# llama.cpp for cpu_anchors.py, compiled by pip (many minutes); a failed build only leaves llama.cpp out
+	-$(BIN)/pip install --quiet llama-cpp-python
+	$(BIN)/python benchmarks/cpu_anchors.py
+	$(BIN)/python benchmarks/decode_profile.py
 	$(BIN)/python benchmarks/train.py
 	$(BIN)/python benchmarks/train_profile.py
 	rm -rf build/old-serve && mkdir -p build/old-serve && git archive $(OLD_SERVE) src | tar -x -C build/old-serve
