@@ -39,7 +39,7 @@ browser:
 # run keeps its own inductor cache, and the full run one of its own too (never a shared /tmp one that a
 # limited process may have written). (ATEN_CPU_CAPABILITY=default, below AVX2, is not used: there torch's
 # inductor emits vector code it does not compile, so every torch.compile test fails for torch's reason.)
-LESSER_MACHINE_TESTS := tests/kernels tests/test_quantize.py tests/test_generation.py tests/test_model.py \
+LESSER_MACHINE_TESTS := tests/kernels tests/test_quantize.py tests/inference/test_inference.py tests/test_model.py \
 	tests/train/test_train.py::test_bfloat16_autocast_trains_float32_weights \
 	tests/train/test_train.py::test_metrics_report_tokens_per_second_and_mfu
 test: $(STAMP) browser
