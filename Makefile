@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup browser demo test bench clean
+.PHONY: setup browser demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -39,14 +39,18 @@ browser:
 # run keeps its own inductor cache, and the full run one of its own too (never a shared /tmp one that a
 # limited process may have written). (ATEN_CPU_CAPABILITY=default, below AVX2, is not used: there torch's
 # inductor emits vector code it does not compile, so every torch.compile test fails for torch's reason.)
-LESSER_MACHINE_TESTS := tests/test_kernels.py tests/test_quantize.py tests/test_generation.py tests/test_model.py \
-	tests/test_train.py::test_bfloat16_autocast_trains_float32_weights \
-	tests/test_train.py::test_metrics_report_tokens_per_second_and_mfu
+LESSER_MACHINE_TESTS := tests/kernels tests/test_quantize.py tests/inference/test_inference.py tests/test_model.py \
+	tests/train/test_train.py::test_bfloat16_autocast_trains_float32_weights \
+	tests/train/test_train.py::test_metrics_report_tokens_per_second_and_mfu
 test: $(STAMP) browser
 	TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/build/inductor $(BIN)/python -m pytest -q
 	GPTLAB_KERNELS=plain $(BIN)/python -m pytest -q $(LESSER_MACHINE_TESTS)
 	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/build/inductor-avx2 \
 		$(BIN)/python -m pytest -q $(LESSER_MACHINE_TESTS)
+
+# The quick run while you work: every test but those marked slow (processes, servers, torch.compile).
+test-fast: $(STAMP)
+	TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/build/inductor $(BIN)/python -m pytest -q -m "not slow"
 
 # About 75 minutes on 2 CPU cores; the benchmarks that need ../shared/data say so and skip without it.
 # serve_load runs the previous server beside ours, from that commit's src/ (git archive: no worktree).

@@ -87,6 +87,20 @@ def _prepare(r: Result) -> str:
             f"peak RSS {big['peak_rss_mb']:,} MB")
 
 
+def _tokenizer(r: Result) -> str:
+    code = next(row for row in r["rows"] if row["corpus"] == "code")
+    return (f"{code['vocab_size']:,} tokens learned from {code['train_mb']:.0f} MB of Python in "
+            f"{code['time_vs_hf']:.2f}x HF's trainer time; held-out code **{code['bytes_per_token_vs_gpt2']:.2f}x** "
+            f"GPT-2's bytes per token")
+
+
+def _lora(r: Result) -> str:
+    rows = r["variants"]
+    lora, full, peft = rows["gptlab LoRA"], rows["gptlab full fine-tuning"], rows["peft + transformers LoRA"]
+    return (f"rank {r['rank']} on GPT-2 medium: peak RSS **{lora['peak_rss_bytes'] / full['peak_rss_bytes']:.2f}x** "
+            f"full fine-tuning's, step **{peft['step_seconds'] / lora['step_seconds']:.2f}x** peft + transformers'")
+
+
 def _adder(r: Result) -> str:
     preset = r["rows"][0]
     return (f"held-out exact match **{preset['test_exact_match']:.1%}** in {preset['seconds']:.0f} s "
@@ -104,6 +118,8 @@ HEADLINES: list[tuple[str, str, Callable[[Result], str]]] = [
     ("lm_eval_model", "lm-eval model", _lm_eval),
     ("ngram", "n-gram baselines", _ngram),
     ("prepare", "`gptlab prepare` (GPT-2 BPE)", _prepare),
+    ("tokenizer", "`gptlab tokenizer train`", _tokenizer),
+    ("lora", "LoRA fine-tuning", _lora),
     ("adder", "the adder task", _adder),
 ]
 

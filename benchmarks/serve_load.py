@@ -150,7 +150,7 @@ def measure_offline(model, clients: int, max_tokens: int) -> dict:
 
 def run_old(args: argparse.Namespace) -> None:
     """In the subprocess, on the old checkout's path: the previous server under the same load."""
-    from gptlab.config import ServerLimits
+    from gptlab.serve.limits import ServerLimits
     from gptlab.server import create_app, running_server
 
     model, tokenizer = build_model()
@@ -188,7 +188,7 @@ def main() -> None:
         run_old(args)
         return
 
-    from gptlab.config import ServerLimits
+    from gptlab.serve.limits import ServerLimits
     from gptlab.serve import create_app, running_server
 
     load_before = os.getloadavg()

@@ -13,7 +13,6 @@ GPT-2 124M within 30 s on 2 cores, cold.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import socket

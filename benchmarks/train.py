@@ -33,7 +33,8 @@ from gptlab.train.config import TrainConfig
 from gptlab.model import GPT
 from gptlab.train.optim import configure_optimizer
 from gptlab.throughput import flops_per_token, matmul_peak
-from gptlab.train.device import DTYPES, autocast_context
+from gptlab.device import DTYPES
+from gptlab.train.device import autocast_context
 
 from machine import MACHINE, save_results  # benchmarks/machine.py: a script's own folder is on sys.path
 VOCAB = 65

@@ -35,7 +35,8 @@ from gptlab import kernels
 from gptlab.model import GPT
 from gptlab.train.optim import parameter_groups
 from gptlab.throughput import matmul_parameters, matmul_peak
-from gptlab.train.device import DTYPES, autocast_context
+from gptlab.device import DTYPES
+from gptlab.train.device import autocast_context
 
 from machine import MACHINE, save_results  # benchmarks/machine.py: a script's own folder is on sys.path
 from train import CONFIGS, VOCAB, model_config

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
-from gptlab.checkpoint import load_pretrained
+from gptlab.inference.loading import load_pretrained
 from gptlab.serve import create_app, running_server
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 TASKS_DIR = REPO / "tests" / "lm_eval_tasks"
 TASKS = ["gptlab_mc", "gptlab_last_word", "gptlab_rolling", "gptlab_gen"]

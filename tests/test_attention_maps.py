@@ -25,6 +25,7 @@ def assert_causal_and_normalised(weights: np.ndarray) -> None:
     assert np.all(weights >= 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", [None, 1])
 def test_drawn_weights_are_causal_rows_that_sum_to_one(tiny_run: Path, tmp_path: Path, head: int | None) -> None:
     model, tokenizer = load_model(tiny_run), load_tokenizer(tiny_run)
@@ -101,6 +102,7 @@ def test_library_refuses_a_bad_layer(tiny_run: Path) -> None:
         attention_map(load_model(tiny_run), load_tokenizer(tiny_run), PROMPT, layer=-1)
 
 
+@pytest.mark.slow
 def test_cli_never_replaces_an_existing_file_unasked(tiny_run: Path, tmp_path: Path, capsys) -> None:
     mine = tmp_path / "thesis.pdf"
     mine.write_bytes(b"%PDF my thesis")

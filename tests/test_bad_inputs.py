@@ -10,13 +10,13 @@ import logging
 import lzma
 import shutil
 import socket
-from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from conftest import TINY_ARGS, TINY_TEXT, one_line_error, snapshot
+from helpers import TINY_ARGS, TINY_TEXT, one_line_error, snapshot
 
-from gptlab.checkpoint import load_pretrained, read_torch_file
+from gptlab.checkpoint import read_torch_file
+from gptlab.inference.loading import load_pretrained
 from gptlab.data import prepare
 from gptlab.errors import GptlabError
 from gptlab.tokenizers import TOKENIZER_FILE, CharTokenizer, load_tokenizer

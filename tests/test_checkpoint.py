@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RUN, tiny_model
+from helpers import TINY_RUN, tiny_model
 from hf_reference import random_hf_gpt2
 from safetensors.torch import load_file, save_file
 
@@ -154,6 +154,7 @@ def test_a_local_directory_wins_over_a_hub_name(tmp_path: Path, monkeypatch: pyt
     assert same_weights(model, load_model("gpt2"))
 
 
+@pytest.mark.slow
 def test_a_named_size_offline_fails_fast_with_the_local_alternative(tmp_path: Path) -> None:
     """No network in tests: HF_HUB_OFFLINE makes huggingface_hub answer from an (empty) cache at once."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY_RUN
+from helpers import TINY_RUN
 
 from gptlab.cli import main
 
@@ -51,6 +51,28 @@ def test_help_lists_subcommands_and_defaults(capsys: pytest.CaptureFixture) -> N
     assert "(default: 0.8)" in capsys.readouterr().out
 
 
+def test_sample_and_serve_options_come_from_their_dataclasses_with_the_same_defaults() -> None:
+    """`sample`'s sampling options are SamplingParams fields, `serve`'s limits ServerLimits fields: one
+    definition each, with the defaults and option names the commands always had."""
+    from dataclasses import fields
+
+    from gptlab.cli import build_parser
+    from gptlab.serve.limits import ServerLimits
+
+    parser = build_parser()
+    sample = vars(parser.parse_args(["sample", "RUN"]))
+    assert {k: sample[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
+                                   "seed", "stop")} == dict(max_new_tokens=200, temperature=0.8, top_k=None,
+                                                            top_p=None, repetition_penalty=1.0, seed=None, stop=[])
+    assert parser.parse_args(["sample", "RUN", "--stop", "a", "--stop", "b", "--top-k", "3"]).stop == ["a", "b"]
+    serve = parser.parse_args(["serve", "RUN", "--max-tokens-limit", "8", "--kv-cache-mb", "2"])
+    limits = ServerLimits(**{f.name: getattr(serve, f.name) for f in fields(ServerLimits)})
+    assert limits == ServerLimits(max_tokens=8, kv_cache_mb=2)
+    assert ServerLimits() == ServerLimits(max_tokens=256, max_body_bytes=1 << 20, max_choices=16, max_batch=16,
+                                          max_queue=64, kv_cache_mb=1024)
+
+
+@pytest.mark.slow
 def test_prepare_train_sample_end_to_end(tmp_path: Path, tiny_corpus: Path, capsys) -> None:
     data, out = tmp_path / "data", tmp_path / "run"
     code, stdout, _ = run(["prepare", str(tiny_corpus), "--out", str(data)], capsys)
@@ -73,6 +95,7 @@ def test_prepare_train_sample_end_to_end(tmp_path: Path, tiny_corpus: Path, caps
     assert again == stdout
 
 
+@pytest.mark.slow
 def test_console_script_reports_errors_without_traceback(tmp_path: Path) -> None:
     gptlab = Path(sys.executable).with_name("gptlab")
     result = subprocess.run([str(gptlab), "sample", str(tmp_path / "nowhere")], capture_output=True, text=True)
@@ -81,6 +104,7 @@ def test_console_script_reports_errors_without_traceback(tmp_path: Path) -> None
     assert result.stderr.count("\n") == 1 and "nowhere" in result.stderr
 
 
+@pytest.mark.slow
 def test_seed_makes_runs_identical(tmp_path: Path, char_data: Path, capsys) -> None:
     runs = []
     for name in ("a", "b"):
@@ -94,6 +118,7 @@ def test_seed_makes_runs_identical(tmp_path: Path, char_data: Path, capsys) -> N
     assert losses(tmp_path / "c") != runs[0]
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_saved_step(tmp_path: Path, char_data: Path, capsys) -> None:
     out = tmp_path / "run"
     base = ["train", "--data", str(char_data), "--out", str(out), "--no-progress", *TRAIN_ARGS]
@@ -105,6 +130,7 @@ def test_resume_continues_from_the_saved_step(tmp_path: Path, char_data: Path, c
     assert steps == [5, 10, 15, 20, 25, 30]
 
 
+@pytest.mark.slow
 def test_existing_run_is_not_overwritten(tmp_path: Path, char_data: Path, capsys) -> None:
     out = tmp_path / "run"
     base = ["train", "--data", str(char_data), "--out", str(out), "--no-progress", *TRAIN_ARGS, "--max-iters=5"]

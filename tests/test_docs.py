@@ -61,7 +61,12 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
 
 
 def _options(parser: argparse.ArgumentParser) -> set[str]:
-    return {s for action in parser._actions for s in action.option_strings}
+    """A command's options, its actions' included (`gptlab tokenizer train --vocab-size`)."""
+    found = {s for action in parser._actions for s in action.option_strings}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found = found.union(*(_options(sub) for sub in action.choices.values()))
+    return found
 
 
 def _shell_commands(doc: Path) -> list[str]:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import one_line_error, tiny_model
+from helpers import one_line_error, tiny_model
 from gptlab.config import GPTConfig
 from gptlab.model import GPT
 from gptlab.checkpoint import save_model

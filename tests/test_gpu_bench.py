@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # every test here shares a module fixture that runs the benchmark script (35 s)
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_bench.py"
 
@@ -43,6 +45,7 @@ def tiny_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, s
             (results / "gpu-tiny.log").read_text())
 
 
+@pytest.mark.slow
 def test_every_phase_runs_on_a_cpu_or_says_why_not(tiny_results: tuple[dict, str, str]) -> None:
     results, table, log = tiny_results
     phases = results["phases"]
@@ -82,6 +85,7 @@ def test_resume_ddp_and_generation_compare_what_they_claim(tiny_results: tuple[d
         assert r["gptlab_tok_s"] > 0 and r["transformers_tok_s"] > 0 and 0 <= r["matching_fraction"] <= 1
 
 
+@pytest.mark.slow
 def test_a_phase_that_fails_is_reported_and_the_next_one_runs(tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: asking for it cannot fail here")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RUN
+from helpers import TINY_RUN
 from hf_reference import load_hf, random_hf_gpt2
 from transformers import AutoTokenizer, GenerationConfig
 
@@ -67,6 +67,7 @@ def random_ids(vocab_size: int, shape: tuple[int, int], seed: int) -> torch.Tens
     return torch.randint(0, vocab_size, shape, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_logits_agree_up_to_the_full_context(pair) -> None:
     hf, model, vocab_size = pair
@@ -98,6 +99,7 @@ def test_loss_agrees(pair) -> None:
     assert abs(got.item() - expected.item()) < TOL
 
 
+@pytest.mark.slow
 def test_30_greedy_tokens_match_transformers_generate(pair) -> None:
     hf, model, vocab_size = pair
     prompt = random_ids(vocab_size, (1, 5), seed=3)
@@ -149,6 +151,7 @@ def finetuned(tmp_path_factory: pytest.TempPathFactory, gpt2_data: Path) -> tupl
     return root / "hf", root / "run"
 
 
+@pytest.mark.slow
 def test_finetuning_a_transformers_checkpoint_lowers_the_validation_loss(finetuned, gpt2_data: Path) -> None:
     hf_dir, run_dir = finetuned
     before = val_loss(load_model(hf_dir), gpt2_data, block_size=16)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
 from gptlab.config import GPTConfig, model_preset
 from gptlab.errors import GptlabError
@@ -150,22 +150,6 @@ def test_crop_block_size_keeps_the_first_positions() -> None:
     model.crop_block_size(8)
     assert model.transformer.wpe.weight.shape[0] == 8
     assert torch.allclose(model(idx).logits, before)
-
-
-def test_the_old_method_names_still_work_and_say_what_replaces_them(tmp_path) -> None:
-    import gptlab
-
-    assert gptlab.GPT is GPT  # the package's GPT is the model's class, given its old methods back
-    model = tiny_model(block_size=8)
-    idx = torch.randint(0, 50, (1, 3))
-    with pytest.warns(DeprecationWarning, match=r"gptlab.generate\("):
-        out = model.generate(idx, 4, temperature=0)
-    assert torch.equal(out, generate(model, idx, 4, temperature=0))
-    with pytest.warns(DeprecationWarning, match=r"gptlab.save_model"):
-        model.save_pretrained(tmp_path)
-    with pytest.warns(DeprecationWarning, match=r"gptlab.load_model"):
-        loaded = GPT.from_pretrained(tmp_path)
-    assert torch.equal(loaded(idx).logits, model(idx).logits)
 
 
 def test_model_py_imports_nothing_above_it() -> None:

@@ -105,6 +105,42 @@ def test_training_with_explicit_bf16_on_an_emulating_cpu_warns(
     assert err.count("--dtype bfloat16: this CPU multiplies bf16 matrices 12.5x slower than float32") == 1
 
 
+EMULATED_25X = "--dtype bfloat16: this CPU multiplies bf16 matrices 25.0x slower than float32"
+
+
+def test_sampling_and_serving_with_explicit_bf16_on_an_emulating_cpu_warn_once(
+    tiny_run, monkeypatch: pytest.MonkeyPatch, fresh_warnings: None, capsys: pytest.CaptureFixture
+) -> None:
+    """`sample` and `serve` load through one function (inference.loading): both say it, with their way out."""
+    import socket
+
+    import uvicorn
+
+    from gptlab.cli import main
+
+    monkeypatch.setattr(precision, "bf16_speedup", never)  # float32, the default: nothing measured, nothing said
+    assert main(["sample", str(tiny_run), "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    monkeypatch.setattr(precision, "bf16_speedup", lambda device: 1 / 25)
+    assert main(["sample", str(tiny_run), "--dtype", "bfloat16", "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert err.count(EMULATED_25X) == 1 and "--dtype float32 is the faster here" in err
+
+    monkeypatch.setattr(precision, "_warned", set())  # serve is another process in real life
+    import gptlab.serve.runner as runner
+
+    served = []
+    create_app = runner.create_app
+    monkeypatch.setattr(runner, "create_app", lambda model, *a, **k: served.append(model) or create_app(model, *a, **k))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: [s.close() for s in sockets])
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    assert main(["serve", str(tiny_run), "--dtype", "bfloat16", "--port", str(port), "--device", "cpu"]) == 0
+    assert served[0].transformer.wte.weight.dtype == torch.bfloat16  # what it would serve
+    assert capsys.readouterr().err.count(EMULATED_25X) == 1
+
+
 def test_the_peak_probe_keeps_the_best_of_one_thread_and_all(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a busy machine a two-thread product waits for its descheduled thread (0.5 GFLOP/s read where one
     thread ran at 17): the probe times both counts and keeps each product's best, then restores the count."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from helpers import tiny_model
 
 from gptlab import kernels
 from gptlab.checkpoint import load_model, save_model

@@ -8,7 +8,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
-from conftest import TINY_ARGS, expect_one_line_error
+from helpers import TINY_ARGS, one_line_error
 
 from gptlab.cli import build_parser
 from gptlab.train.config import FIELD_CHOICES, TrainConfig, build_train_config
@@ -38,7 +38,7 @@ def test_a_value_training_cannot_use_is_one_line(
     out = tmp_path / "run"
     code, _, err = gptlab("train", "--data", str(char_data), "--out", str(out), "--no-progress", *TINY_ARGS,
                           f"{option}={value}")
-    expect_one_line_error(code, err, 2, fragment)
+    one_line_error(code, err, 2, fragment)
     assert not out.exists()
 
 
@@ -59,7 +59,7 @@ def test_a_config_file_with_values_of_the_wrong_type_is_one_line(
     config.write_text(json.dumps(values))
     out = tmp_path / "run"
     code, _, err = gptlab("train", "--data", str(char_data), "--out", str(out), "--config", str(config), *TINY_ARGS)
-    expect_one_line_error(code, err, 2, f"config file {config}: {fragment}")
+    one_line_error(code, err, 2, f"config file {config}: {fragment}")
     assert not out.exists()
 
 
@@ -79,7 +79,7 @@ def test_sizes_that_cannot_fit_in_memory_are_refused_before_allocating(
 ) -> None:
     out = tmp_path / "run"
     code, _, err = gptlab("train", "--data", str(char_data), "--out", str(out), "--no-progress", *TINY_ARGS, *sizes)
-    expect_one_line_error(code, err, 2, "this run needs at least", fragment, "choose a smaller")
+    one_line_error(code, err, 2, "this run needs at least", fragment, "choose a smaller")
     assert not out.exists()
 
 

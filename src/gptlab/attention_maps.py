@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 
 from .errors import GptlabError
 from .fileio import atomic_write
+from .inference.modes import eval_mode
 from .model import GPT
 from .tokenizers import Tokenizer
 
@@ -53,12 +54,8 @@ def attention_map(
     if len(ids) > model.config.block_size:
         raise GptlabError(f"the prompt is {len(ids)} tokens, more than the model's context of {model.config.block_size}")
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         weights = attention_weights(model, torch.tensor([ids], device=device))[layer][0]  # (nh, T, T)
-    finally:
-        model.train(was_training)
     heads = list(range(n_head)) if head is None else [head]
     return AttentionMap(layer, heads, token_labels(tokenizer, ids), weights[heads].float().cpu().numpy())
 

@@ -23,9 +23,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import GPTConfig
-from .errors import EnvironmentProblem, GptlabError
+from .errors import EnvironmentProblem, GptlabError, first_line
 from .fileio import atomic_write_json, atomic_write_via, describe_os_error
 from .quantize import Int8Linear
+from .lora import (ADAPTER_FILES, ADAPTER_WEIGHTS_FILE, LoRAConfig, apply_lora, is_adapter_dir, load_adapter_tensors,
+                   lora_config_of, merge_lora, read_adapter, save_adapter)
 from .model import GPT
 from .tokenizers import (GPT2_VOCAB_SIZE, TOKENIZER_FILE, TOKENIZER_FILES, GPT2Tokenizer, Tokenizer,
                          load_tokenizer)
@@ -150,7 +152,7 @@ def read_model_config(directory: Path) -> GPTConfig:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise GptlabError(f"{path}: not valid JSON ({_first_line(exc)}); expected a GPT-2 config") from None
+        raise GptlabError(f"{path}: not valid JSON ({first_line(exc)}); expected a GPT-2 config") from None
     if not isinstance(raw, dict):
         raise GptlabError(f"{path}: expected a JSON object with a GPT-2 config")
     return config_from_hf(raw, path)
@@ -215,7 +217,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError, ValueError) as exc:
         raise GptlabError(
             f"{path}: not a readable safetensors file (truncated or corrupt?); expected the model weights "
-            f"({_first_line(exc)})"
+            f"({first_line(exc)})"
         ) from None
 
 
@@ -264,10 +266,15 @@ def _read_torch(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _first_line(exc: Exception) -> str:
-    """Library exceptions can run to many lines; a user error stays one."""
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
+def _owned(tensor: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
+    """`tensor` in memory of its own, not a view of the file that was `read`.
+
+    safetensors maps the file and hands out views of the mapping, which stays (with every page read
+    through it, the transposed Conv1D matrices' included) as long as one view lives: measured on GPT-2
+    124M, 1.85x the weights' memory for as long as the model lived; with every tensor copied, the
+    mapping goes once loading is done and the model holds 1x.
+    """
+    return tensor.clone() if tensor.data_ptr() == read.data_ptr() else tensor
 
 
 def _assemble(config: GPTConfig, state: dict[str, torch.Tensor], weights_path: Path) -> GPT:
@@ -295,7 +302,7 @@ def _assemble(config: GPTConfig, state: dict[str, torch.Tensor], weights_path: P
                 f"{tuple(expected[name])}"
             )
     # gptlab keeps its parameters in float32 (autocast handles lower precision), whatever the file holds
-    state = {name: t.to(torch.float32).contiguous() for name, t in state.items()}
+    state = {name: _owned(t.to(torch.float32).contiguous(), t) for name, t in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     model.lm_head.weight = model.transformer.wte.weight  # re-tie to the loaded embedding
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -348,13 +355,21 @@ def _download_named(name: str) -> Path:
 
 
 def load_model(
-    path: str | Path, device: str | torch.device = "cpu", *, dropout: float | None = None
+    path: str | Path, device: str | torch.device = "cpu", *, dropout: float | None = None, merge: bool = True
 ) -> GPT:
     """A GPT, in eval mode, from a gptlab run, a Hugging Face GPT-2 directory or a named GPT-2 size.
 
+    A LoRA adapter's directory (a LoRA run, or what peft saved) gives its base with the adapter
+    applied: merged into the weights (as fast as the base), or with `merge=False` kept apart.
     `dropout` replaces the checkpoint's rate (GPT-2's config says 0.1) for fine-tuning.
     """
     directory = resolve_model_dir(path)
+    if is_adapter_dir(directory):
+        lora, state = read_adapter(directory)
+        model = load_model(adapter_base(directory, lora), dropout=dropout)
+        apply_lora(model, lora)
+        load_adapter_tensors(model, state, str(directory / ADAPTER_WEIGHTS_FILE))
+        return (merge_lora(model) if merge else model).to(device).eval()
     config = read_model_config(directory)
     if dropout is not None:
         config = _checked_config(directory / CONFIG_FILE, **{**config.to_dict(), "dropout": dropout})
@@ -363,9 +378,31 @@ def load_model(
     return model.to(device).eval()
 
 
+def adapter_base(directory: Path, lora: LoRAConfig) -> Path:
+    """The base model an adapter names (peft's base_model_name_or_path): a directory or a GPT-2 size."""
+    name = lora.base.removeprefix("openai-community/")  # the Hub's name for the GPT-2 sizes
+    if not name:
+        raise GptlabError(f"{directory / 'adapter_config.json'}: names no base model (base_model_name_or_path); "
+                          f"set it to the base's directory or GPT-2 size")
+    try:
+        base = resolve_model_dir(name)
+    except GptlabError as exc:
+        raise GptlabError(f"{directory}: the adapter's base model: {exc}") from None
+    if base.resolve() == directory.resolve():
+        raise GptlabError(f"{directory / 'adapter_config.json'}: names the adapter's own directory as its base")
+    return base
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    return (directory / TOKENIZER_FILE).is_file() or (directory / "vocab.json").is_file()
+
+
 def find_tokenizer(directory: Path, config: GPTConfig) -> Tokenizer | None:
-    """The tokenizer saved beside a model; GPT-2's BPE for a bare checkpoint of GPT-2's vocabulary size."""
-    if (directory / TOKENIZER_FILE).is_file() or (directory / "vocab.json").is_file():
+    """The tokenizer saved beside a model; GPT-2's BPE for a bare checkpoint of GPT-2's vocabulary size.
+    An adapter without a tokenizer of its own has its base's."""
+    if not _has_tokenizer(directory) and is_adapter_dir(directory):
+        directory = adapter_base(directory, read_adapter(directory)[0])
+    if _has_tokenizer(directory):
         tokenizer = load_tokenizer(directory)
     elif config.vocab_size == GPT2_VOCAB_SIZE:
         tokenizer = GPT2Tokenizer()
@@ -382,19 +419,6 @@ def find_tokenizer(directory: Path, config: GPTConfig) -> Tokenizer | None:
     return tokenizer
 
 
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
-    """The model and its tokenizer: what sampling, evaluation and serving need from one argument."""
-    directory = resolve_model_dir(path)
-    model = load_model(directory, device)
-    tokenizer = find_tokenizer(directory, model.config)
-    if tokenizer is None:
-        raise GptlabError(
-            f"{directory}: no tokenizer ({TOKENIZER_FILE}, or GPT-2's vocab.json + merges.txt) beside "
-            f"a model whose {model.config.vocab_size}-token vocabulary is not GPT-2's"
-        )
-    return model, tokenizer
-
-
 # --- writing ----------------------------------------------------------------------------------
 
 
@@ -403,7 +427,8 @@ def save_model(model: GPT, directory: str | Path, *, require_hf: bool = False) -
 
     A config Hugging Face cannot represent is written as model_type "gptlab", which gptlab reads back
     and `transformers` refuses, rather than a GPT-2 config that would load the weights wrongly; with
-    `require_hf` (an export) it is refused before anything is written.
+    `require_hf` (an export) it is refused before anything is written. A model carrying a LoRA adapter
+    writes the adapter alone, in peft's format: its base is already on disk.
     """
     if any(isinstance(module, Int8Linear) for module in model.modules()):
         raise GptlabError("cannot save an int8-quantized model (quantization is for inference); save the float "
@@ -414,6 +439,9 @@ def save_model(model: GPT, directory: str | Path, *, require_hf: bool = False) -
             f"cannot export to the Hugging Face GPT-2 format: {'; '.join(problems)}; "
             f"gptlab's own format (a run directory, gptlab.save_model) still holds such a model"
         )
+    if lora_config_of(model) is not None:  # a LoRA model: the adapter alone, as peft writes it
+        save_adapter(model, directory)
+        return
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = to_hf_state_dict(model)
@@ -426,16 +454,17 @@ def save_model(model: GPT, directory: str | Path, *, require_hf: bool = False) -
 
 
 # What `export_model` writes: all that a directory may hold for --overwrite to replace it.
-EXPORT_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE}) | TOKENIZER_FILES
+EXPORT_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE}) | TOKENIZER_FILES | ADAPTER_FILES
 
 
-def export_model(source: str | Path, out: str | Path, *, overwrite: bool = False) -> list[str]:
+def export_model(source: str | Path, out: str | Path, *, overwrite: bool = False, merge: bool = False) -> list[str]:
     """Copy a model (and its tokenizer, when it has one) into a clean Hugging Face GPT-2 directory.
 
     Unlike a run directory, the result holds nothing but what `load_model` reads, ready to share.
     `overwrite` replaces an earlier export only: a directory holding anything else (a run, a dataset,
-    a user's own files) is refused before anything is written. Returns the names of the files `out`
-    then holds.
+    a user's own files) is refused before anything is written. A LoRA adapter is exported as the
+    adapter (peft's two files), or with `merge` as its base with the adapter merged in: a plain GPT-2.
+    Returns the names of the files `out` then holds.
     """
     if not str(out).strip():
         raise GptlabError("the output directory is empty; name a directory to write the model into")
@@ -452,7 +481,10 @@ def export_model(source: str | Path, out: str | Path, *, overwrite: bool = False
     directory = resolve_model_dir(source)
     if out.resolve() == directory.resolve():
         raise GptlabError(f"{out} is the model being exported; choose another directory")
-    model = load_model(directory)
+    adapter = is_adapter_dir(directory)
+    if merge and not adapter:
+        raise GptlabError(f"{source}: holds no LoRA adapter (adapter_config.json) to merge; export it without --merge")
+    model = load_model(directory, merge=merge or not adapter)
     tokenizer = find_tokenizer(directory, model.config)
     save_model(model, out, require_hf=True)
     if tokenizer is not None:

@@ -8,15 +8,33 @@ import signal
 import sys
 from dataclasses import fields
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from .config import ServerLimits
 from .data.pipeline import DEFAULT_SHARD_TOKENS
 from .train.config import FIELD_CHOICES, TRAIN_PRESETS, TrainConfig
 from .errors import GptlabError
 from .fileio import describe_os_error
+from .inference.params import SamplingParams
+from .serve.limits import ServerLimits, option_name
 
 Handler = Callable[[argparse.Namespace], int]
+
+
+def _add_corpus(p: argparse.ArgumentParser) -> None:
+    """The inputs a corpus is read from, the same for prepare and tokenizer train."""
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="files, directories or glob patterns")
+    p.add_argument("--hf-dataset", metavar="NAME", help="a Hugging Face dataset: a save_to_disk directory, a "
+                   "directory of data files or a Hub name (needs pip install 'gptlab[datasets]')")
+    p.add_argument("--hf-config", metavar="C", help="the dataset's configuration (subset)")
+    p.add_argument("--split", default="train", help="the Hugging Face dataset's split to read")
+    p.add_argument("--text-field", default="text", help="the field or column holding the text in records")
+    p.add_argument("--skip-binary", action="store_true",
+                   help="skip plain-text inputs that are not UTF-8 text (NUL bytes, invalid bytes) and count them")
+
+
+def _require_corpus(args: argparse.Namespace) -> None:
+    if not args.inputs and not args.hf_dataset:
+        raise GptlabError("give input files, directories or patterns, or --hf-dataset NAME")
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
@@ -29,21 +47,15 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                     "per file); .gz, .zst, .xz and .bz2 are decompressed. Validation is a set of whole documents, "
                     "or the last fraction of tokens of a single-document corpus.",
     )
-    p.add_argument("inputs", nargs="*", metavar="INPUT", help="files, directories or glob patterns")
-    p.add_argument("--hf-dataset", metavar="NAME", help="a Hugging Face dataset: a save_to_disk directory, a "
-                   "directory of data files or a Hub name (needs pip install 'gptlab[datasets]')")
-    p.add_argument("--hf-config", metavar="C", help="the dataset's configuration (subset)")
-    p.add_argument("--split", default="train", help="the Hugging Face dataset's split to read")
-    p.add_argument("--text-field", default="text", help="the field or column holding the text in records")
-    p.add_argument("--tokenizer", choices=["char", "gpt2"], default="char", help="character-level or GPT-2 BPE")
+    _add_corpus(p)
+    p.add_argument("--tokenizer", default="char", metavar="{char,gpt2,DIR}",
+                   help="character-level, GPT-2 BPE, or a tokenizer directory (gptlab tokenizer train)")
     p.add_argument("--out", required=True, help="the data directory to write (new, empty, or a dataset to "
                    "replace with --overwrite)")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="the share of tokens kept for validation, above 0 and below 1 (training is measured there)")
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard file")
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: every core)")
-    p.add_argument("--skip-binary", action="store_true",
-                   help="skip plain-text inputs that are not UTF-8 text (NUL bytes, invalid bytes) and count them")
     p.add_argument("--overwrite", action="store_true", help="replace the gptlab dataset in --out (only that)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_run_prepare)
@@ -52,8 +64,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 def _run_prepare(args: argparse.Namespace) -> int:
     from .data import prepare
 
-    if not args.inputs and not args.hf_dataset:
-        raise GptlabError("give input files, directories or patterns, or --hf-dataset NAME")
+    _require_corpus(args)
     if not 0 < args.val_fraction < 1:  # also NaN
         raise GptlabError(f"--val-fraction must be above 0 and below 1, got {args.val_fraction}: training "
                           "measures its validation loss (and the report its perplexity) on that share; 0.1 is usual")
@@ -104,7 +115,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from .train.config import build_train_config
     from .train.distributed import is_main_process, launch, launched_by_torchrun
-    from .report import headline
+    from .train.report import headline
     from .train import saved_options, train
 
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}  # None: not given
@@ -137,8 +148,8 @@ def _run_train(args: argparse.Namespace) -> int:
         print(summary)
     if config.sample_tokens > 0:
         print("--- sample ---")
-        _print_stream(result.run_dir, prompt="", max_new_tokens=config.sample_tokens, temperature=0.8,
-                      top_k=None, top_p=None, seed=config.seed, device=config.device)
+        params = SamplingParams(**SAMPLE_DEFAULTS | dict(max_new_tokens=config.sample_tokens, seed=config.seed))
+        _print_stream(result.run_dir, "", params, config.device)
     print(_next_commands(result.run_dir, result.config))
     return 0
 
@@ -179,24 +190,39 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", metavar="MODEL", help="a run directory or a Hugging Face GPT-2 directory")
     p.add_argument("--prompt", default="", help="the text to continue (empty: start of a document)")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
-    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy")
-    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="sample only within the nucleus of this mass")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="divide the logits of tokens already seen by this (CTRL); 1 is none")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="stop when the text contains TEXT (left out of the output); repeat for several")
-    p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible samples")
+    _add_fields(p, SamplingParams, SAMPLE_DEFAULTS)
     p.add_argument("--num-samples", type=int, default=1, help="how many samples to draw")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="weights and KV cache precision; bfloat16 halves memory, its speed depends on the CPU")
-    _add_quantize(p)
+    _add_precision(p)
     p.set_defaults(handler=_run_sample)
 
 
-def _add_quantize(p: argparse.ArgumentParser) -> None:
+# The SamplingParams fields `sample` offers, with its defaults (longer and cooler than a request's).
+SAMPLE_DEFAULTS: dict[str, Any] = dict(max_new_tokens=200, temperature=0.8, top_k=None, top_p=None,
+                                       repetition_penalty=1.0, seed=None, stop=())
+_OPTION_TYPES = {"int": int, "float": float, "str": str}
+
+
+def _add_fields(p: argparse.ArgumentParser, cls: type, defaults: dict[str, Any]) -> None:
+    """One option per field of the dataclass `cls` named in `defaults`, with that default; its name, help and
+    metavar from the field's metadata (as train's come from TrainConfig's). A tuple field repeats."""
+    for f in fields(cls):
+        if f.name not in defaults:
+            continue
+        flag = option_name(f)
+        common = dict(dest=f.name, help=f.metadata["help"].replace("%", "%%"), metavar=f.metadata.get("metavar"))
+        if f.type.startswith("tuple["):
+            p.add_argument(flag, action="append", default=list(defaults[f.name]), **common)
+        else:
+            p.add_argument(flag, type=_OPTION_TYPES[f.type.removesuffix(" | None")], default=defaults[f.name],
+                           **common)
+
+
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    """--dtype and --quantize: how `sample` and `serve` hold the model (inference.loading reads both)."""
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="weights and KV cache precision; bfloat16 halves memory, its speed depends on the CPU "
+                        "(a warning says where it is emulated, slower than float32)")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8: weights in int8 with a scale per output channel, activations in float "
                         "(a quarter of float32's memory; faster decoding where torch's int8 kernel is); "
@@ -206,36 +232,27 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
 def _run_sample(args: argparse.Namespace) -> int:
     if args.num_samples < 1:
         raise GptlabError("--num-samples must be at least 1")
-    _print_stream(Path(args.model), args.prompt, args.max_new_tokens, args.temperature, args.top_k,
-                  args.top_p, args.seed, args.device, repetition_penalty=args.repetition_penalty,
-                  stop=tuple(args.stop), dtype=args.dtype, num_samples=args.num_samples, quantize=args.quantize)
+    params = SamplingParams(**{name: getattr(args, name) for name in SAMPLE_DEFAULTS} | {"stop": tuple(args.stop)})
+    _print_stream(Path(args.model), args.prompt, params, args.device, dtype=args.dtype,
+                  num_samples=args.num_samples, quantize=args.quantize)
     return 0
 
 
-def _print_stream(model_dir: Path, prompt: str, max_new_tokens: int, temperature: float,
-                  top_k: int | None, top_p: float | None, seed: int | None, device: str, *,
-                  repetition_penalty: float = 1.0, stop: tuple[str, ...] = (), dtype: str = "float32",
+def _print_stream(model_dir: Path, prompt: str, params: SamplingParams, device: str, *, dtype: str = "float32",
                   num_samples: int = 1, quantize: str | None = None) -> None:
     """Write the prompt, then each sample's text as it is generated; sample i uses seed + i."""
-    import torch
-
-    from .checkpoint import load_pretrained
-    from .inference import SamplingParams, TextStream
-    from .quantize import quantize_int8
+    from .inference import TextStream
+    from .inference.loading import load_pretrained
     from .tokenizers import document_start_ids
-    from .train import resolve_device
+    from .device import resolve_device
 
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            repetition_penalty=repetition_penalty, seed=seed, stop=stop)
     try:
         params.validate()
     except ValueError as exc:
         raise GptlabError(str(exc)) from None
-    model, tokenizer = load_pretrained(model_dir, resolve_device(device))
-    model = model.to(dtype=getattr(torch, dtype))
-    if quantize == "int8":
-        quantize_int8(model)
+    model, tokenizer = load_pretrained(model_dir, resolve_device(device), dtype=dtype, quantize=quantize)
     ids = tokenizer.encode(prompt) if prompt else document_start_ids(tokenizer)
+    seed = params.seed
     for i in range(num_samples):
         if i:
             sys.stdout.write("\n---\n")
@@ -248,7 +265,6 @@ def _print_stream(model_dir: Path, prompt: str, max_new_tokens: int, temperature
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    limits = ServerLimits()
     p = sub.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API, with a playground at /",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -263,39 +279,23 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="TCP port, 1-65535")
     p.add_argument("--model-name", default=None, help="the model id clients send; None: the MODEL directory's name")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    p.add_argument("--max-tokens-limit", type=int, default=limits.max_tokens,
-                   help="the largest max_tokens a request may ask for")
-    p.add_argument("--max-body-bytes", type=int, default=limits.max_body_bytes,
-                   help="larger request bodies are refused with 413")
-    p.add_argument("--max-choices", type=int, default=limits.max_choices,
-                   help="the most choices (prompts x n) one request may ask for")
-    p.add_argument("--max-batch", type=int, default=limits.max_batch,
-                   help="sequences advanced together in one step; 1 runs them one at a time")
-    p.add_argument("--max-queue", type=int, default=limits.max_queue,
-                   help="sequences that may wait for a place in the batch; beyond, requests get 429")
-    p.add_argument("--kv-cache-mb", type=int, default=limits.kv_cache_mb,
-                   help="MiB the KV cache may hold (sequences wait while the running ones fill it)")
-    _add_quantize(p)
+    _add_fields(p, ServerLimits, {f.name: f.default for f in fields(ServerLimits)})
+    _add_precision(p)
     p.set_defaults(handler=_run_serve)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     from .serve import is_loopback, serve
-    from .train import resolve_device
+    from .device import resolve_device
 
     if not 1 <= args.port <= 65535:
         raise GptlabError(f"--port must be in 1-65535, got {args.port}")
-    for name in ("max_tokens_limit", "max_body_bytes", "max_choices", "max_batch", "max_queue", "kv_cache_mb"):
-        if getattr(args, name) < 1:
-            raise GptlabError(f"--{name.replace('_', '-')} must be at least 1")
+    limits = ServerLimits(**{f.name: getattr(args, f.name) for f in fields(ServerLimits)})  # checks them
     if not is_loopback(args.host):
         print(f"gptlab serve: warning: binding to {args.host}: anyone who can reach this address can use "
               f"the model, without authentication", file=sys.stderr)
-    limits = ServerLimits(max_tokens=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
-                          max_choices=args.max_choices, max_batch=args.max_batch, max_queue=args.max_queue,
-                          kv_cache_mb=args.kv_cache_mb)
     serve(args.model, host=args.host, port=args.port, device=resolve_device(args.device),
-          model_id=args.model_name, limits=limits, quantize=args.quantize)
+          model_id=args.model_name, limits=limits, dtype=args.dtype, quantize=args.quantize)
     return 0
 
 
@@ -317,12 +317,18 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                    help="GGUF only: how the weight matrices are stored (f32 exact; f16; q8_0, 8 bits per value "
                         "plus a scale per 32) [default: f32]")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export at OUT")
+    p.add_argument("--merge", action="store_true", help="MODEL is a LoRA adapter (a LoRA run): write its base with "
+                   "the adapter merged in, a plain GPT-2 (without --merge: the adapter alone, as peft saves it)")
     p.set_defaults(handler=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
     if args.format == "gguf":
         from .gguf_export import export_gguf
+
+        if args.merge:
+            raise GptlabError("--merge applies to --format hf; export the merged model first, then that "
+                              "directory with --format gguf")
 
         path = export_gguf(args.model, args.out, quantize=args.quantize or "f32", overwrite=args.overwrite)
         print(f"wrote {path} (GGUF, {args.quantize or 'f32'}, {path.stat().st_size / 1e6:.1f} MB)")
@@ -332,7 +338,7 @@ def _run_export(args: argparse.Namespace) -> int:
                           "they are")
     from .checkpoint import export_model
 
-    files = export_model(args.model, args.out, overwrite=args.overwrite)
+    files = export_model(args.model, args.out, overwrite=args.overwrite, merge=args.merge)
     print(f"wrote {args.out}: {', '.join(files)}")
     return 0
 
@@ -377,7 +383,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     import json
 
     from .evaluate import evaluate_model, markdown_table
-    from .train import resolve_device
+    from .device import resolve_device
 
     from .evaluate.ngram import MAX_ORDER
 
@@ -501,8 +507,8 @@ def _add_attention(sub: argparse._SubParsersAction) -> None:
 
 def _run_attention(args: argparse.Namespace) -> int:
     from .attention_maps import attention_map, plot_attention
-    from .checkpoint import load_pretrained
-    from .train import resolve_device
+    from .inference.loading import load_pretrained
+    from .device import resolve_device
 
     model, tokenizer = load_pretrained(args.model, resolve_device(args.device))
     amap = attention_map(model, tokenizer, args.prompt, layer=args.layer, head=args.head)
@@ -525,6 +531,48 @@ def _check_seed(seed: int | None) -> None:
         raise GptlabError(f"--seed must be a non-negative integer below 2**63, got {seed}")
 
 
+def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on your own corpus",
+                       description="Tokenizers of your own; see docs/tokenizer.md.")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    t = actions.add_parser(
+        "train", help="learn a byte-level BPE vocabulary from a corpus",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Learn a byte-level BPE (GPT-2's kind: 256 byte tokens, then merges, then special tokens) "
+                    "from the inputs prepare reads, streamed. Writes GPT-2's vocab.json + merges.txt, a Hugging "
+                    "Face tokenizer.json and gptlab's marker into --out; use it with gptlab prepare --tokenizer OUT.",
+    )
+    _add_corpus(t)
+    t.add_argument("--vocab-size", type=int, required=True, help="tokens in all: 256 bytes, merges, special tokens")
+    t.add_argument("--out", required=True, help="the directory to write (new, empty, or a tokenizer with --overwrite)")
+    t.add_argument("--pattern", choices=["gpt2", "gpt4"], default="gpt2",
+                   help="the pre-tokenizer's split: GPT-2's or GPT-4's (digits in threes, newlines apart)")
+    t.add_argument("--special", action="append", default=[], metavar="TOKEN",
+                   help="a special token besides <|endoftext|> (always there); repeat for several")
+    t.add_argument("--overwrite", action="store_true", help="replace the tokenizer in --out (only that)")
+    t.set_defaults(handler=_run_tokenizer_train)
+
+
+def _run_tokenizer_train(args: argparse.Namespace) -> int:
+    import time
+
+    from .data.tokenizer_training import train_tokenizer
+
+    _require_corpus(args)
+    start = time.perf_counter()
+    tokenizer = train_tokenizer(args.inputs, args.vocab_size, args.out, pattern=args.pattern,
+                                special_tokens=args.special, text_field=args.text_field, hf_dataset=args.hf_dataset,
+                                hf_config=args.hf_config, hf_split=args.split, skip_binary=args.skip_binary,
+                                overwrite=args.overwrite)
+    print(f"wrote {args.out}: {tokenizer.vocab_size:,} tokens ({len(tokenizer.merges):,} merges, "
+          f"{len(tokenizer.special_tokens)} special) in {time.perf_counter() - start:.1f} s; "
+          f"next: gptlab prepare INPUT... --tokenizer {args.out} --out DATA_DIR")
+    if tokenizer.vocab_size < args.vocab_size:
+        print(f"gptlab tokenizer: note: the corpus had no more pairs to merge, so {tokenizer.vocab_size:,} tokens "
+              f"rather than {args.vocab_size:,}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -535,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gptlab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_add_prepare, _add_train, _add_sample, _add_serve, _add_export, _add_eval, _add_ngram,
-                _add_attention):
+                _add_attention, _add_tokenizer):
         add(sub)
     return parser
 

@@ -2,7 +2,7 @@
 
 `GPTConfig` describes the network: what a checkpoint needs to be rebuilt. The GPT-2 sizes and the small
 CPU sizes are plain dictionaries of overrides, readable at a glance. (One training run is described by
-`gptlab.train.config.TrainConfig`; what one request to the server may ask for, by `ServerLimits`.)
+`gptlab.train.config.TrainConfig`; what the server accepts, by `gptlab.serve.limits.ServerLimits`.)
 """
 
 from __future__ import annotations
@@ -74,19 +74,3 @@ def model_preset(name: str, **overrides: Any) -> GPTConfig:
         raise GptlabError(f"unknown model size {name!r}; known sizes: {known}")
     base.update(overrides)
     return GPTConfig(**base)
-
-
-@dataclass(frozen=True)
-class ServerLimits:
-    """What `gptlab serve` accepts and holds; each field is a `gptlab serve` option.
-
-    Kept here, not in serve/, so the command line can show the defaults without importing the
-    web stack.
-    """
-
-    max_tokens: int = 256  # the largest max_tokens a request may ask for
-    max_body_bytes: int = 1 << 20  # larger request bodies are refused with 413 before they are parsed
-    max_choices: int = 16  # prompts x n in one request
-    max_batch: int = 16  # sequences the engine advances together in one step
-    max_queue: int = 64  # sequences waiting for a place in the batch; more are refused with 429
-    kv_cache_mb: int = 1024  # the KV cache's budget; sequences wait while the running ones fill it

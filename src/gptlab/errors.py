@@ -18,3 +18,15 @@ class EnvironmentProblem(GptlabError):
     """The machine cannot do what was asked: no space, no permission, no such device."""
 
     exit_code = 3
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): library messages can
+    run to many lines, and a user-facing error stays one."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def failure_cause(exc: BaseException) -> str:
+    """What a failure was, in one line for a log or a record: the exception's type and its first line."""
+    return f"{type(exc).__name__}: {first_line(exc)}" if str(exc).strip() else type(exc).__name__

@@ -94,11 +94,12 @@ def fast_bf16(device: torch.device | str, speedup: Callable[[], float], threshol
 
 def warn_if_emulated(
     dtype: str | torch.dtype, device: torch.device | str, say: Callable[[str], None] | None = None,
-    option: str = "--dtype",
+    option: str = "--dtype", way_out: str | None = None,
 ) -> float | None:
     """Say once per process and device where bf16 was asked for and this device runs it slower than
-    float32 (emulated in software), with the measured factor and the way out; returns the measured
-    speedup (None where nothing was measured: another dtype, or a device that was already told)."""
+    float32 (emulated in software), with the measured factor and the way out (`way_out`; by default
+    `{option} auto`, training's); returns the measured speedup (None where nothing was measured: another
+    dtype, or a device that was already told)."""
     if dtype not in ("bfloat16", torch.bfloat16):
         return None
     device = torch.device(device)
@@ -110,7 +111,7 @@ def warn_if_emulated(
         native = "" if bf16_native(device) else " (it has no native bf16: the products are emulated in software)"
         message = (f"warning: {option} bfloat16: this {device.type.upper() if device.type == 'cpu' else 'GPU'} "
                    f"multiplies bf16 matrices {1 / max(speedup, 1e-12):,.1f}x slower than float32{native}; "
-                   f"{option} auto chooses the faster, here float32")
+                   f"{way_out or f'{option} auto chooses the faster, here float32'}")
         (say or (lambda line: print(line, file=sys.stderr)))(message)
     return speedup
 

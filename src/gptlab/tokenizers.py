@@ -1,4 +1,5 @@
-"""Tokenizers: a character vocabulary for tiny experiments and GPT-2's exact byte-level BPE.
+"""Tokenizers: a character vocabulary for tiny experiments, GPT-2's exact byte-level BPE, and byte-level
+BPEs trained on one's own corpus (`gptlab tokenizer train`, see gptlab.data.tokenizer_training).
 
 Both sit behind one small interface so data preparation, training and sampling never care which
 one a run uses. A tokenizer is saved next to the data it produced and loaded back by directory,
@@ -8,6 +9,7 @@ which keeps a prepared dataset, its checkpoints and its samples consistent with 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import tiktoken
 
+from gptlab.bpe import PATTERNS, bytes_to_unicode
 from gptlab.errors import GptlabError
 from gptlab.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -42,7 +45,7 @@ class Tokenizer(ABC):
     @property
     @abstractmethod
     def name(self) -> str:
-        """The short name recorded in meta.json and checkpoints ("char" or "gpt2")."""
+        """The short name recorded in meta.json and checkpoints ("char", "gpt2" or "bpe")."""
 
     @property
     @abstractmethod
@@ -229,7 +232,9 @@ def _load_saved(file: Path) -> Tokenizer:
             return CharTokenizer(payload["chars"])
         except GptlabError as exc:
             raise GptlabError(f"{file}: {exc}") from None
-    raise GptlabError(f"{file} is not a valid gptlab tokenizer file (expected type 'char' with chars, or 'gpt2')")
+    if kind == "bpe":
+        return BPETokenizer.load(file.parent, payload)
+    raise GptlabError(f"{file} is not a valid gptlab tokenizer file (expected type 'char' with chars, 'gpt2' or 'bpe')")
 
 
 def _load_hf_gpt2(vocab_file: Path) -> Tokenizer:
@@ -259,7 +264,7 @@ def _gpt2_encoding() -> tiktoken.Encoding:
     GPT-2's ids for merged tokens are assigned in merge order, so a token's id is exactly its BPE
     rank; that lets the ranks come straight from vocab.json.
     """
-    byte_of = {ch: b for b, ch in _bytes_to_unicode().items()}
+    byte_of = {ch: b for b, ch in bytes_to_unicode().items()}
     ranks = {
         bytes(byte_of[ch] for ch in token): token_id
         for token, token_id in _gpt2_vocab().items()
@@ -280,7 +285,7 @@ def _gpt2_vocab() -> dict[str, int]:
 
 
 def gpt2_vocab() -> dict[str, int]:
-    """GPT-2's vocab.json: each token as its byte-level string (see `_bytes_to_unicode`) -> its id."""
+    """GPT-2's vocab.json: each token as its byte-level string (see `gptlab.bpe.bytes_to_unicode`) -> its id."""
     return dict(_gpt2_vocab())
 
 
@@ -288,20 +293,6 @@ def gpt2_merges() -> list[str]:
     """GPT-2's merges in rank order, each 'left right' as merges.txt writes it (its version line dropped)."""
     lines = _asset_bytes(_MERGES_ASSET).decode("utf-8").splitlines()
     return [line for line in lines if line and not line.startswith("#version")]
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 stores each byte as a printable character so vocab.json can be plain text.
-
-    Printable Latin-1 bytes stand for themselves; the other 68 bytes are mapped, in byte order,
-    to the code points from U+0100 upwards.
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    mapping = {b: chr(b) for b in printable}
-    shifted = (b for b in range(256) if b not in mapping)
-    for offset, b in enumerate(shifted):
-        mapping[b] = chr(256 + offset)
-    return mapping
 
 
 def _asset_bytes(filename: str) -> bytes:
@@ -324,3 +315,136 @@ def document_start_ids(tokenizer: Tokenizer) -> list[int]:
         return tokenizer.encode("\n")
     except GptlabError:
         return [0]
+
+
+class BPETokenizer(Tokenizer):
+    """A byte-level BPE of one's own (`gptlab tokenizer train`), in GPT-2's files: vocab.json + merges.txt.
+
+    The merges define it. Ids: the 256 bytes in GPT-2's order, then one token per merge in merge
+    order, then the special tokens (`<|endoftext|>` first). As in GPT-2, every merged token's id is
+    its merge rank, so tiktoken, given the ids as ranks, encodes as Hugging Face's BPE does with
+    merges.txt (for merges learned by BPE training, where every merge joins a pair seen in training;
+    the tests check it on mixed and random text); gptlab encodes with tiktoken, which is fast. The pre-tokenizer's pattern is
+    GPT-2's or GPT-4's (`gptlab.bpe.PATTERNS`); `save` also writes a Hugging Face `tokenizer.json`
+    holding it, which `AutoTokenizer` reads (transformers' GPT-2 class assumes GPT-2's pattern).
+    """
+
+    def __init__(self, merges: Sequence[tuple[str, str]], pattern: str = "gpt2",
+                 special_tokens: Sequence[str] = (GPT2_EOT,), directory: Path | None = None) -> None:
+        if pattern not in PATTERNS:
+            raise GptlabError(f"unknown pre-tokenizer pattern {pattern!r}; expected one of {', '.join(PATTERNS)}")
+        if not special_tokens or special_tokens[0] != GPT2_EOT or len(set(special_tokens)) != len(special_tokens) \
+                or not all(isinstance(s, str) and s for s in special_tokens):
+            raise GptlabError(f"special tokens must be distinct non-empty strings, {GPT2_EOT} first")
+        vocab = {char: i for i, char in enumerate(bytes_to_unicode().values())}
+        for number, (a, b) in enumerate(merges, start=1):
+            if a not in vocab or b not in vocab:
+                raise GptlabError(f"merge {number} ({a} {b}) joins a token that no earlier merge made")
+            if a + b in vocab:
+                raise GptlabError(f"merge {number} ({a} {b}) makes a token an earlier merge made; each merge must "
+                                  "make a new token")
+            vocab[a + b] = len(vocab)
+        for special in special_tokens:
+            if special in vocab:
+                raise GptlabError(f"the special token {special!r} is also a learned token; choose one that cannot "
+                                  "be a word of the corpus, e.g. <|name|>")
+            vocab[special] = len(vocab)
+        self._merges = [(a, b) for a, b in merges]
+        self._vocab = vocab
+        self.pattern = pattern
+        self.special_tokens = list(special_tokens)
+        self.directory = directory
+        byte_of = {char: b for b, char in bytes_to_unicode().items()}
+        self._encoding = tiktoken.Encoding(
+            name=f"gptlab-bpe-{len(vocab)}",
+            pat_str=PATTERNS[pattern],
+            mergeable_ranks={bytes(byte_of[c] for c in token): i for token, i in vocab.items()
+                             if i < len(vocab) - len(special_tokens)},
+            special_tokens={special: vocab[special] for special in special_tokens},
+            explicit_n_vocab=len(vocab),
+        )
+
+    @classmethod
+    def load(cls, directory: Path, marker: dict) -> BPETokenizer:
+        """Rebuild from the files `save` wrote, refusing a vocab.json that the merges do not produce."""
+        pattern, specials = marker.get("pattern"), marker.get("special_tokens")
+        if not isinstance(pattern, str) or not isinstance(specials, list):
+            raise GptlabError(f"{directory / TOKENIZER_FILE}: a bpe tokenizer needs a pattern and special_tokens")
+        try:
+            lines = (directory / "merges.txt").read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise GptlabError(f"cannot read {directory / 'merges.txt'}: {exc}") from None
+        if lines and lines[0].startswith("#version"):  # the header line (only the first: "#version" can be a token)
+            lines = lines[1:]
+        merges = [tuple(line.split(" ")) for line in lines if line]
+        if any(len(merge) != 2 for merge in merges):
+            raise GptlabError(f"{directory / 'merges.txt'}: every line must be two tokens separated by one space")
+        tokenizer = cls(merges, pattern, specials, directory)  # type: ignore[arg-type]
+        if _read_json(directory / "vocab.json") != tokenizer._vocab:
+            raise GptlabError(f"{directory / 'vocab.json'} disagrees with merges.txt (not the vocabulary they make); "
+                              "train the tokenizer again")
+        return tokenizer
+
+    @property
+    def name(self) -> str:
+        return "bpe"
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._vocab)
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._vocab[GPT2_EOT]
+
+    @property
+    def merges(self) -> list[tuple[str, str]]:
+        """The merges in the order they were learned, as GPT-2's byte characters (merges.txt)."""
+        return list(self._merges)
+
+    @property
+    def encoding(self) -> tiktoken.Encoding:
+        """The tiktoken encoding: `encode(text, allowed_special="all")` also turns special tokens into ids."""
+        return self._encoding
+
+    def fingerprint(self) -> str:
+        """What tells two such tokenizers apart (the same size does not)."""
+        payload = json.dumps([self.pattern, self.special_tokens, self._merges]).encode("utf-8")
+        return hashlib.sha256(payload).hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        return self._encoding.encode_ordinary(text)
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        return self._encoding.decode_bytes(_checked_ids(ids, self.vocab_size))
+
+    def save(self, directory: str | Path) -> None:
+        """GPT-2's files, transformers' configuration and a Hugging Face tokenizer.json, plus our marker."""
+        from tokenizers import Regex
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, processors
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        hf = HFTokenizer(models.BPE(vocab=self._vocab, merges=self._merges))
+        hf.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(PATTERNS[self.pattern]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+        hf.decoder = decoders.ByteLevel()
+        hf.post_processor = processors.ByteLevel(trim_offsets=False)
+        hf.add_special_tokens(self.special_tokens)
+        atomic_write_text(directory / "tokenizer.json", hf.to_str())
+        atomic_write_text(directory / "vocab.json", json.dumps(self._vocab, ensure_ascii=False))
+        atomic_write_text(directory / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self._merges))
+        special = {"bos_token": GPT2_EOT, "eos_token": GPT2_EOT, "unk_token": GPT2_EOT,
+                   "additional_special_tokens": self.special_tokens[1:]}
+        # transformers' GPT-2 class rebuilds GPT-2's pre-tokenizer whatever tokenizer.json says, so another
+        # pattern names the generic class, which reads tokenizer.json as it is
+        kind = "GPT2Tokenizer" if self.pattern == "gpt2" else "PreTrainedTokenizerFast"
+        config = {"tokenizer_class": kind, **special, "add_prefix_space": False, "clean_up_tokenization_spaces": False}
+        atomic_write_json(directory / "tokenizer_config.json", config)
+        atomic_write_json(directory / "special_tokens_map.json", special)
+        marker = {"type": "bpe", "pattern": self.pattern, "special_tokens": self.special_tokens,
+                  "vocab": "vocab.json", "merges": "merges.txt"}
+        atomic_write_text(directory / TOKENIZER_FILE, json.dumps(marker))

@@ -22,14 +22,14 @@ from tqdm import tqdm
 
 from gptlab.errors import GptlabError
 from gptlab.fileio import environment_errors
-from gptlab.tokenizers import CharTokenizer, GPT2Tokenizer, Tokenizer
+from gptlab.tokenizers import CharTokenizer, GPT2Tokenizer, Tokenizer, load_tokenizer
 
 from .inputs import FileSource, Source, file_sources, hf_source
 from .layout import FORMAT, FORMAT_VERSION, SPLITS
 from .output import OutputDir
 from .readers import Corpus, Piece
 from .shards import ShardWriter
-from .workers import (DOCUMENT_SEPARATOR, Workers, available_cores, distinct_chars, encode, file_sha256,
+from .workers import (DOCUMENT_SEPARATOR, Workers, available_cores, distinct_chars, encode, file_sha256, share,
                       tokenizer_spec)
 
 DEFAULT_SHARD_TOKENS = 100_000_000
@@ -54,6 +54,7 @@ def prepare(
 ) -> dict:
     """Tokenise the corpus into `out_dir` and return its meta.json.
 
+    `tokenizer` is "char", "gpt2" or a directory holding a saved tokenizer (`gptlab tokenizer train`).
     Inputs are files, directories and glob patterns (the format from each file's suffix) and,
     with `hf_dataset`, a Hugging Face dataset. Every check of the inputs and of the output runs
     before anything is written, and the old dataset, if `overwrite` replaces one, goes only when
@@ -62,8 +63,9 @@ def prepare(
     """
     if not 0 <= val_fraction < 1:
         raise GptlabError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if tokenizer not in ("char", "gpt2"):
-        raise GptlabError(f"unknown tokenizer {tokenizer!r}; expected 'char' or 'gpt2'")
+    if tokenizer not in ("char", "gpt2") and not Path(tokenizer).is_dir():
+        raise GptlabError(f"unknown tokenizer {tokenizer!r}; expected 'char', 'gpt2' or a tokenizer directory")
+    saved = load_tokenizer(Path(tokenizer)) if tokenizer not in ("char", "gpt2") else None  # (gptlab tokenizer train)
     if shard_tokens < 1 or (workers is not None and workers < 1) or not text_field:
         raise GptlabError("shard_tokens and workers must be positive and text_field must be a field name")
     output = OutputDir(out_dir)
@@ -74,10 +76,12 @@ def prepare(
     output.check(overwrite)
     size = corpus.total_bytes
     count = workers or (1 if size is not None and size < 4 * _BATCH_CHARS else available_cores())
-    gpt2 = GPT2Tokenizer() if tokenizer == "gpt2" else None  # built before the workers fork, so they share it
+    ready = GPT2Tokenizer() if tokenizer == "gpt2" else saved  # built before the workers fork, so they share it
+    if ready is not None:
+        share(ready)
     with output.staging(overwrite) as staging, Workers(count) as pool:
         hashes = {s.label: pool.submit(file_sha256, s.path) for s in sources if isinstance(s, FileSource)}
-        tok: Tokenizer = gpt2 or _char_vocabulary(corpus, pool, show_progress)
+        tok: Tokenizer = ready or _char_vocabulary(corpus, pool, show_progress)
         with environment_errors(output.path):
             written = _tokenise(corpus, tok, pool, staging, val_fraction, shard_tokens, show_progress)
         tok.save(staging)

@@ -26,12 +26,12 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from gptlab.errors import EnvironmentProblem
+from gptlab.errors import EnvironmentProblem, GptlabError
 from gptlab.fileio import environment_errors
-from gptlab.tokenizers import CharTokenizer, GPT2Tokenizer, Tokenizer
+from gptlab.tokenizers import BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer, load_tokenizer
 
 DOCUMENT_SEPARATOR = "\n\n"  # between documents, for a tokenizer without an end-of-text token
-TokenizerSpec = tuple[str, str]  # ("gpt2", "") or ("char", the vocabulary in id order)
+TokenizerSpec = tuple[str, str]  # ("gpt2", ""), ("char", the vocabulary in id order), ("bpe", "fingerprint:directory")
 Tag = TypeVar("Tag")
 
 
@@ -43,13 +43,35 @@ def available_cores() -> int:
 
 
 def tokenizer_spec(tokenizer: Tokenizer) -> TokenizerSpec:
-    return ("char", "".join(tokenizer.chars)) if isinstance(tokenizer, CharTokenizer) else (tokenizer.name, "")
+    """What a worker rebuilds the tokenizer from: small, since it travels with every batch."""
+    if isinstance(tokenizer, CharTokenizer):
+        return ("char", "".join(tokenizer.chars))
+    if isinstance(tokenizer, BPETokenizer):  # prepare loads it from a directory; the fingerprint says which
+        return ("bpe", f"{tokenizer.fingerprint()}:{tokenizer.directory}")
+    return (tokenizer.name, "")
+
+
+_SHARED: dict[TokenizerSpec, Tokenizer] = {}
+
+
+def share(tokenizer: Tokenizer) -> None:
+    """Keep a tokenizer built in the parent for the workers: forked after this, they inherit it rather
+    than each load and build it again (a trained BPE's rank table, as GPT-2's is shared)."""
+    _SHARED[tokenizer_spec(tokenizer)] = tokenizer
 
 
 @functools.lru_cache(maxsize=2)
 def _tokenizer(spec: TokenizerSpec) -> Tokenizer:
-    kind, chars = spec
-    return CharTokenizer(list(chars)) if kind == "char" else GPT2Tokenizer()
+    if spec in _SHARED:
+        return _SHARED[spec]
+    kind, detail = spec
+    if kind == "bpe":
+        fingerprint, _, directory = detail.partition(":")
+        tokenizer = load_tokenizer(Path(directory))
+        if not isinstance(tokenizer, BPETokenizer) or tokenizer.fingerprint() != fingerprint:
+            raise GptlabError(f"the tokenizer in {directory} changed while prepare was reading it")
+        return tokenizer
+    return CharTokenizer(list(detail)) if kind == "char" else GPT2Tokenizer()
 
 
 def separator_ids(tokenizer: Tokenizer) -> list[int]:

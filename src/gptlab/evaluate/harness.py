@@ -5,12 +5,12 @@ continuation is the greedy one (multiple choice, LAMBADA). `loglikelihood_rollin
 read in disjoint windows of the context (WikiText). `generate_until`: text generated until a stop
 string. Here all three run on gptlab's own model and tokenizer, GPT-2 BPE and character-level runs
 alike: the two likelihoods through the one scorer (`scorer.token_nll`, the LM head only at the
-continuation's positions), generation through gptlab's cached decoding (`generation.complete`, all
+continuation's positions), generation through gptlab's cached decoding (`inference.complete`, all
 prompts of a batch in one KV cache).
 
 The inputs are exactly those of lm-eval's `hf` model (the same truncation from the left to the
 context, the same rolling windows, the same end-of-text prefix for an empty context, the same stop
-strings), so on a run Hugging Face can load both give the same scores (tests/test_harness.py).
+strings), so on a run Hugging Face can load both give the same scores (tests/evaluate/test_harness.py).
 
 A character-level vocabulary knows only its corpus's characters: the others are left out of the text
 before it is encoded (their probability under the model is zero), and a warning names them.
@@ -33,9 +33,9 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from ..checkpoint import load_pretrained
 from ..errors import GptlabError
-from ..generation import SamplingParams, complete
+from ..inference import SamplingParams, complete
+from ..inference.loading import DTYPES, load_pretrained
 from ..model import GPT
 from ..tokenizers import CharTokenizer, Tokenizer, document_start_ids
 from .scorer import token_nll
@@ -67,15 +67,17 @@ class GptlabLM(TemplateLM):
         if self._device.type == "cuda" and not torch.cuda.is_available():  # lm_eval's command line says cuda
             log.warning("CUDA is not available on this machine: evaluating on the CPU")
             self._device = torch.device("cpu")
+        if dtype not in DTYPES:
+            raise GptlabError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
         if model is None:
             if pretrained is None:
                 raise GptlabError("the gptlab model needs pretrained=RUN_DIR (a run or a Hugging Face GPT-2 directory)")
-            model, tokenizer = load_pretrained(pretrained, self._device)
+            model, tokenizer = load_pretrained(pretrained, self._device, dtype=dtype)
         elif tokenizer is None:
             raise GptlabError("a gptlab model given as an object needs its tokenizer too")
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise GptlabError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
-        self.model = model.to(self._device, getattr(torch, dtype)).eval()
+        else:
+            model = model.to(self._device, getattr(torch, dtype)).eval()
+        self.model = model
         self.gptlab_tokenizer = tokenizer
         self.name = str(pretrained) if pretrained is not None else "gptlab model"
         self._batch_size = _positive(batch_size, "batch_size", DEFAULT_BATCH_SIZE, allow_auto=True)

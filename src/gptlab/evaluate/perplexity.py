@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import load_pretrained
 from ..data import TokenDataset
 from ..errors import GptlabError
+from ..inference.loading import load_pretrained
 from ..model import GPT
 from ..tokenizers import Tokenizer
 from .baselines import baseline_rows, ngram_scores

@@ -35,9 +35,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..errors import GptlabError
+from ..inference.modes import eval_mode
 from ..model import GPT
 from ..threads import ThreadTuner, inference_adapts
-from ..tokenizers import CharTokenizer, Tokenizer
+from ..tokenizers import BPETokenizer, CharTokenizer, Tokenizer
 
 logger = logging.getLogger("gptlab.evaluate")
 
@@ -135,9 +136,11 @@ def _length_table(tokenizer: Tokenizer) -> np.ndarray:
 
 
 def signature(tokenizer: Tokenizer) -> tuple:
-    """What makes two tokenizers the same: the name and, for characters, which character each id is."""
+    """What makes two tokenizers the same: the name and, for characters or a trained BPE, which token each id is."""
     if isinstance(tokenizer, CharTokenizer):
         return (tokenizer.name, tuple(tokenizer.chars))
+    if isinstance(tokenizer, BPETokenizer):
+        return (tokenizer.name, tokenizer.fingerprint())
     return (tokenizer.name, tokenizer.vocab_size)
 
 
@@ -188,13 +191,11 @@ def score_tokens(
     tokens = np.asarray(tokens)
     if len(tokens) < 2:
         raise GptlabError(f"the text has {len(tokens)} token(s); scoring needs at least 2")
-    was_training = model.training
-    model.eval()
     scored = []
     threads = ThreadTuner(inference_adapts(device), logger.info, name="scoring threads")
     try:
-        with tqdm(total=len(tokens) - 1, desc="scoring", unit="tok", unit_scale=True, leave=False,
-                  disable=None if progress is None else not progress) as bar:
+        with eval_mode(model), tqdm(total=len(tokens) - 1, desc="scoring", unit="tok", unit_scale=True,
+                                    leave=False, disable=None if progress is None else not progress) as bar:
             for batch in _batches(windows(len(tokens), context, stride), batch_size):
                 threads.before_step(shape=(len(batch), batch[0][2] - batch[0][0]))
                 started = time.perf_counter()
@@ -203,7 +204,6 @@ def score_tokens(
                 bar.update(scored[-1][1])
     finally:
         threads.restore()
-        model.train(was_training)
     return sum(nll for nll, _ in scored), sum(count for _, count in scored)
 
 

@@ -7,18 +7,18 @@ absence is one line naming the install command.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..errors import GptlabError
 from ..fileio import atomic_write_text, environment_errors
+from ..inference.modes import eval_mode
 from ..model import GPT
 from ..tokenizers import Tokenizer
 
@@ -112,14 +112,12 @@ def run_tasks(
     for name, value in (("--num-fewshot", num_fewshot), ("--limit", limit)):
         if value is not None and value < 0:
             raise GptlabError(f"{name} must not be negative, got {value}")
-    lm = GptlabLM(pretrained=model_path, model=model, tokenizer=tokenizer, device=device, batch_size=batch_size)
-    was_training = lm.model.training
-    try:
+    # a model handed in (training's) goes back in the mode it came in: GptlabLM puts it in eval mode
+    with contextlib.nullcontext() if model is None else eval_mode(model):
+        lm = GptlabLM(pretrained=model_path, model=model, tokenizer=tokenizer, device=device, batch_size=batch_size)
         raw = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
                                       task_manager=manager, log_samples=False, verbosity="WARNING",
                                       bootstrap_iters=bootstrap_iters)
-    finally:
-        lm.model.train(was_training)
     raw.pop("samples", None)
     return TaskResults(raw)
 
@@ -134,30 +132,3 @@ def results_path(model_path: str | Path, tasks: list[str]) -> Path:
         n += 1
         path = stem.with_name(f"{stem.name}-{n}.json")
     return path
-
-
-def tasks_due(config: Any, step: int) -> bool:
-    """`gptlab train --eval-tasks`: score the tasks at this evaluation? (every one, or steps N divides)."""
-    return bool(config.eval_tasks) and (config.eval_tasks_every == 0 or step % config.eval_tasks_every == 0)
-
-
-def task_scores(model: GPT, tokenizer: Tokenizer, config: Any, device: torch.device) -> dict[str, float]:
-    """The training model's `task/metric` scores, as llm.c and modded-nanogpt log HellaSwag while training.
-
-    lm-eval seeds Python's, numpy's and torch's global generators; their states are put back, so
-    scoring tasks never changes what training draws next. No bootstrapped standard errors: lm-eval
-    computes them in a pool of processes forked from this one, and a child forked from a training
-    process (its OpenMP and other threads mid-work) deadlocked.
-    """
-    states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
-              torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    try:
-        return run_tasks(parse_tasks(config.eval_tasks), model=model, tokenizer=tokenizer, device=device,
-                         limit=config.eval_tasks_limit or None, include_path=config.eval_tasks_path or None,
-                         bootstrap_iters=0).metrics()
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
-        if states[3] is not None:
-            torch.cuda.set_rng_state_all(states[3])

@@ -33,18 +33,19 @@ rule, so both give the same tokens at any length.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence as Seq
+from collections.abc import Sequence as Seq
 
 import torch
 
+from ..errors import failure_cause
 from ..model import GPT
 from ..threads import ThreadTuner, inference_adapts
 from .cache import SlotCache
+from .modes import eval_mode
 from .params import SamplingParams, _is_int
 from .sampler import Sampler, TokenLogprobs, logprobs_of
 from .text import TextTracker
@@ -167,7 +168,7 @@ class Engine:
         that the kernels' one-time measurements of those shapes (`gptlab.kernels`, cached on disk per
         machine) happen now and not under a request. A server measures the first pair before it listens
         and the others while it waits for requests (serve/engine_thread.py)."""
-        with torch.inference_mode(), _eval_mode(self.model):
+        with torch.inference_mode(), eval_mode(self.model):
             for rows, count in self.warm_up_plan() if plan is None else plan:
                 if torch.get_num_threads() != count:
                     torch.set_num_threads(count)
@@ -230,7 +231,7 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
         """Advance every running sequence by one token; returns the sequences that changed."""
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             if self._cancelled:
                 self._drop_cancelled()
             generators = self._generator_states()
@@ -427,22 +428,3 @@ class Engine:
             self.cache.release()
             self.sampler.release()
             self.threads.restore()
-
-
-def failure_cause(exc: BaseException) -> str:
-    """What a failure was, in one line: the exception's type and the first line of its message."""
-    first = next(iter(str(exc).strip().splitlines()), "")
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Generate without dropout, then give the model back in the mode it had."""
-    was_training = model.training
-    if was_training:
-        model.eval()
-    try:
-        yield
-    finally:
-        if was_training:
-            model.train()

@@ -1,5 +1,5 @@
 """The library's ways to generate, each a private engine run to the end: `generate` (ids in, ids out,
-as `GPT.generate`), `complete` (a batch of prompts to finished `Completion`s) and `TextStream` (one
+as nanoGPT's `GPT.generate` did), `complete` (a batch of prompts to finished `Completion`s) and `TextStream` (one
 prompt's text as it arrives). `gptlab sample` uses `TextStream`; `gptlab serve` shares one engine
 between all its clients."""
 

@@ -11,30 +11,39 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20  # the most alternatives per position a request may ask for, as vLLM's default
+
+
+def _param(default: object, help: str, metavar: str | None = None) -> object:
+    """A field whose metadata is its help line (`gptlab sample` generates its options from them)."""
+    return field(default=default, metadata={"help": help, "metavar": metavar})
 
 
 @dataclass
 class SamplingParams:
     """How to continue a prompt. `validate()` raises ValueError naming the first invalid field."""
 
-    max_new_tokens: int = 128
-    temperature: float = 1.0  # 0 is greedy
-    top_k: int | None = None  # sample among the k most likely tokens only
-    top_p: float | None = None  # sample within the smallest set of tokens whose mass reaches top_p
-    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or the output (CTRL)
-    presence_penalty: float = 0.0  # subtracted once from the logit of every token already generated
-    frequency_penalty: float = 0.0  # subtracted from a token's logit once per time it was generated
-    logit_bias: Mapping[int, float] | None = None  # token id -> added to its logit before sampling
-    seed: int | None = None  # same seed, same text on every run and in any batch; None: torch's global RNG
-    stop: tuple[str, ...] = ()  # stop strings, matched on decoded text, left out of the result
-    stop_at_eos: bool = True  # stop at the tokenizer's eos_id when it has one
-    stop_token_ids: tuple[int, ...] = ()  # more ids that end the text like eos (left out of it)
-    min_tokens: int = 0  # eos and stop_token_ids cannot end the text before this many tokens
-    logprobs: int | None = None  # per generated token: its log-probability and the N most likely
-    prompt_logprobs: int | None = None  # the same for every prompt token after the first
+    max_new_tokens: int = _param(128, "tokens to generate")
+    temperature: float = _param(1.0, "softmax temperature; 0 is greedy")
+    top_k: int | None = _param(None, "sample only among the k most likely tokens")
+    top_p: float | None = _param(None, "sample only within the nucleus of this mass (the smallest set of "
+                                       "tokens whose probabilities reach it)")
+    repetition_penalty: float = _param(1.0, "divide the logits of tokens already seen (prompt or output) by "
+                                            "this (CTRL); 1 is none")
+    presence_penalty: float = _param(0.0, "subtracted once from the logit of every token already generated")
+    frequency_penalty: float = _param(0.0, "subtracted from a token's logit once per time it was generated")
+    logit_bias: Mapping[int, float] | None = _param(None, "token id -> added to its logit before sampling")
+    seed: int | None = _param(None, "random seed, for reproducible samples: same seed, same text on every run "
+                                    "and in any batch (None: torch's global generator)")
+    stop: tuple[str, ...] = _param((), "stop when the text contains TEXT (left out of the output); repeat "
+                                       "for several", metavar="TEXT")
+    stop_at_eos: bool = _param(True, "stop at the tokenizer's eos_id when it has one")
+    stop_token_ids: tuple[int, ...] = _param((), "more ids that end the text like eos (left out of it)")
+    min_tokens: int = _param(0, "eos and stop_token_ids cannot end the text before this many tokens")
+    logprobs: int | None = _param(None, "per generated token: its log-probability and the N most likely")
+    prompt_logprobs: int | None = _param(None, "the same for every prompt token after the first")
 
     def validate(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import GptlabError
+from ..errors import GptlabError, failure_cause
 from ..fileio import atomic_write_json
 
 ROUNDS = 5  # timed rounds per candidate, after one warm-up call; each candidate's fastest counts
@@ -102,7 +102,7 @@ def _guarded(name: str, step: Callable[[], object], unavailable: dict[str, str])
     try:
         return step()
     except Exception as exc:  # noqa: BLE001 - whatever a candidate raises makes it unavailable here
-        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        reason = failure_cause(exc)
         unavailable[name] = reason
         if (name, reason) not in _logged:
             _logged.add((name, reason))

@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from ..config import ServerLimits
+from .limits import ServerLimits
 from ..tokenizers import Tokenizer
 from .errors import ERROR_RESPONSES, install_error_handlers
 from .middleware import BodyChecks, HostCheck

@@ -19,10 +19,9 @@ import torch
 import uvicorn
 from fastapi import FastAPI
 
-from ..checkpoint import load_pretrained
-from ..config import ServerLimits
+from .limits import ServerLimits
 from ..errors import EnvironmentProblem, GptlabError
-from ..quantize import quantize_int8
+from ..inference.loading import load_pretrained
 from .app import create_app
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
@@ -82,11 +81,10 @@ def running_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iter
 
 
 def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device: str | torch.device = "cpu",
-          model_id: str | None = None, limits: ServerLimits = ServerLimits(), quantize: str | None = None) -> None:
-    """Load the model once (int8-quantized with `quantize="int8"`) and serve it until interrupted."""
-    model, tokenizer = load_pretrained(model_dir, device)
-    if quantize == "int8":
-        quantize_int8(model)
+          model_id: str | None = None, limits: ServerLimits = ServerLimits(), dtype: str = "float32",
+          quantize: str | None = None) -> None:
+    """Load the model once (in `dtype`, int8-quantized with `quantize="int8"`) and serve it until interrupted."""
+    model, tokenizer = load_pretrained(model_dir, device, dtype=dtype, quantize=quantize)
     sock = bind(host, port)
     name = model_id or Path(str(model_dir).rstrip("/")).name
     url = base_url(sock)

@@ -16,7 +16,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..config import ServerLimits
+from .limits import ServerLimits
 from ..errors import GptlabError
 from ..inference import Completion, Engine, SamplingParams, failure_cause
 from ..tokenizers import Tokenizer, document_start_ids

@@ -11,8 +11,11 @@ checkpoint: everything `--resume` needs, model included; see state.py), `metrics
     state.py      TrainState: the checkpoint, saved and restored from one definition
     loop.py       steps, evaluates, checkpoints
     run_dir.py    what may be replaced, the lock, the auto-numbered default
-    device.py     device, dtype, TF32, torch.compile, memory
+    device.py     dtype, autocast, TF32, torch.compile, memory (the device itself: gptlab.device)
     run.py        train(): setup, fit, finish
+    report.py     report.md/report.json: the run against n-gram baselines (or the adder's exact match)
+    adder.py      the adder task: two-digit addition, its data set and its grading
+    eval_tasks.py --eval-tasks: lm-eval scores logged at evaluations
     optim.py, distributed.py, metrics.py, progress.py (the bar, the busy-CPU warning)
 """
 
@@ -22,7 +25,7 @@ from ..lazy import lazy_attributes
 
 _EXPORTS = {
     "TRAIN_PRESETS": ".config", "TrainConfig": ".config", "build_train_config": ".config",
-    "resolve_device": ".device", "saved_options": ".setup", "TrainResult": ".run", "train": ".run",
+    "saved_options": ".setup", "TrainResult": ".run", "train": ".run",
 }
 __all__ = sorted(_EXPORTS)
 # the command line reads TrainConfig for every command's parser: that must not import torch

@@ -46,6 +46,15 @@ class TrainConfig:
     task: str = option("text", "text: a prepared corpus; adder: two-digit addition, generated in memory")
     out: str = option("", "the run directory; empty: runs/<preset>-N, the first free N")
     init_from: str = option("", "a run or Hugging Face GPT-2 directory (or a GPT-2 size) to fine-tune from")
+    # LoRA (Hu et al. 2021): with --init-from, train low-rank adapters of the frozen model
+    lora_rank: int = option(0, "with --init-from: the rank r of LoRA adapters, trained alone while every weight of "
+                               "the model stays frozen; the run saves the adapter as peft does; 0: no LoRA, train "
+                               "every weight")
+    lora_alpha: float = option(16.0, "LoRA's alpha: the update B A is scaled by alpha / r")
+    lora_dropout: float = option(0.0, "dropout probability in [0, 1) on the input of the LoRA update")
+    lora_targets: str = option("c_attn,c_proj,c_fc", "the layers LoRA adapts, comma-separated, by peft's names: "
+                                                     "c_attn, c_proj (attn.c_proj and mlp.c_proj), c_fc, "
+                                                     "attn.c_proj, mlp.c_proj")
     # model
     n_layer: int = option(4, "transformer blocks")
     n_head: int = option(4, "attention heads per block; must divide --n-embd")
@@ -144,6 +153,7 @@ class TrainConfig:
                 f"--grad-accum {self.grad_accum} must be a multiple of --nproc {self.nproc}: it counts the "
                 f"micro-batches of a whole step, shared equally among the processes"
             )
+        self.validate_lora()
         if self.eval_tasks_path and not Path(self.eval_tasks_path).is_dir():
             raise GptlabError(f"--eval-tasks-path {self.eval_tasks_path}: no such directory of lm-eval task files")
         if self.decay_by_time and not self.max_time:
@@ -154,6 +164,25 @@ class TrainConfig:
             if getattr(self, name) not in choices:
                 raise GptlabError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
                                   f"got {getattr(self, name)!r}")
+
+    def validate_lora(self) -> None:
+        if self.lora_rank < 0:
+            raise GptlabError(f"--lora-rank must be at least 1 (or 0: no LoRA), got {self.lora_rank}")
+        if not self.lora_rank:
+            return
+        if not self.init_from:
+            raise GptlabError("--lora-rank adapts a pretrained model: give --init-from MODEL (a run, a Hugging Face "
+                              "GPT-2 directory or a GPT-2 size)")
+        if self.optimizer == "muon":
+            raise GptlabError("--optimizer muon orthogonalises whole matrices, not LoRA's low-rank factors; "
+                              "choose adamw, adam, radam or sgd with --lora-rank")
+        if self.lora_alpha <= 0:
+            raise GptlabError(f"--lora-alpha must be above 0, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise GptlabError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        from ..lora import parse_targets  # torch: only when a run is checked, never for the parser
+
+        parse_targets(self.lora_targets)
 
 
 _TYPE_NAMES = {"int": "an integer", "float": "a finite number", "str": "a string", "bool": "true or false"}
@@ -272,13 +301,27 @@ def build_train_config(
     values: dict[str, Any] = dict(base or {})
     if preset:
         values.update(_preset(preset, "--preset"))
+    from_file: dict[str, Any] = {}
     if config_file:
         from_file = _read_config_file(Path(config_file))
         if from_file.get("preset"):  # a preset the file names applies first, the file's own values after it
             values.update(_preset(from_file["preset"], f"config file {config_file}: preset"))
         values.update(from_file)
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    values.update(given)
+    check_lora_options(given, values.get("lora_rank", 0))
     return checked_train_config(values)
+
+
+def check_lora_options(given: dict[str, Any], rank: int) -> None:
+    """LoRA's options typed without a rank to use them with: one line, not silently ignored. (A --config
+    file may hold them, as a run's train_config.json does, with lora_rank 0: no LoRA.)"""
+    if given.get("lora_rank") == 0:
+        raise GptlabError("--lora-rank must be at least 1; leave it out to fine-tune every weight")
+    others = sorted(k for k in given if k.startswith("lora_") and k != "lora_rank")
+    if others and not rank:
+        flags = ", ".join("--" + k.replace("_", "-") for k in others)
+        raise GptlabError(f"{flags} configure LoRA adapters: give --lora-rank R (and --init-from MODEL) too")
 
 
 def _preset(name: str, label: str) -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""Where and in what precision a run computes, and whether it can: the device, autocast, TF32, the
-dtype `auto` chooses, whether torch.compile can work here, and whether the run fits in memory."""
+"""In what precision a run computes, and whether it can: autocast, TF32, the dtype `auto` chooses,
+whether torch.compile can work here, and whether the run fits in memory (the device itself is named in
+`gptlab.device`, where inference reaches it too)."""
 
 from __future__ import annotations
 
@@ -13,38 +14,14 @@ from collections.abc import Callable
 import torch
 
 from ..config import GPTConfig
-from ..errors import EnvironmentProblem, GptlabError
+from ..device import DTYPES
+from ..errors import GptlabError
 from ..precision import fast_bf16, interleaved_speedup
 from ..throughput import matmul_parameters, matmul_peak
 from . import distributed
 from .distributed import Group
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 AUTO_BF16_SPEEDUP = 1.5  # `--dtype auto` takes bf16 where its products run this much faster than float32
-
-
-def resolve_device(name: str) -> torch.device:
-    """The torch device `name` names: auto, cpu, cuda, cuda:N or mps; one that this machine lacks is an
-    EnvironmentProblem (exit 3), a name that is no device a GptlabError (exit 2)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise GptlabError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise EnvironmentProblem(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise EnvironmentProblem(
-                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
-                f"cuda:{torch.cuda.device_count() - 1}"
-            )
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise EnvironmentProblem(f"--device {name}: this torch has no MPS (Apple GPU) support here; use --device cpu")
-    return device
 
 
 def enable_tf32(device: torch.device) -> None:
@@ -118,25 +95,27 @@ def compile_unavailable(device: torch.device) -> str:
     return ""
 
 
-def check_memory(model: GPTConfig, tokens: int, dtype: str, device: torch.device) -> None:
+def check_memory(model: GPTConfig, tokens: int, dtype: str, device: torch.device, *,
+                 bytes_per_parameter: int = 12) -> None:
     """Refuse, before allocating anything, a run that cannot fit in this device's memory at all.
 
     The estimate is a lower bound: the weights, their gradients and one optimizer moment (12 bytes a
     parameter), the logits of one micro-batch of `tokens` tokens and their gradient, and each
-    block's input (what even activation checkpointing keeps). A run it lets through can still run out
+    block's input (what even activation checkpointing keeps). Frozen weights (LoRA) take 4 bytes a
+    parameter, `bytes_per_parameter`. A run it lets through can still run out
     of memory (`out_of_memory` then tells it apart).
     """
     parameters = matmul_parameters(model) + model.block_size * model.n_embd
     activation_bytes = 4 if dtype in ("float32", "auto") else 2
-    need = 12 * parameters + tokens * activation_bytes * (2 * model.vocab_size + model.n_layer * model.n_embd)
+    need = bytes_per_parameter * parameters + tokens * activation_bytes * (2 * model.vocab_size + model.n_layer * model.n_embd)
     if device.type == "cuda":
         have, what = torch.cuda.get_device_properties(device).total_memory, f"{device}'s memory"
     else:
         have, what = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
     if need > have:
         raise GptlabError(
-            f"this run needs at least {need / 2**30:,.1f} GiB ({parameters:,} parameters with their gradients and "
-            f"optimizer state, and micro-batches of {tokens:,} tokens), more than {what} ({have / 2**30:,.1f} GiB); "
+            f"this run needs at least {need / 2**30:,.1f} GiB ({parameters:,} parameters"
+            f"{' with their gradients and optimizer state' if bytes_per_parameter > 4 else ''}, and micro-batches of {tokens:,} tokens), more than {what} ({have / 2**30:,.1f} GiB); "
             f"choose a smaller model, --batch-size or --block-size"
         )
 

@@ -26,19 +26,21 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..checkpoint import save_model
-from ..errors import EnvironmentProblem, GptlabError
+from ..device import DTYPES
+from ..errors import EnvironmentProblem, GptlabError, first_line
 from ..evaluate.scorer import token_nll
-from ..evaluate.tasks import task_scores, tasks_due
+from ..inference.modes import eval_mode
 from ..model import GPT
-from ..throughput import ThroughputMeter, flops_per_token, matmul_peak
+from ..throughput import ThroughputMeter, matmul_peak
 from . import distributed
+from .callbacks import Callback, Metering, Step, StepLog, ThreadTuning
 from .config import TrainConfig
-from .device import DTYPES, autocast_context
+from .device import autocast_context
 from .distributed import Group
+from .eval_tasks import task_scores, tasks_due
 from .metrics import MetricsLog
 from .optim import learning_rate, schedule_position
-from .progress import CpuWait, ProgressBar
-from ..threads import ThreadTuner
+from .progress import CpuWait
 from .run_dir import BEST_DIR, METRICS_FILE
 from .setup import Dataset, Run
 from .state import process_rng_state, save_checkpoint
@@ -82,20 +84,18 @@ def estimate_loss(
     The batches depend on the seed and the step only, so evaluating never moves the training
     generator and gives the same figures however many processes share the work.
     """
-    was_training = model.training
-    model.eval()
     losses = {}
-    for split in ("train", "val"):
-        rng = np.random.default_rng([config.seed, step, split == "val"])
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        for i in range(config.eval_iters):
-            x, y = dataset.get_batch(split, config.batch_size, config.block_size, rng)
-            if i % group.world_size == group.rank:
-                x, y = x.to(device), y.to(device)
-                with autocast_context(device, config.dtype):  # the positions the loss takes (not the adder's prompt)
-                    total += token_nll(model, x, y, where=y >= 0).double().mean()
-        losses[split] = distributed.all_reduce_sum(total, group).item() / config.eval_iters
-    model.train(was_training)
+    with eval_mode(model):
+        for split in ("train", "val"):
+            rng = np.random.default_rng([config.seed, step, split == "val"])
+            total = torch.zeros((), dtype=torch.float64, device=device)
+            for i in range(config.eval_iters):
+                x, y = dataset.get_batch(split, config.batch_size, config.block_size, rng)
+                if i % group.world_size == group.rank:
+                    x, y = x.to(device), y.to(device)
+                    with autocast_context(device, config.dtype):  # the positions the loss takes (not the adder's prompt)
+                        total += token_nll(model, x, y, where=y >= 0).double().mean()
+            losses[split] = distributed.all_reduce_sum(total, group).item() / config.eval_iters
     return losses
 
 
@@ -112,103 +112,137 @@ class Loop:
         self.elapsed_before = self.state.elapsed  # the earlier sessions' seconds of training
         self.session_start = time.perf_counter()
         self.clock = self.elapsed_before  # the run's seconds so far, the same number in every process
-        self.meter = ThroughputMeter(self._peak_flops(), warn=self._warn_on_main)
+        meter = ThroughputMeter(self._peak_flops(), warn=self._warn_on_main)
         self.cpu_wait = CpuWait()  # how long the threads waited for a core: was the machine busy?
-        self.threads = ThreadTuner(self.config.adapt_threads and run.device.type == "cpu", self._warn_on_main)
+        adapt = self.config.adapt_threads and run.device.type == "cpu"
+        self.callbacks: list[Callback] = [ThreadTuning(adapt, self._warn_on_main), Metering(meter), StepLog(meter)]
+        self.fitting = False  # between the callbacks' fit_begin and fit_end
 
     def fit(self) -> str:
         """Train to the end of the budget; returns the signal that stopped the run early ("" if none)."""
         config, state = self.config, self.state
         self.session_start = time.perf_counter()
         stopped_by = ""
-        progress = ProgressBar(config, state.step, self.clock, self.show)
+        self._trigger("fit_begin")
+        self.fitting = True
         try:
             with StopSignals() as signals:
                 while state.step < config.max_iters and not stopped_by:
                     if self._evaluation_due():
                         self.checkpoint(self.validate())
-                    stopped_by = self.train_step(signals, progress)
-                    progress.update(state.step, self.clock)
+                    stopped_by = self.train_step(signals)
                 if stopped_by in ("SIGINT", "SIGTERM"):
                     self.checkpoint(None)
                     return stopped_by
-                progress.close()
+                self._end_fit()  # the progress bar closes before the final words
                 if self.show:
                     print(f"final evaluation and checkpoint at step {state.step:,}", file=sys.stderr)
                 self.checkpoint(self.validate())
                 return ""
         finally:
-            progress.close()
+            self._end_fit()
             self.metrics.close()
+
+    def _trigger(self, event: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, event)(self, *args)
+
+    def _end_fit(self) -> None:
+        if self.fitting:
+            self.fitting = False
+            self._trigger("fit_end")
 
     def _evaluation_due(self) -> bool:
         """Every eval_interval steps, once: a run resumed from an evaluated step does not repeat it."""
         interval = self.config.eval_interval
         return bool(interval) and self.state.step % interval == 0 and self.state.step > self.state.last_eval_step
 
-    def train_step(self, signals: StopSignals, progress: ProgressBar) -> str:
+    # --- one step ---------------------------------------------------------------------------
+
+    def train_step(self, signals: StopSignals) -> str:
         """One optimizer step; returns why the run must stop now ("" to go on)."""
-        config, state, run = self.config, self.state, self.run
-        group, device = run.group, run.device
-        started = time.perf_counter()
-        if self.session_steps:  # the first step compiles and warms up: no measure of a thread count
-            self.threads.before_step()
-        self.meter.start()
-        # the clock as agreed at the end of the previous step
+        self._trigger("step_begin")
+        lr = self._set_learning_rate()
+        loss_sum = self._accumulate_gradients(self._micro_batches())
+        loss, stop = self._agree(loss_sum, signals)
+        grad_norm = self._clip_gradients(loss)
+        skipped = self._nonfinite(loss, grad_norm)
+        self._update(skipped)
+        tokens = self._advance()
+        self._trigger("step_end", Step(self.state.step, loss, lr, grad_norm, tokens, skipped))
+        self.session_steps += 1
+        return stop
+
+    def _set_learning_rate(self) -> float:
+        """The schedule's rate for this step, on the clock as agreed at the end of the previous step."""
+        config, state = self.config, self.state
         lr = learning_rate(schedule_position(state.step, self.clock, state.schedule_start, config), config)
         for param_group in state.optimizer.param_groups:
             param_group["lr"] = lr
-        rows = distributed.rows_of(group, run.micro_steps * config.batch_size)
+        return lr
+
+    def _micro_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This process's micro-batches of the step's global batch."""
+        config, run = self.config, self.run
+        rows = distributed.rows_of(run.group, run.micro_steps * config.batch_size)
         # every process draws the whole step's offsets (the generators stay in step) and reads its rows
         x, y = run.dataset.get_batch("train", config.batch_size * config.grad_accum, config.block_size,
-                                     state.data_rng, rows=rows, pin_memory=device.type == "cuda")
+                                     self.state.data_rng, rows=rows, pin_memory=run.device.type == "cuda")
+        return list(zip(x.split(config.batch_size), y.split(config.batch_size)))
+
+    def _accumulate_gradients(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Forward and backward over each micro-batch; returns this process's share of the step's loss."""
+        run, device = self.run, self.run.device
         loss_sum = torch.zeros((), device=device)
-        micro_batches = list(zip(x.split(config.batch_size), y.split(config.batch_size)))
         for i, (xb, yb) in enumerate(micro_batches):
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             with self._gradient_sync(last=i == len(micro_batches) - 1):
-                with autocast_context(device, config.dtype):
+                with autocast_context(device, self.config.dtype):
                     loss = self._forward(xb, yb) / run.micro_steps
-                state.scaler.scale(loss).backward()
+                self.state.scaler.scale(loss).backward()
             loss_sum += loss.detach()
-        # one exchange per step: the global loss, whether any process was signalled, and the clock, so
-        # that every process takes the same decisions (stop, learning rate) at the same step
+        return loss_sum
+
+    def _agree(self, loss_sum: torch.Tensor, signals: StopSignals) -> tuple[float, str]:
+        """One exchange per step: the global loss, whether any process was signalled, and the clock, so
+        that every process takes the same decisions (stop, learning rate) at the same step. Returns the
+        loss and why the run must stop ("" to go on)."""
+        group, device = self.run.group, self.run.device
         local = [signals.received == "SIGINT", signals.received == "SIGTERM", self.elapsed()]
         report = torch.cat([loss_sum.double().reshape(1), torch.tensor(local, dtype=torch.float64, device=device)])
-        loss_value, sigint, sigterm, clock = distributed.all_reduce_sum(report, group).tolist()
-        loss_value /= group.world_size
+        loss, sigint, sigterm, clock = distributed.all_reduce_sum(report, group).tolist()
         self.clock = clock / group.world_size
-        time_up = bool(config.max_time) and self.clock >= config.max_time
+        if sigint or sigterm:
+            return loss / group.world_size, "SIGINT" if sigint else "SIGTERM"
+        time_up = bool(self.config.max_time) and self.clock >= self.config.max_time
+        return loss / group.world_size, "max_time" if time_up else ""
 
-        grad_norm = None
-        if math.isfinite(loss_value) and config.grad_clip > 0:
-            state.scaler.unscale_(state.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), config.grad_clip).item()
-        nonfinite = self._nonfinite(loss_value, grad_norm)
-        if not nonfinite:
+    def _clip_gradients(self, loss: float) -> float | None:
+        """The gradient norm before clipping to grad_clip; None when not clipped (no clip, or a lost step)."""
+        state = self.state
+        if not (math.isfinite(loss) and self.config.grad_clip > 0):
+            return None
+        state.scaler.unscale_(state.optimizer)
+        return torch.nn.utils.clip_grad_norm_(state.model.parameters(), self.config.grad_clip).item()
+
+    def _update(self, skipped: str) -> None:
+        """The optimizer's step, unless the step is skipped; the gradients are cleared either way."""
+        state = self.state
+        if not skipped:
             state.scaler.step(state.optimizer)
             state.scaler.update()
         state.optimizer.zero_grad(set_to_none=True)
-        tokens = config.batch_size * config.grad_accum * config.block_size  # the step's, all processes
+
+    def _advance(self) -> int:
+        """Count the step and its tokens (the step's, all processes); the schedule's clock starts as the
+        first step ends."""
+        config, state = self.config, self.state
+        tokens = config.batch_size * config.grad_accum * config.block_size
         state.step += 1
         state.tokens_seen += tokens
         if state.schedule_start is None:
             state.schedule_start = self.clock
-        if self.session_steps == 0:
-            self.meter.cancel()  # the first step pays for warm-up (and compilation): not counted
-        else:
-            self.meter.stop(tokens, tokens * flops_per_token(state.model.config, config.block_size))
-            self.threads.after_step(time.perf_counter() - started)
-        self.session_steps += 1
-        if nonfinite:
-            self.metrics.write({"step": state.step, "skipped": nonfinite, "lr": lr})
-        elif state.step % config.log_interval == 0 or state.step == config.max_iters:
-            self._log_step(loss_value, lr, grad_norm, progress)
-        else:
-            self.metrics.write({"step": state.step, "lr": lr})  # every step's learning rate, for the record
-        if sigint or sigterm:
-            return "SIGINT" if sigint else "SIGTERM"
-        return "max_time" if time_up else ""
+        return tokens
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not self.config.compile or self.session_steps > 0:
@@ -216,8 +250,7 @@ class Loop:
         try:  # the first call compiles: turn a toolchain failure into one clear line
             return self.run.step_model(x, y).loss
         except torch._dynamo.exc.TorchDynamoException as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise GptlabError(f"--compile: torch.compile failed ({first}); train without --compile") from None
+            raise GptlabError(f"--compile: torch.compile failed ({first_line(exc)}); train without --compile") from None
 
     def _gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """DDP all-reduces gradients on a step's last micro-batch only; the others just accumulate."""
@@ -291,18 +324,6 @@ class Loop:
         # no process leaves before rank 0 has written: torchrun stops every worker once one has exited
         distributed.barrier(run.group)
         self.saved_step = state.step
-
-    def _log_step(self, loss: float, lr: float, grad_norm: float | None, progress: ProgressBar) -> None:
-        row: dict[str, Any] = {"step": self.state.step, "loss": loss, "lr": lr}
-        if grad_norm is not None:
-            row["grad_norm"] = grad_norm
-        figures = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}"}
-        tokens_per_s, mfu = self.meter.report()
-        if tokens_per_s:
-            row.update(tokens_per_s=round(tokens_per_s, 1), mfu=round(mfu, 6))
-            figures.update(tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}")
-        self.metrics.write(row)
-        progress.show(figures)
 
     def _warn_on_main(self, message: str) -> None:
         if self.run.group.is_main:

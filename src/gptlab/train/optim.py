@@ -21,6 +21,7 @@ import torch.optim._muon as torch_muon
 
 from .config import TrainConfig
 from .device import autocast_context
+from ..inference.modes import eval_mode
 from ..model import GPT
 from ..precision import bf16_native, fast_bf16, interleaved_speedup, product_rate
 
@@ -232,7 +233,7 @@ def iterations_in(dtype: torch.dtype) -> Iterator[None]:
 
     torch's Muon calls its module's `_zeropower_via_newtonschulz` by name at every step, so swapping it
     for the length of a step changes the iterations' dtype and nothing else of torch's Muon (momentum,
-    learning-rate scaling, weight decay). tests/test_optim.py checks that `newton_schulz` in bf16 gives
+    learning-rate scaling, weight decay). tests/train/test_optim.py checks that `newton_schulz` in bf16 gives
     torch's result bit for bit, so a torch that changes its iteration is noticed.
     """
     if dtype == torch.bfloat16:
@@ -325,17 +326,15 @@ def measure_muon_cost(
                 loss = model(x, x).loss
             loss.backward()
 
-    was_training = model.training
-    model.eval()  # no dropout draws (a measurement, not a training micro-batch); autograd runs as in training
     parts = (muon_step, adamw.step, forward_backward)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    # no dropout draws (a measurement, not a training micro-batch); autograd runs as in training
+    with eval_mode(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for part in parts:  # untimed: first-call costs
             part()
         best = [math.inf] * len(parts)
         for _ in range(repeats):  # interleaved, so that a busy moment does not fall on one part only
             best = [min(b, _time(part, device)) for b, part in zip(best, parts)]
     cost = MuonCost(dtype, *best)
-    model.train(was_training)
     for p, g in zip(model.parameters(), grads):
         p.grad = g
     return cost

@@ -9,14 +9,15 @@ from pathlib import Path
 
 import torch
 
+from ..device import resolve_device
 from ..errors import EnvironmentProblem
-from ..report import write_report
 from . import distributed
 from .config import TrainConfig
-from .device import autocast_context, out_of_memory, resolve_device
+from .device import autocast_context, out_of_memory
 from .loop import Loop
 from .metrics import plot_losses
 from .progress import busy_warning
+from .report import write_report
 from .run_dir import METRICS_FILE
 from .setup import setup
 

@@ -23,17 +23,20 @@ from pathlib import Path
 from ..checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from ..errors import EnvironmentProblem, GptlabError
 from ..fileio import environment_errors
-from ..report import REPORT_FILE, REPORT_JSON
+from ..lora import ADAPTER_FILES
 from ..tokenizers import TOKENIZER_FILES
 from .state import STATE_FILE
 
 TRAIN_CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 BEST_DIR = "best"
+REPORT_FILE = "report.md"  # report.py writes them
+REPORT_JSON = "report.json"
 RUN_MARKERS = (TRAIN_CONFIG_FILE, STATE_FILE)
-# What a model directory holds: the Hugging Face checkpoint and the files its tokenizer writes (gptlab's and
-# Hugging Face's). `best/` holds only these; the run directory holds these and the run's own files.
-MODEL_ENTRIES = frozenset({CONFIG_FILE, WEIGHTS_FILE}) | TOKENIZER_FILES
+# What a model directory holds: the Hugging Face checkpoint (or a LoRA run's adapter) and the files its
+# tokenizer writes (gptlab's and Hugging Face's). `best/` holds only these; the run directory holds these
+# and the run's own files.
+MODEL_ENTRIES = frozenset({CONFIG_FILE, WEIGHTS_FILE}) | TOKENIZER_FILES | ADAPTER_FILES
 RUN_ENTRIES = MODEL_ENTRIES | {
     TRAIN_CONFIG_FILE, STATE_FILE, METRICS_FILE, "loss.png", REPORT_FILE, REPORT_JSON, BEST_DIR,
 }

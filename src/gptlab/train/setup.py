@@ -22,17 +22,18 @@ import torch
 import torch.utils.checkpoint
 from torch.nn.parallel import DistributedDataParallel
 
-from ..adder import AdderDataset
 from ..checkpoint import load_model
 from ..config import GPTConfig
 from ..data import TokenDataset, default_corpus_files, prepare
 from ..data.layout import inspect as inspect_data_dir
 from ..errors import GptlabError
 from ..fileio import atomic_write_json, remove_temporaries
+from ..lora import LoRAConfig, apply_lora, parse_targets
 from ..model import GPT
 from ..precision import warn_if_emulated
 from ..tokenizers import Tokenizer
 from . import distributed
+from .adder import AdderDataset
 from .config import TRAIN_PRESETS, TrainConfig, checked_train_config, read_options
 from .device import check_memory, compile_unavailable, enable_tf32, resolve_dtype
 from .distributed import Group
@@ -100,7 +101,7 @@ def setup(config: TrainConfig, group: Group, device: torch.device, *, overwrite:
     # the model's products at one micro-batch
     config = dataclasses.replace(
         config, n_layer=model.config.n_layer, n_head=model.config.n_head, n_embd=model.config.n_embd,
-        bias=model.config.bias,
+        bias=model.config.bias, init_from=lora_base(config.init_from) if config.lora_rank else config.init_from,
         dtype=resolve_dtype(config.dtype, device, group, model.config, config.batch_size * config.block_size),
     )
     if config.dtype == "bfloat16" and group.is_main:  # asked for, not chosen: say so where it is emulated
@@ -197,6 +198,9 @@ def resumed_config(run_dir: Path, given: TrainConfig) -> TrainConfig:
     every option typed (even one equal to its default) counts; RESUME_OPTIONS may change.
     """
     values = saved_options(run_dir)
+    if given.lora_rank and not values.get("lora_rank"):
+        raise GptlabError(f"{run_dir}: trained every weight, without a LoRA adapter; --lora-rank starts a new run "
+                          f"(--init-from {run_dir}), it cannot resume this one")
     ignored = []
     for name, value in given.to_dict().items():
         if name in values and value == values[name]:
@@ -256,7 +260,8 @@ def build_model(config: TrainConfig, vocab_size: int, device: torch.device) -> G
         return GPT(config.model_config(vocab_size)).to(device)
     model = load_model(config.init_from, dropout=config.dropout)
     source = model.config
-    check_memory(source, tokens, config.dtype, device)
+    # with LoRA only the (frozen) weights take memory: no gradient, no optimizer state
+    check_memory(source, tokens, config.dtype, device, bytes_per_parameter=4 if config.lora_rank else 12)
     if source.vocab_size != vocab_size:
         hint = "; prepare the data with --tokenizer gpt2" if source.vocab_size == 50257 else ""
         raise GptlabError(
@@ -269,7 +274,20 @@ def build_model(config: TrainConfig, vocab_size: int, device: torch.device) -> G
         )
     if config.block_size < source.block_size:
         model.crop_block_size(config.block_size)  # keeps the first block_size pretrained positions
+    if config.lora_rank:
+        apply_lora(model, lora_settings(config))
     return model.to(device)
+
+
+def lora_settings(config: TrainConfig) -> LoRAConfig:
+    """The run's adapter; its base is --init-from, as a directory's absolute path or a GPT-2 size's name."""
+    return LoRAConfig(rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                      targets=parse_targets(config.lora_targets), base=lora_base(config.init_from))
+
+
+def lora_base(init_from: str) -> str:
+    """--init-from as an adapter names its base: wherever the adapter (or a resumed run) is read from."""
+    return str(Path(init_from).resolve()) if Path(init_from).is_dir() else init_from
 
 
 def resumed_model(checkpoint: dict[str, Any], config: TrainConfig, vocab_size: int, device: torch.device) -> GPT:
@@ -282,6 +300,12 @@ def resumed_model(checkpoint: dict[str, Any], config: TrainConfig, vocab_size: i
             f"--data {config.data}: its tokenizer has {vocab_size} tokens, the run's model {shape.vocab_size}; "
             f"resume with the data the run was trained on"
         )
+    if config.lora_rank:  # the frozen base again, from --init-from; its adapter comes with the state
+        model = build_model(config, vocab_size, device)
+        if model.config.to_dict() != shape.to_dict():
+            raise GptlabError(f"--init-from {config.init_from} is no longer the base this LoRA run trained "
+                              f"(its shape differs from the checkpoint's); restore that model to resume")
+        return model
     check_memory(shape, config.batch_size * config.block_size, config.dtype, device)
     with unusable_checkpoint(run_dir):
         model = GPT(shape)

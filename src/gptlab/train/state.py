@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from ..checkpoint import read_torch_file
-from ..errors import GptlabError
+from ..errors import GptlabError, first_line
 from ..fileio import atomic_write
+from ..lora import load_trainable_state, trainable_state
 from ..model import GPT
 from .device import out_of_memory
 
@@ -61,6 +62,8 @@ class TrainState:
             value = getattr(self, f.name)
             if isinstance(value, np.random.Generator):
                 saved[f.name] = value.bit_generator.state
+            elif isinstance(value, GPT):  # a LoRA run keeps its adapter only: the base is --init-from
+                saved[f.name] = trainable_state(value)
             elif hasattr(value, "state_dict"):
                 saved[f.name] = value.state_dict()
             else:
@@ -73,6 +76,8 @@ class TrainState:
             value, saved = getattr(self, f.name), checkpoint[f.name]
             if isinstance(value, np.random.Generator):
                 value.bit_generator.state = saved
+            elif isinstance(value, GPT):
+                load_trainable_state(value, saved)
             elif hasattr(value, "load_state_dict"):
                 value.load_state_dict(saved)
             else:
@@ -112,8 +117,8 @@ def unusable_checkpoint(run_dir: Path) -> Iterator[None]:
     except (GptlabError, KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
         if out_of_memory(exc):
             raise
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise GptlabError(f"{Path(run_dir) / STATE_FILE}: cannot resume from this training state ({first})") from None
+        raise GptlabError(f"{Path(run_dir) / STATE_FILE}: cannot resume from this training state "
+                          f"({first_line(exc)})") from None
 
 
 def process_rng_state() -> dict[str, Any]:

@@ -1,0 +1,563 @@
+"""Kernels: every candidate computes the plain operation, and the measured choice takes the faster one."""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import subprocess
+import sys
+import json
+import os
+import platform
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import needs_compile, tiny_model
+
+from gptlab import kernels
+from gptlab.kernels import chooser
+from gptlab.config import GPTConfig
+from gptlab.inference.cache import SlotCache
+from gptlab.kernels import can_prepack, fastest, force, matvec_rows, prepacked_product, sigmoid_form_gelu, tall_product
+from gptlab.model import GPT
+
+from gptlab.kernels import products as linear_module  # noqa: E402
+
+
+@pytest.fixture
+def fresh(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No choice made yet, in this process or on disk; returns the disk cache's path."""
+    path = tmp_path / "kernels.json"
+    monkeypatch.setenv("GPTLAB_KERNEL_CACHE", str(path))
+    monkeypatch.setenv("GPTLAB_KERNELS", "auto")  # these tests measure, also where CI runs the rest plain
+    monkeypatch.setattr(chooser, "_chosen", {})
+    return path
+
+
+class FakeClock:
+    """A clock that only the fake candidates move, each by its own fixed cost: no real timing."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.calls: list[str] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def candidate(self, name: str, cost: float):
+        def run() -> None:
+            self.calls.append(name)
+            self.now += cost
+        return run
+
+
+@pytest.mark.parametrize("costs", [{"a": 3.0, "b": 1.0}, {"a": 1.0, "b": 3.0}, {"a": 2.0, "b": 2.5, "c": 0.5}])
+def test_the_choice_is_the_fastest_candidate(fresh: Path, costs: dict[str, float]) -> None:
+    clock = FakeClock()
+    build = lambda name: clock.candidate(name, costs[name])  # noqa: E731
+    chosen = fastest(("op", 1), tuple(costs), build, plain="a", rounds=3, clock=clock)
+    assert chosen == min(costs, key=costs.get)
+    assert sorted(clock.calls) == sorted(list(costs) * 4)  # one warm-up call and 3 timed rounds each
+
+
+def test_a_candidate_is_judged_by_its_fastest_round(fresh: Path) -> None:
+    """b is slower on average but fastest twice: other work only adds time, so its best rounds count."""
+    clock, b_costs = FakeClock(), iter([9.0, 9.0, 0.5, 9.0, 0.5])  # warm-up, then rounds
+    candidates = {"a": clock.candidate("a", 1.0)}
+
+    def b() -> None:
+        clock.now += next(b_costs)
+
+    candidates["b"] = b
+    assert fastest(("op", 2), ("a", "b"), candidates.get, plain="a", rounds=3, clock=clock) == "b"
+    assert next(b_costs, None) is None  # a fourth round, since b's two best differed: 0.5 and 9
+
+
+def test_rounds_go_on_while_the_fastest_figures_disagree(fresh: Path) -> None:
+    """A busy machine: a's rounds are disturbed until late; the rounds continue until its best is seen twice."""
+    clock = FakeClock()
+    a_costs = iter([5.0] + [5.0, 4.0, 3.0, 2.0, 1.0, 1.0] + [1.0] * 40)
+
+    def a() -> None:
+        clock.now += next(a_costs)
+
+    candidates = {"a": a, "b": clock.candidate("b", 1.5)}
+    chosen = fastest(("op", 6), ("a", "b"), candidates.get, plain="a", rounds=3, clock=clock)
+    assert chosen == "a" and clock.calls.count("b") == 1 + 6  # warm-up and six rounds
+
+
+def test_a_choice_is_measured_once_per_machine(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock()
+    costs = {"slow": 2.0, "quick": 1.0}
+    build = lambda name: clock.candidate(name, costs[name])  # noqa: E731
+    assert fastest(("op", 3), tuple(costs), build, plain="slow", clock=clock) == "quick"
+    measured = len(clock.calls)
+
+    def no_build(name: str):
+        raise AssertionError("measured again")
+
+    assert fastest(("op", 3), tuple(costs), no_build, plain="slow") == "quick"  # this process remembers
+    assert json.loads(fresh.read_text()) == {str(("op", 3)): {"choice": "quick", "seconds": costs}}
+    monkeypatch.setattr(chooser, "_chosen", {})  # as a new process on the same machine
+    assert fastest(("op", 3), tuple(costs), no_build, plain="slow") == "quick"
+    assert len(clock.calls) == measured
+    # a choice on disk that is not a candidate (an older version's) is measured again
+    fresh.write_text(json.dumps({str(("op", 3)): {"choice": "gone"}}))
+    monkeypatch.setattr(chooser, "_chosen", {})
+    assert fastest(("op", 3), tuple(costs), build, plain="slow", clock=clock) == "quick"
+
+
+def test_the_disk_cache_can_be_turned_off(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("GPTLAB_KERNEL_CACHE", "off")
+    monkeypatch.setenv("GPTLAB_KERNELS", "auto")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(chooser, "_chosen", {})
+    clock = FakeClock()
+    assert fastest(("op", 4), ("x",), lambda name: clock.candidate(name, 1.0), plain="x", clock=clock) == "x"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_measuring_leaves_the_random_state_alone(fresh: Path) -> None:
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    fastest(("op", 5), ("draws",), lambda name: lambda: torch.rand(100), plain="draws")
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_force_pins_a_choice_and_checks_its_name() -> None:
+    with pytest.raises(ValueError, match="attention must be one of"):
+        with force(attention="quick"):
+            pass
+    with pytest.raises(ValueError, match="no choice named 'matmul'"):
+        with force(matmul="F.linear"):
+            pass
+    with force(linear="row blocks"):
+        assert kernels.linear_path(torch.zeros(1, 8), torch.zeros(4, 8)) == "row blocks"
+
+
+def test_the_real_operations_go_through_the_choice(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the timing replaced by a fixed verdict, each operation runs the candidate it was told is fastest."""
+    winners = ("W @ x^T", "textbook", "sigmoid")
+    monkeypatch.setattr(chooser, "_time_candidates", lambda candidates, rounds, clock, unavailable: {
+        name: 0.0 if name in winners else 1.0 for name in candidates})
+    called = []
+    for table, name in zip((kernels.LINEAR_PRODUCTS, kernels.ATTENTION_PATHS, kernels.GELU_FORMS), winners):
+        monkeypatch.setitem(table, name, lambda *a, f=table[name], n=name: called.append(n) or f(*a))
+    x = torch.randn(2, 1, 32)
+    q = torch.randn(2, 2, 8, 16)
+    with torch.inference_mode():
+        kernels.linear(x, torch.randn(64, 32))
+        kernels.attention(q, q, q)
+        kernels.gelu(x)
+    assert called == list(winners)
+
+
+def test_training_products_take_f_linear_without_measuring(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(chooser, "fastest", lambda *a, **k: pytest.fail("measured a training product"))
+    w = torch.randn(64, 32, requires_grad=True)
+    kernels.linear(torch.randn(1, 32), w).sum().backward()  # autograd on: F.linear
+    with torch.inference_mode():
+        kernels.linear(torch.randn(kernels.DECODE_ROWS + 1, 32), w)  # a prefill's many rows: F.linear
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+@pytest.mark.parametrize("rows", [1, 2, 4, 7])
+def test_every_linear_candidate_equals_f_linear(n_threads: int, rows: int) -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n_threads)
+    try:
+        g = torch.Generator().manual_seed(rows)
+        weight = torch.randn(1001, 300, generator=g)  # 1001 rows: a remainder for 2 and for 3 threads
+        bias = torch.randn(1001, generator=g)
+        x = torch.randn(rows, 1, 300, generator=g)  # (B, T, in) as a decoding step has it
+        with torch.inference_mode():
+            for b in (bias, None):
+                for product in (matvec_rows, tall_product, *([prepacked_product] if can_prepack(weight) else [])):
+                    got = product(x, weight, b)
+                    assert got.shape == (rows, 1, 1001)
+                    # row-major like F.linear's: a transposed result sends attention to its slow math kernel
+                    assert got.is_contiguous(), product.__name__
+                    torch.testing.assert_close(got, F.linear(x, weight, b), rtol=0, atol=1e-4)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_prepacked_weight_follows_changes_to_the_weight() -> None:
+    """The reordered copy is made once, reused, and made again after the weight changes in place."""
+    weight = torch.randn(64, 32)
+    if not can_prepack(weight):
+        pytest.skip("this torch build has no oneDNN (mkldnn), so there is no prepacked product")
+    x = torch.randn(3, 32)
+    with torch.inference_mode():
+        first = kernels.prepacked_weight(weight)
+        assert kernels.prepacked_weight(weight) is first
+    with torch.no_grad():
+        weight.mul_(2)  # as load_state_dict or an optimizer step changes a parameter
+    with torch.inference_mode():
+        assert kernels.prepacked_weight(weight) is not first
+        torch.testing.assert_close(prepacked_product(x, weight), F.linear(x, weight), rtol=0, atol=1e-5)
+
+
+class GrowingCache:
+    """The plainest cache the model's protocol allows: each layer's keys and values concatenated, no mask
+    (the queries sit at the end of the keys). The engine's own cache is tested in test_generation."""
+
+    def __init__(self, n_layer: int) -> None:
+        self.kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layer
+        self.length = 0
+
+    def positions(self, T: int) -> torch.Tensor:
+        return torch.arange(self.length, self.length + T)
+
+    def layer(self, i: int):
+        cache = self
+
+        class Layer:
+            def update(self, k: torch.Tensor, v: torch.Tensor):
+                old = cache.kv[i]
+                cache.kv[i] = (k, v) if old is None else (torch.cat([old[0], k], 2), torch.cat([old[1], v], 2))
+                return (*cache.kv[i], None)
+
+        return Layer()
+
+
+def cached_step(model: GPT, idx: torch.Tensor, cache: GrowingCache) -> torch.Tensor:
+    """(B, T) tokens after the cache's contents -> (B, V) logits of the last one, as decoding runs it."""
+    h = model.hidden_states(idx, cache)
+    cache.length += idx.size(1)
+    return model.lm_head(h[:, -1])
+
+
+@pytest.mark.parametrize("path", kernels.LINEAR_PRODUCTS)
+def test_decoding_through_each_linear_candidate_matches_the_uncached_model(path: str) -> None:
+    if path == "prepacked" and not can_prepack(torch.zeros(2, 2)):
+        pytest.skip("this torch build has no oneDNN (mkldnn), so there is no prepacked product")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=1101, block_size=24, n_layer=2, n_head=4, n_embd=256)).eval()
+    seq = torch.randint(0, 1101, (6, 24), generator=torch.Generator().manual_seed(3))
+    expected = model(seq).logits  # (B, T, V)
+    for rows in (1, 2, 6):
+        cache = GrowingCache(model.config.n_layer)
+        with torch.inference_mode(), force(linear=path):
+            got = [cached_step(model, seq[:rows, :3], cache)]
+            got += [cached_step(model, seq[:rows, t : t + 1], cache) for t in range(3, 24)]
+        torch.testing.assert_close(torch.stack(got, 1), expected[:rows, 2:], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", kernels.ATTENTION_PATHS)
+def test_decoding_through_each_attention_path_matches_the_uncached_model(path: str) -> None:
+    """Both paths with the caches' masks: a prefill after cached keys, single steps, rows at different
+    lengths (the engine's slot cache: a mask per row)."""
+    model = tiny_model(block_size=16)
+    seq = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(1))
+    expected = model(seq).logits
+    cache = GrowingCache(model.config.n_layer)
+    with torch.inference_mode(), force(attention=path):
+        got = [cached_step(model, seq[:, :5], cache), cached_step(model, seq[:, 5:9], cache)]
+        got += [cached_step(model, seq[:, t : t + 1], cache) for t in range(9, 16)]
+    torch.testing.assert_close(torch.stack(got, 1), expected[:, [4, 8, *range(9, 16)]], rtol=0, atol=1e-5)
+    slots = SlotCache(model.config, device=torch.device("cpu"), dtype=torch.float32)
+    slots.ensure(2, 16)
+    with torch.inference_mode(), force(attention=path):
+        model.hidden_states(seq[:2, :8], slots.prefill(0, 2))  # row 1 uses only its first 5 positions
+        for at in ([8, 5], [9, 6]):
+            idx = seq[torch.arange(2), torch.tensor(at)][:, None]
+            got = model.lm_head(model.hidden_states(idx, slots.decode(at))[:, -1])
+            torch.testing.assert_close(got, expected[torch.arange(2), torch.tensor(at)], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", kernels.ATTENTION_PATHS)
+def test_each_attention_path_in_bfloat16_is_float32_up_to_rounding(path: str) -> None:
+    model = tiny_model(block_size=16)
+    idx = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
+    reference = model(idx).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16), force(attention=path):
+        logits = model(idx).logits
+    assert logits.dtype == torch.bfloat16
+    error = (logits.float() - reference).abs().max().item()
+    assert error < 0.02 * reference.abs().max().item(), error
+
+
+def test_the_sigmoid_form_is_the_tanh_gelu_forward_and_backward() -> None:
+    x = torch.linspace(-12, 12, 4001, dtype=torch.float64, requires_grad=True)
+    expected = F.gelu(x, approximate="tanh")
+    (expected_grad,) = torch.autograd.grad(expected.sum(), x)
+    got = sigmoid_form_gelu(x)
+    (got_grad,) = torch.autograd.grad(got.sum(), x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got_grad, expected_grad, rtol=0, atol=1e-12)
+    erf = F.gelu(x)  # the control: the exact GELU is a different function at this tolerance
+    assert (erf - expected).abs().max().item() > 1e-4
+
+
+@pytest.mark.slow
+@needs_compile()
+@pytest.mark.parametrize("form", kernels.GELU_FORMS)
+def test_a_compiled_graph_takes_the_measured_gelu_form(
+    fresh: Path, monkeypatch: pytest.MonkeyPatch, form: str
+) -> None:
+    """The choice is made while torch.compile traces (eagerly, once) and lands in the graph as a constant."""
+    torch._dynamo.reset()
+    verdicts = []
+
+    def verdict(candidates, rounds, clock, unavailable):
+        verdicts.append(sorted(candidates))
+        return {name: 0.0 if name == form else 1.0 for name in candidates}
+
+    monkeypatch.setattr(chooser, "_time_candidates", verdict)
+    traced = []
+    monkeypatch.setitem(kernels.GELU_FORMS, form, lambda x, f=kernels.GELU_FORMS[form]: traced.append(1) or f(x))
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    eager = F.gelu(x, approximate="tanh")
+    (eager_grad,) = torch.autograd.grad(eager.sum(), x)
+    compiled_gelu = torch.compile(kernels.gelu)
+    compiled = compiled_gelu(x)
+    (compiled_grad,) = torch.autograd.grad(compiled.sum(), x)
+    assert traced  # the graph holds the chosen form
+    compiled_gelu(x)
+    assert verdicts == [["sigmoid", "tanh"]]  # measured once, while tracing
+    torch.testing.assert_close(compiled, eager)  # float32's default tolerances: another formula rounds otherwise
+    torch.testing.assert_close(compiled_grad, eager_grad)
+
+
+def test_decoding_candidates_are_timed_on_weights_read_from_memory(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decoding step reads each weight after all the others: the candidates must not all meet one
+    cache-resident matrix. They see copies in turn, equal to the weight, twice the cache in all."""
+    monkeypatch.setattr(linear_module, "largest_cache_bytes", lambda: 4096)
+    weight = torch.randn(16, 32)  # 2 KiB: four copies make twice the fake 4 KiB cache
+    seen: list[torch.Tensor] = []
+
+    def recording(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        seen.append(w)
+        return F.linear(x, w, bias)
+
+    monkeypatch.setattr(linear_module, "LINEAR_PRODUCTS", {"F.linear": recording})
+    with torch.inference_mode():
+        kernels.linear_path(torch.randn(1, 32), weight)
+    storages = {w.untyped_storage().data_ptr() for w in seen}
+    assert len(storages) == 4 and weight.untyped_storage().data_ptr() in storages
+    assert all(torch.equal(w, weight) for w in seen)
+    big = list(itertools.islice(itertools.cycle(kernels.from_memory(torch.randn(64, 64))), 5))  # 16 KiB > twice the cache
+    assert all(w is big[0] for w in big)
+
+
+def test_prepacked_copies_are_reordered_before_the_clock_starts(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each copy a decoding candidate meets is reordered once, before timing: a timed call that
+    reorders would charge the prepacked product for work a decoding step never does."""
+    weight = torch.randn(16, 32)
+    if not can_prepack(weight):
+        pytest.skip("this torch build has no oneDNN (mkldnn), so there is no prepacked product")
+    monkeypatch.setattr(linear_module, "largest_cache_bytes", lambda: 4096)  # four copies of the 2 KiB weight
+    timing = chooser._time_candidates
+    reordered_while_timed = []
+
+    def spy(candidates, rounds, clock, unavailable):
+        before = len(linear_module._PREPACKED)
+        seconds = timing(candidates, rounds, clock, unavailable)
+        reordered_while_timed.append(len(linear_module._PREPACKED) - before)
+        return seconds
+
+    monkeypatch.setattr(chooser, "_time_candidates", spy)
+    with torch.inference_mode():
+        kernels.linear_path(torch.randn(1, 32), weight)
+    assert reordered_while_timed == [0]
+
+
+def test_decoding_rows_share_a_measurement_per_power_of_two(fresh: Path) -> None:
+    """A server's batch passes through every size: 5, 6, 7 and 8 rows take one measurement, not four."""
+    weight = torch.randn(64, 32)
+    with torch.inference_mode():
+        for rows in (5, 6, 7, 8):
+            kernels.linear(torch.randn(rows, 1, 32), weight)
+    assert [key[1] for key in chooser._chosen if key[0] == "linear"] == [8]
+
+
+@pytest.mark.slow
+def test_the_engine_warms_up_every_batch_size_it_will_decode(fresh: Path) -> None:
+    """Engine.warm_up (the server runs it before its first request) makes the kernels' choices for batch
+    sizes 1, 2, 4, 8 up to max_batch, so no request waits on a measurement."""
+    from gptlab.inference import Engine
+
+    model = tiny_model()
+    Engine(model, max_batch=6).warm_up()
+    rows = {key[1] for key in chooser._chosen if key[0] == "linear"}
+    assert rows == {1, 2, 4, 8}
+
+
+# --- the guard: a candidate that cannot run here is never chosen -----------------------------------
+
+
+class Broken(RuntimeError):
+    pass
+
+
+def breaking_at(stage: str, clock: FakeClock):
+    """A build for candidates "broken" (the fastest, were it to run) and "ok", where "broken" raises
+    at `stage`: while it is built, at its warm-up call, or in a timed round."""
+    def build(name: str):
+        if name == "ok":
+            return clock.candidate("ok", 2.0)
+        if stage == "build":
+            raise Broken("needs an instruction this CPU lacks")
+        calls = itertools.count()
+
+        def run() -> None:
+            if next(calls) == (0 if stage == "warm-up" else 2):
+                raise Broken("needs an instruction this CPU lacks")
+            clock.now += 0.5
+        return run
+    return build
+
+
+@pytest.mark.parametrize("stage", ["build", "warm-up", "timing"])
+def test_a_candidate_that_raises_is_never_chosen_and_is_recorded_with_its_reason(
+    fresh: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, stage: str
+) -> None:
+    monkeypatch.setattr(chooser, "_logged", set())
+    for n in (1, 2):  # two keys, one failure: logged once
+        clock = FakeClock()
+        assert fastest(("op", stage, n), ("broken", "ok"), breaking_at(stage, clock), plain="ok", clock=clock) == "ok"
+        entry = json.loads(fresh.read_text())[str(("op", stage, n))]
+        assert entry["choice"] == "ok" and set(entry["seconds"]) == {"ok"}
+        assert entry["unavailable"] == {"broken": "Broken: needs an instruction this CPU lacks"}
+    logged = [r.getMessage() for r in caplog.records if r.name == "gptlab.kernels"]
+    assert len(logged) == 1 and "'broken' is unavailable" in logged[0] and "needs an instruction" in logged[0]
+    assert "\n" not in logged[0]
+
+
+def test_a_key_whose_every_candidate_fails_takes_the_plain_call(fresh: Path) -> None:
+    def build(name: str):
+        raise Broken(f"{name} cannot run here")
+
+    assert fastest(("op", "all fail"), ("a", "b"), build, plain="plain") == "plain"
+    entry = json.loads(fresh.read_text())[str(("op", "all fail"))]
+    assert entry["choice"] == "plain" and set(entry["unavailable"]) == {"a", "b"}
+
+
+def test_a_linear_candidate_that_raises_leaves_the_others_measured(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As oneDNN's bf16 reorder did on an AVX2 CPU: one candidate fails to build and decoding goes on."""
+    def failing(x, w, b=None):
+        raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert")
+
+    monkeypatch.setitem(linear_module.LINEAR_PRODUCTS, "row blocks", failing)
+    weight, x = torch.randn(64, 32), torch.randn(1, 32)
+    with torch.inference_mode():
+        y = kernels.linear(x, weight)
+    torch.testing.assert_close(y, F.linear(x, weight), rtol=0, atol=1e-5)
+    (entry,) = json.loads(fresh.read_text()).values()
+    assert entry["choice"] != "row blocks" and "avx_ne_convert" in entry["unavailable"]["row blocks"]
+
+
+def test_prepacking_is_offered_only_for_dtypes_onednn_runs_here() -> None:
+    """oneDNN's bf16 reorder raises where the CPU lacks AVX-512 (or avx_ne_convert): ask before trying."""
+    bf16 = can_prepack(torch.zeros(4, 4, dtype=torch.bfloat16))
+    assert bf16 == (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert not can_prepack(torch.zeros(4, 4, dtype=torch.float16))
+
+
+# --- GPTLAB_KERNELS=plain ------------------------------------------------------------------------
+
+
+def test_plain_mode_runs_plain_torch_and_measures_nothing(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPTLAB_KERNELS", "plain")
+    monkeypatch.setattr(chooser, "_time_candidates", lambda *a: pytest.fail("measured in plain mode"))
+    called = []
+    for table, name in ((kernels.LINEAR_PRODUCTS, "F.linear"), (kernels.ATTENTION_PATHS, "fused"),
+                        (kernels.GELU_FORMS, "tanh")):
+        for other in table:
+            monkeypatch.setitem(table, other, lambda *a, f=table[other], n=other: called.append(n) or f(*a))
+    int8_module = importlib.import_module("gptlab.kernels.int8")
+    for other in ("dequantized_product", "packed_int8_product", "packed_int8_product_in_bf16"):
+        monkeypatch.setattr(int8_module, other,
+                            lambda *a, f=getattr(int8_module, other), n=other: called.append(n) or f(*a))
+    values, scales = torch.randint(-127, 128, (64, 32), dtype=torch.int8), torch.rand(64)
+    with torch.inference_mode():
+        kernels.linear(torch.randn(1, 32), torch.randn(64, 32))
+        kernels.attention(*[torch.randn(2, 2, 8, 16)] * 3)
+        kernels.gelu(torch.randn(1, 32))
+        kernels.int8_linear(torch.randn(1, 32), values, scales)
+    assert called == ["F.linear", "fused", "tanh", "dequantized_product"]
+    assert not fresh.exists()
+
+
+def test_an_unknown_kernels_mode_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gptlab.errors import GptlabError
+
+    monkeypatch.setenv("GPTLAB_KERNELS", "fast")
+    with pytest.raises(GptlabError, match="GPTLAB_KERNELS must be 'auto' or 'plain' \\(or unset\\), got 'fast'"):
+        kernels.gelu(torch.randn(4))
+
+
+def test_the_machine_fingerprint_tells_a_limited_process_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process held to fewer instruction sets (or plain) never reads the choices of a full one."""
+    # ATen and oneDNN read ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA once, when first asked: not below
+    chooser._machine_fingerprint()
+    limits = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "default", "GPTLAB_KERNELS": "plain"}
+    for name in ("GPTLAB_KERNEL_CACHE", *limits):
+        monkeypatch.delenv(name, raising=False)
+    full = chooser.cache_path()
+    for name, value in limits.items():
+        with monkeypatch.context() as m:
+            m.setenv(name, value)
+            assert chooser.cache_path() != full, name
+
+
+# --- a lesser CPU: torch and oneDNN held to AVX2 -------------------------------------------------
+
+
+@pytest.mark.skipif(not (os.environ.get("ATEN_CPU_CAPABILITY") or os.environ.get("ONEDNN_MAX_CPU_ISA")),
+                    reason="no instruction-set limit in the environment (`make test` runs this file again with one)")
+def test_the_instruction_set_limits_in_the_environment_take_effect() -> None:
+    """`make test` runs the kernel tests again as a lesser CPU would: the limits must really hold."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the limits are x86 instruction sets")
+    levels = ["DEFAULT", "AVX2", "AVX512"]  # ATen's on x86, lowest first; a CPU below the limit keeps its own
+    capability = os.environ.get("ATEN_CPU_CAPABILITY", "").upper()
+    if capability in levels:
+        assert levels.index(torch.backends.cpu.get_cpu_capability()) <= levels.index(capability)
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ("SSE41", "AVX", "AVX2"):
+        assert not torch.ops.mkldnn._is_mkldnn_bf16_supported()  # oneDNN's bf16 needs AVX-512 or avx_ne_convert
+        assert not can_prepack(torch.zeros(4, 4, dtype=torch.bfloat16))
+
+
+LESSER_CPU = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+SAMPLE_BOTH_WAYS = """
+import contextlib, io, json, os, sys, torch
+from gptlab.cli import main
+from gptlab.kernels import can_prepack
+out = {"bf16 onednn": torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+       "capability": torch.backends.cpu.get_cpu_capability(),
+       "prepack bf16": can_prepack(torch.zeros(4, 4, dtype=torch.bfloat16))}
+for dtype in ("float32", "bfloat16", "int8"):
+    for mode in ("auto", "plain"):
+        os.environ["GPTLAB_KERNELS"] = mode
+        text, err = io.StringIO(), io.StringIO()
+        how = ["--quantize", "int8"] if dtype == "int8" else ["--dtype", dtype]
+        with contextlib.redirect_stdout(text), contextlib.redirect_stderr(err):
+            code = main(["sample", sys.argv[1], "--max-new-tokens", "24", "--seed", "0", "--prompt", "All:", *how])
+        out[dtype + " " + mode] = [code, text.getvalue(), err.getvalue()]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_sampling_on_an_avx2_cpu_works_and_matches_the_plain_path(tiny_run: Path, tmp_path: Path) -> None:
+    """On a CPU without AVX-512 (emulated by holding torch and oneDNN to AVX2), `gptlab sample` in float32,
+    bfloat16 and int8 runs, measured kernels or plain; float32's sampled tokens (a seed: every probability
+    counts, not only the largest) equal the plain path's."""
+    from helpers import child_env
+
+    env = child_env(**LESSER_CPU, GPTLAB_KERNEL_CACHE=str(tmp_path / "kernels.json"))
+    done = subprocess.run([sys.executable, "-c", SAMPLE_BOTH_WAYS, str(tiny_run)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["capability"] == "AVX2" and out["bf16 onednn"] is False and out["prepack bf16"] is False
+    for run in ("float32", "bfloat16", "int8"):
+        for mode in ("auto", "plain"):
+            code, text, err = out[f"{run} {mode}"]
+            assert code == 0 and "Traceback" not in err and text.startswith("All:") and len(text) == 4 + 24 + 1, (run, err)
+    assert out["float32 auto"][1] == out["float32 plain"][1]
