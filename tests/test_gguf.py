@@ -15,7 +15,7 @@ from helpers import one_line_error, tiny_model
 from gptlab.config import GPTConfig
 from gptlab.model import GPT
 from gptlab.checkpoint import save_model
-from gptlab.tokenizers import GPT2_VOCAB_SIZE, CharTokenizer, GPT2Tokenizer, gpt2_merges, gpt2_vocab
+from gptlab.tokenizers import GPT2_VOCAB_SIZE, BPETokenizer, CharTokenizer, GPT2Tokenizer, gpt2_merges, gpt2_vocab
 
 gguf = pytest.importorskip("gguf", reason="GGUF export needs the gguf package (pip install gguf)")
 F32, F16, Q8_0 = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.Q8_0)
@@ -153,6 +153,35 @@ def test_a_nanogpt_style_model_padded_vocabulary_no_biases(gptlab, tmp_path: Pat
     np.testing.assert_array_equal(tensors["blk.0.attn_qkv.bias"][1], np.zeros(3 * model.config.n_embd))
     np.testing.assert_array_equal(tensors["blk.0.attn_qkv.weight"][1],
                                   model.transformer.h[0].attn.c_attn.weight.detach().numpy())
+
+
+def trained_bpe() -> BPETokenizer:
+    """A byte-level BPE of gptlab's own on GPT-2's pattern (a few merges, as `gptlab tokenizer train` learns them)."""
+    return BPETokenizer([("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("o", "u"), ("Ġ", "a")])
+
+
+def test_a_trained_bpe_travels_in_the_file(gptlab, tmp_path: Path) -> None:
+    tokenizer = trained_bpe()
+    run = save_run(gpt2_vocab_model(vocab_size=tokenizer.vocab_size), tmp_path / "run", tokenizer)
+    out = tmp_path / "model.gguf"
+    code, _, err = gptlab("export", str(run), str(out), "--format", "gguf", "--quantize", "f16")
+    assert code == 0, err
+    _, fields = read_back(out)
+    tokens = fields["tokenizer.ggml.tokens"]
+    assert len(tokens) == tokenizer.vocab_size == 256 + 5 + 1
+    assert [tokens[i] for i in tokenizer.encode(" the")] == ["Ġthe"]  # a merged token's id is its place in the file
+    assert tokens[tokenizer.eos_id] == "<|endoftext|>" and fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_id
+    assert fields["tokenizer.ggml.token_type"][tokenizer.eos_id] == gguf.TokenType.CONTROL
+    assert fields["tokenizer.ggml.merges"] == ["Ġ t", "h e", "Ġt he", "o u", "Ġ a"]
+    assert fields["tokenizer.ggml.pre"] == "gpt-2"
+    try:
+        import llama_cpp
+    except ImportError:
+        return  # llama.cpp's own reading of it is checked where llama-cpp-python is installed
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=32, n_threads=2, verbose=False)
+    text = "the youth at the gate, thou"
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer.encode(text)
+    llm.close()
 
 
 # --- refusals: one line, exit 2, nothing written ------------------------------------------------

@@ -7,8 +7,8 @@ matrices are stored at 16 or 8 bits). gptlab's `nn.Linear` weights are already (
 llama.cpp expects, so nothing is transposed (the HF converter transposes GPT-2's Conv1D instead). The
 output head is left out: llama.cpp ties it to `token_embd` when `output.weight` is absent, as GPT-2 does.
 
-The tokenizer travels inside the file. GPT-2's BPE is written as llama.cpp's `gpt2` tokenizer model
-with its pre-tokenizer `gpt-2`. A character vocabulary is refused: llama.cpp's BPE vocabulary always
+The tokenizer travels inside the file. GPT-2's BPE, or a byte-level BPE trained with gptlab on GPT-2's
+pattern, is written as llama.cpp's `gpt2` tokenizer model with its pre-tokenizer `gpt-2`. A character vocabulary is refused: llama.cpp's BPE vocabulary always
 has an end-of-text token (id 11 unless the file names another inside the vocabulary), and a character
 vocabulary has none, so llama.cpp would stop generating at the twelfth character of the vocabulary.
 """
@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .bpe import bytes_to_unicode
 from .checkpoint import find_tokenizer, load_model, resolve_model_dir
 from .errors import EnvironmentProblem, GptlabError
 from .fileio import atomic_write_via
 from .model import GPT
-from .tokenizers import GPT2_EOT, GPT2Tokenizer, Tokenizer, gpt2_merges, gpt2_vocab
+from .tokenizers import GPT2_EOT, BPETokenizer, GPT2Tokenizer, Tokenizer, gpt2_merges, gpt2_vocab
 
 # --quantize -> (the GGML type of every matrix, the file type llama.cpp reports)
 QUANTIZATIONS = ("f32", "f16", "q8_0")
@@ -83,11 +84,14 @@ def check_exportable(model: GPT, tokenizer: Tokenizer | None, quantize: str) -> 
         raise GptlabError(f"--quantize {quantize!r}: GGUF export writes one of {', '.join(QUANTIZATIONS)}")
     if tokenizer is None:
         raise GptlabError("the model has no tokenizer beside it, and a GGUF file must carry one")
-    if not isinstance(tokenizer, GPT2Tokenizer):
+    if isinstance(tokenizer, BPETokenizer) and tokenizer.pattern != "gpt2":
+        raise GptlabError(f"this BPE splits text with the {tokenizer.pattern!r} pattern, which GGUF export does not "
+                          f"map to a llama.cpp pre-tokenizer yet; a BPE trained with the gpt2 pattern exports")
+    if not isinstance(tokenizer, (GPT2Tokenizer, BPETokenizer)):
         raise GptlabError(
             f"llama.cpp cannot represent the {tokenizer.name!r} tokenizer: its BPE vocabulary always has an "
             f"end-of-text token and a {tokenizer.name} vocabulary has none, so llama.cpp would stop at token 11; "
-            f"only GPT-2's BPE can be exported to GGUF"
+            f"only a byte-level BPE (GPT-2's or one trained with gptlab) can be exported to GGUF"
         )
     if quantize == "q8_0" and model.config.n_embd % Q8_0_BLOCK:
         raise GptlabError(f"q8_0 stores rows in blocks of {Q8_0_BLOCK} values, and n_embd={model.config.n_embd} "
@@ -99,28 +103,35 @@ def check_exportable(model: GPT, tokenizer: Tokenizer | None, quantize: str) -> 
             raise GptlabError(f"{too_large[0]} holds values beyond float16's range (65504); export f32 or q8_0")
 
 
-def _vocabulary(tokenizer: GPT2Tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
-    """GPT-2's tokens in id order (as the byte-level strings of vocab.json) and their llama.cpp types;
-    a vocabulary padded to a round size (nanoGPT's 50304) gets unused placeholder tokens, as llama.cpp's
-    converter writes them."""
+def _vocabulary(tokenizer: GPT2Tokenizer | BPETokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
+    """The tokens in id order (as the byte-level strings of vocab.json), their llama.cpp types (special tokens
+    CONTROL) and the merges ('left right'); a vocabulary padded to a round size (nanoGPT's 50304) gets unused
+    placeholder tokens, as llama.cpp's converter writes them."""
     token_type = _gguf().TokenType
-    by_id = {i: token for token, i in gpt2_vocab().items()}
+    if isinstance(tokenizer, BPETokenizer):
+        # its ids: the 256 bytes in GPT-2's order, one token per merge in merge order, the special tokens
+        order = [*bytes_to_unicode().values(), *(a + b for a, b in tokenizer.merges), *tokenizer.special_tokens]
+        vocab, specials = {token: i for i, token in enumerate(order)}, set(tokenizer.special_tokens)
+        merges = [f"{a} {b}" for a, b in tokenizer.merges]
+    else:
+        vocab, specials, merges = gpt2_vocab(), {GPT2_EOT}, gpt2_merges()
+    by_id = {i: token for token, i in vocab.items()}
     tokens, types = [], []
     for i in range(vocab_size):
         if i in by_id:
             tokens.append(by_id[i])
-            types.append(token_type.CONTROL if by_id[i] == GPT2_EOT else token_type.NORMAL)
+            types.append(token_type.CONTROL if by_id[i] in specials else token_type.NORMAL)
         else:
             tokens.append(f"[PAD{i}]")
             types.append(token_type.UNUSED)
-    return tokens, types
+    return tokens, types, merges
 
 
 def write_gguf(model: GPT, tokenizer: Tokenizer | None, out: Path, quantize: str, name: str) -> None:
     """Write `model` and its tokenizer to `out` as one GGUF file, atomically."""
     gguf = _gguf()
     check_exportable(model, tokenizer, quantize)
-    assert isinstance(tokenizer, GPT2Tokenizer)
+    assert isinstance(tokenizer, (GPT2Tokenizer, BPETokenizer))
     config = model.config
     tensors = []
     for tensor_name, tensor in gguf_tensors(model):
@@ -132,7 +143,7 @@ def write_gguf(model: GPT, tokenizer: Tokenizer | None, out: Path, quantize: str
             tensors.append((tensor_name, data.astype(np.float16), None))
         else:
             tensors.append((tensor_name, gguf.quants.quantize(data, qtype), qtype))
-    tokens, types = _vocabulary(tokenizer, config.vocab_size)
+    tokens, types, merges = _vocabulary(tokenizer, config.vocab_size)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quantize]
 
@@ -151,7 +162,7 @@ def write_gguf(model: GPT, tokenizer: Tokenizer | None, out: Path, quantize: str
         writer.add_tokenizer_pre("gpt-2")
         writer.add_token_list(tokens)
         writer.add_token_types(types)
-        writer.add_token_merges(gpt2_merges())
+        writer.add_token_merges(merges)
         writer.add_bos_token_id(tokenizer.eos_id)
         writer.add_eos_token_id(tokenizer.eos_id)
         writer.add_add_bos_token(False)  # gptlab, like GPT-2, feeds a prompt as it is
