@@ -195,6 +195,14 @@ def test_a_character_vocabulary_is_refused(gptlab, tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == [run]
 
 
+def test_a_bpe_on_the_gpt4_pattern_is_refused(gptlab, tmp_path: Path) -> None:
+    tokenizer = BPETokenizer([("Ġ", "t")], pattern="gpt4")
+    run = save_run(gpt2_vocab_model(vocab_size=tokenizer.vocab_size), tmp_path / "run", tokenizer)
+    code, _, err = gptlab("export", str(run), str(tmp_path / "model.gguf"), "--format", "gguf")
+    one_line_error(code, err, 2, "'gpt4' pattern", "llama.cpp pre-tokenizer")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
 def test_an_existing_file_is_kept_without_overwrite(gptlab, gpt2_run, tmp_path: Path) -> None:
     _, run = gpt2_run
     out = tmp_path / "model.gguf"
