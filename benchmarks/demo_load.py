@@ -83,6 +83,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spinners", type=int, default=4, help="busy loops beside the loaded runs")
     parser.add_argument("--without-adapt", action="store_true", help="also a loaded run with --no-adapt-threads")
+    parser.add_argument("--out", default="demo_load", help="results/<out>.json and .md")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="gptlab-demo-") as scratch:
         work = Path(scratch)  # the corpus prepared once, untimed, as a second `make demo` finds it
@@ -91,7 +92,7 @@ def main() -> None:
         assert (work / DEFAULT_DATA_DIR / "meta.json").is_file()
         variants = [(0, []), (args.spinners, [])] + ([(args.spinners, ["--no-adapt-threads"])] if args.without_adapt else [])
         rows = [run_demo(work, spinners, extra) for spinners, extra in variants]
-    save_results("demo_load", {"machine": MACHINE, "runs": rows}, table(rows))
+    save_results(args.out, {"machine": MACHINE, "runs": rows}, table(rows))
 
 
 if __name__ == "__main__":

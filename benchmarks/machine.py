@@ -48,7 +48,14 @@ def describe() -> str:
     else:
         gpus = "no GPU"
     build = "CUDA" if torch.version.cuda else "CPU"
-    return f"{name}, {cores} cores{units}, {gpus}, torch {torch.__version__.split('+')[0]} {build}"
+    return f"{name}, {cores} cores{units}{held_to()}, {gpus}, torch {torch.__version__.split('+')[0]} {build}"
+
+
+def held_to() -> str:
+    """The instruction-set limits a run was held to (how an AVX2-only CPU is emulated on a bigger one)."""
+    limits = [f"{name}={os.environ[name]}" for name in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+              if os.environ.get(name)]
+    return f" held to {' '.join(limits)}" if limits else ""
 
 
 MACHINE = describe()

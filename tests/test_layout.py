@@ -20,7 +20,7 @@ FLOORS: list[set[str]] = [
     {"__main__"},
     {"cli"},
     {"__init__"},
-    {"serve", "train", "evaluate", "attention_maps"},
+    {"serve", "train", "evaluate", "attention_maps", "gguf_export"},
     {"inference"},
     {"checkpoint"},  # the disk format, which inference's loader reads
     {"lora"},  # LoRA adapters on a model: checkpoint reads and writes them

@@ -18,6 +18,7 @@ from gptlab.config import GPTConfig
 from gptlab.errors import GptlabError
 from gptlab.inference import generate
 from gptlab.kernels import chooser, force, int8_linear, int8_products
+from gptlab.kernels.int8 import KEPT
 from gptlab.quantize import Int8Embedding, Int8Linear, quantize_int8, quantize_rows
 from gptlab.model import GPT
 
@@ -89,10 +90,32 @@ def test_quantized_logits_are_close_to_the_float_ones(path: str) -> None:
 
 def test_quantized_decoding_goes_through_the_measured_int8_product(monkeypatch: pytest.MonkeyPatch) -> None:
     used = []
-    monkeypatch.setattr(chooser, "fastest", lambda key, names, build, **kw: used.append(key[0]) or names[-1])
+    offered = set()
+
+    def fastest(key, names, build, **kw):
+        used.append(key[0])
+        offered.update(names)
+        return "int8 kernel" if key[0] == "int8 linear" else names[0]
+
+    monkeypatch.setattr(chooser, "fastest", fastest)
     q = quantized_copy(tiny_model(vocab_size=64))
     generate(q, torch.tensor([[1, 2, 3]]), 3, temperature=0)
     assert "int8 linear" in used and "linear" not in used  # every product is an int8 one, chosen by measurement
+    assert KEPT in offered  # ... among which the float product on a kept dequantized copy, so int8 never loses
+
+
+def test_the_kept_float_copy_is_the_dequantized_product_and_is_freed_when_not_chosen() -> None:
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(torch.nn.Linear(64, 96))
+    x = torch.randn(1, 64)
+    reference = F.linear(x, layer.weight.float() * layer.scales[:, None], layer.bias)
+    with torch.inference_mode():
+        with force(int8=KEPT):
+            torch.testing.assert_close(layer(x), reference)  # float32 rounding only: the same products
+        assert layer.float_copy.value is not None and layer.float_copy.value.dtype == torch.float32
+        with force(int8="int8 kernel"):
+            layer(x)
+    assert layer.float_copy.value is None  # the copy costs memory only while a choice uses it
 
 
 def test_a_quantized_model_is_not_saved(tmp_path: Path) -> None:

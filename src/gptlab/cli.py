@@ -346,21 +346,41 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "export", help="write a model as a clean Hugging Face GPT-2 directory",
+        "export", help="write a model as a Hugging Face GPT-2 directory or a GGUF file (llama.cpp, Ollama)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Copy a model into OUT as config.json + model.safetensors plus its tokenizer's files and "
-                    "nothing else (no optimizer state, no metrics), for transformers or the Hub. Refuses a model "
-                    "Hugging Face GPT-2 cannot represent (e.g. one trained with --no-bias).",
+        description="--format hf: copy a model into the directory OUT as config.json + model.safetensors plus "
+                    "its tokenizer's files and nothing else (no optimizer state, no metrics), for transformers or "
+                    "the Hub; refuses a model Hugging Face GPT-2 cannot represent (e.g. one trained with "
+                    "--no-bias). --format gguf: write OUT as one GGUF file with the tokenizer inside, for "
+                    "llama.cpp, Ollama or LM Studio; refuses a vocabulary llama.cpp cannot represent "
+                    "(a character vocabulary).",
     )
     p.add_argument("model", metavar="MODEL", help="a run directory, a Hugging Face GPT-2 directory or a GPT-2 size")
-    p.add_argument("out", metavar="OUT", help="the directory to write")
-    p.add_argument("--overwrite", action="store_true", help="write into OUT even if it already holds files")
+    p.add_argument("out", metavar="OUT", help="the directory (--format hf) or file (--format gguf) to write")
+    p.add_argument("--format", choices=("hf", "gguf"), default="hf", help="what to write")
+    p.add_argument("--quantize", choices=("f32", "f16", "q8_0"), default=None,
+                   help="GGUF only: how the weight matrices are stored (f32 exact; f16; q8_0, 8 bits per value "
+                        "plus a scale per 32) [default: f32]")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export at OUT")
     p.add_argument("--merge", action="store_true", help="MODEL is a LoRA adapter (a LoRA run): write its base with "
                    "the adapter merged in, a plain GPT-2 (without --merge: the adapter alone, as peft saves it)")
     p.set_defaults(handler=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    if args.format == "gguf":
+        from .gguf_export import export_gguf
+
+        if args.merge:
+            raise GptlabError("--merge applies to --format hf; export the merged model first, then that "
+                              "directory with --format gguf")
+
+        path = export_gguf(args.model, args.out, quantize=args.quantize or "f32", overwrite=args.overwrite)
+        print(f"wrote {path} (GGUF, {args.quantize or 'f32'}, {path.stat().st_size / 1e6:.1f} MB)")
+        return 0
+    if args.quantize is not None:
+        raise GptlabError("--quantize applies to --format gguf only; a Hugging Face export keeps the weights as "
+                          "they are")
     from .checkpoint import export_model
 
     files = export_model(args.model, args.out, overwrite=args.overwrite, merge=args.merge)

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .kernels import int8_linear
+from .kernels.int8 import FloatCopy
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
@@ -18,7 +19,9 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     output channel (its largest magnitude / 127), the activations stay in float. Returns `model`.
 
     Decoding reads every weight once per step, so a quarter of float32's bytes reads up to four times
-    faster where memory is the limit. An embedding whose matrix a linear layer shares (GPT-2's tied
+    faster where memory is the limit. Where torch's int8 products lose to the float product (they are
+    arithmetic-bound on some CPUs), a layer keeps a float copy of its dequantized weight and multiplies
+    by that: it then saves no memory, but int8 is never slower than float. An embedding whose matrix a linear layer shares (GPT-2's tied
     token embedding and LM head) shares the int8 matrix too and looks up dequantized rows. Quantize a
     model for inference, after moving it to its device and dtype; the files it was loaded from are not
     touched, and `save_model` refuses a quantized model.
@@ -58,6 +61,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", weight)  # (out, in) int8
         self.register_buffer("scales", scales)  # (out,)
         self.register_buffer("bias", bias)  # (out,) or None
+        self.float_copy = FloatCopy()  # the dequantized weight, held only while a measured choice uses it
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -67,7 +71,7 @@ class Int8Linear(nn.Module):
         return cls(values, scales.to(dtype), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, self.weight, self.scales, self.bias)
+        return int8_linear(x, self.weight, self.scales, self.bias, self.float_copy)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

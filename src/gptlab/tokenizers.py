@@ -304,6 +304,17 @@ def _gpt2_vocab() -> dict[str, int]:
     return json.loads(_asset_bytes(_VOCAB_ASSET))
 
 
+def gpt2_vocab() -> dict[str, int]:
+    """GPT-2's vocab.json: each token as its byte-level string (see `gptlab.bpe.bytes_to_unicode`) -> its id."""
+    return dict(_gpt2_vocab())
+
+
+def gpt2_merges() -> list[str]:
+    """GPT-2's merges in rank order, each 'left right' as merges.txt writes it (its version line dropped)."""
+    lines = _asset_bytes(_MERGES_ASSET).decode("utf-8").splitlines()
+    return [line for line in lines if line and not line.startswith("#version")]
+
+
 def _asset_bytes(filename: str) -> bytes:
     """Read through importlib.resources so the assets are found in an installed wheel too."""
     return (resources.files("gptlab") / "assets" / filename).read_bytes()

@@ -1,8 +1,12 @@
 """int8 weights: the product of float rows with an int8 weight and its per-row scales, as chooser candidates.
 
 Weight-only int8 decoding (per-output-channel scales, float activations) through torch's int8
-weight-packed product, or by dequantizing (the plain path). `gptlab.quantize` turns a model's layers
-into ones that compute through `int8_linear`.
+weight-packed product, by dequantizing (the plain path), or, for a layer that offers one, through a
+float copy of the dequantized weight kept beside the int8 one: the float model's own product, so that
+int8 is never slower than float where torch's int8 kernels lose to it (they are arithmetic-bound on
+some CPUs). The copy is freed again wherever the measurement prefers another path, so it costs memory
+only where it is the fastest. `gptlab.quantize` turns a model's layers into ones that compute through
+`int8_linear`.
 """
 
 from __future__ import annotations
@@ -16,16 +20,47 @@ import torch.nn.functional as F
 
 from . import chooser
 from .chooser import bucket, synchronized
-from .products import DECODE_ROWS, from_memory
+from .products import DECODE_ROWS, from_memory, linear
+
+KEPT = "float copy kept"
+
+
+class FloatCopy:
+    """A layer's dequantized weight in its activations' dtype, made on first use and dropped as soon as no
+    shape's measured choice uses it."""
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+        self._users: set[tuple] = set()  # the chooser keys that chose this copy
+
+    def matrix(self, weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        value = self.value
+        if value is None or value.dtype != dtype or value.device != weight.device:
+            value = self.value = dequantized(weight, scales, dtype)
+        return value
+
+    def settle(self, key: tuple, chosen: bool) -> None:
+        """Record whether `key`'s choice uses the copy; free it when no choice does."""
+        if chosen:
+            self._users.add(key)
+            return
+        self._users.discard(key)
+        if not self._users:
+            self.value = None
 
 
 def int8_linear(
-    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+    float_copy: FloatCopy | None = None,
 ) -> torch.Tensor:
-    """x @ (scales[:, None] * weight)^T + bias for an int8 `weight`, through the fastest available product."""
+    """x @ (scales[:, None] * weight)^T + bias for an int8 `weight`, through the fastest available product;
+    with `float_copy` (the layer's), the float product on a kept dequantized weight is a candidate too."""
     flat = x.reshape(-1, x.size(-1))  # (R, in)
     products = int8_products(flat, weight)
+    if float_copy is not None:
+        products[KEPT] = lambda rows, w, s: linear(rows, float_copy.matrix(w, s, rows.dtype))
     pinned = chooser.forced("int8")
+    key = None
     if pinned in products:
         path = pinned
     elif len(products) == 1 or torch.is_grad_enabled() or torch.compiler.is_compiling():
@@ -34,15 +69,22 @@ def int8_linear(
         rows = flat.size(0)
         decode = rows <= DECODE_ROWS
         key = ("int8 linear", bucket(rows), *weight.shape, str(x.dtype), str(weight.device),
-               torch.get_num_threads(), *(["weights from memory", "rows bucketed"] if decode else []))
-
-        weights = functools.cache(lambda: itertools.cycle(from_memory(weight)) if decode else itertools.repeat(weight))
+               torch.get_num_threads(), *(["weights from memory", "rows bucketed"] if decode else []),
+               *([KEPT] if float_copy is not None else []))
 
         def build(name: str) -> Callable[[], object]:
+            if name == KEPT:  # copies of the float matrix, as the float model's own product would read it;
+                # timed through F.linear: `linear` would measure its own candidates inside this measurement
+                kept = float_copy.matrix(weight, scales, x.dtype)
+                mats = itertools.cycle(from_memory(kept)) if decode else itertools.repeat(kept)
+                return synchronized(lambda: F.linear(flat, next(mats)), x.device)
+            weights = itertools.cycle(from_memory(weight)) if decode else itertools.repeat(weight)
             product = products[name]
-            return synchronized(lambda: product(flat, next(weights()), scales), x.device)
+            return synchronized(lambda: product(flat, next(weights), scales), x.device)
 
         path = chooser.fastest(key, tuple(products), build, plain="dequantized")
+    if float_copy is not None:
+        float_copy.settle(key or ("forced or plain",), path == KEPT)
     y = products[path](flat, weight, scales)  # (R, out)
     if bias is not None:
         y = y + bias
@@ -77,8 +119,12 @@ def _int8_kernel() -> bool:
     return hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
+def dequantized(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return weight.to(dtype) * scales.to(dtype)[:, None]
+
+
 def dequantized_product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, weight.to(x.dtype) * scales.to(x.dtype)[:, None])
+    return F.linear(x, dequantized(weight, scales, x.dtype))
 
 
 def packed_int8_product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -89,4 +135,4 @@ def packed_int8_product_in_bf16(x: torch.Tensor, weight: torch.Tensor, scales: t
     return packed_int8_product(x.to(torch.bfloat16), weight, scales).to(x.dtype)
 
 
-chooser.CANDIDATES["int8"] = ("dequantized", "int8 kernel", "int8 kernel, bf16 rows")
+chooser.CANDIDATES["int8"] = ("dequantized", "int8 kernel", "int8 kernel, bf16 rows", KEPT)

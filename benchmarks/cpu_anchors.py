@@ -1,0 +1,219 @@
+"""CPU decoding against the engine people deploy with: gptlab (float32, bf16, int8) and llama.cpp (F32, F16,
+Q8_0 of the same model, written by `gptlab export --format gguf`), side by side in one run.
+
+One GPT-2 124M-shaped model with random weights; batch 1; a 128-token prompt continued by 128 greedy tokens;
+every engine on the same number of threads (2 by default). Rounds alternate the engines, each going first in
+turn; a configuration's figure is its median round (its best in brackets). A decoding step reads every weight
+matrix once plus the KV cache, so each row also gives its bytes per token x tokens/s against the machine's
+read bandwidth measured here (the sum of a tensor far larger than the caches, on the same threads): the
+fraction of the limit an engine reaches. Step time = (a 128-token call - a 1-token call) / 127.
+
+llama.cpp runs through llama-cpp-python (measured only where it is installed: `pip install llama-cpp-python`
+compiles it) with a Python loop around `Llama.eval` like gptlab's own, its greedy token taken from the
+logits. bf16 runs only where the CPU has bf16 instructions (avx512_bf16 or AMX): elsewhere torch emulates it.
+Greedy agreement: the share of the 128 tokens equal to gptlab float32's, and the length of the common prefix
+(random weights make near-ties common: a flipped near-tie sends the rest of the text elsewhere).
+
+    flock /tmp/gptlab-bench.lock .venv/bin/python benchmarks/cpu_anchors.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from gptlab import generate
+from gptlab.config import model_preset
+from gptlab.gguf_export import write_gguf
+from gptlab.model import GPT
+from gptlab.quantize import Int8Linear, quantize_int8
+from gptlab.tokenizers import GPT2Tokenizer
+
+from generate import cache_bytes_per_step, read_bandwidth, weight_bytes  # benchmarks/generate.py
+from machine import MACHINE, _cpu, save_results  # benchmarks/machine.py: a script's own folder is on sys.path
+
+GGUF_FORMATS = {"F32": "f32", "F16": "f16", "Q8_0": "q8_0"}
+
+
+def has_native_bf16() -> bool:
+    flags = _cpu()[1]
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+class Gptlab:
+    """gptlab's public `generate`, greedy."""
+
+    def __init__(self, model: GPT, dtype: str) -> None:
+        self.model, self.dtype = model, dtype
+
+    def run(self, prompt: list[int], new_tokens: int) -> list[int]:
+        out = generate(self.model, torch.tensor([prompt]), new_tokens, temperature=0)
+        return out[0, len(prompt):].tolist()
+
+    def step_bytes(self, prompt: int, new: int) -> float:
+        """A layer whose measured choice is its kept float copy reads that copy, not its int8 matrix."""
+        element = 2 if self.dtype == "bf16" else 4  # the cache keeps the activations' dtype
+        copies = sum(m.float_copy.value.nbytes - m.weight.nbytes for m in self.float_copies())
+        return weight_bytes(self.model) + copies + cache_bytes_per_step(self.model, 1, prompt, new, element)
+
+    def float_copies(self) -> list[Int8Linear]:
+        return [m for m in self.model.modules() if isinstance(m, Int8Linear) and m.float_copy.value is not None]
+
+
+class LlamaCpp:
+    """llama.cpp through llama-cpp-python: eval the prompt, then one token at a time, greedy."""
+
+    def __init__(self, path: Path, threads: int, context: int) -> None:
+        import gguf
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=context, n_batch=context, n_threads=threads,
+                                   n_threads_batch=threads, logits_all=True, verbose=False)
+        reader = gguf.GGUFReader(path)
+        # every matrix is read once per token (token_embd as the tied output head); of position_embd one row
+        self.weight_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.name != "position_embd.weight")
+        self.n_layer = int(reader.fields["gpt2.block_count"].contents())
+        self.n_embd = int(reader.fields["gpt2.embedding_length"].contents())
+
+    def run(self, prompt: list[int], new_tokens: int) -> list[int]:
+        llm = self.llm
+        llm.reset()
+        llm.eval(prompt)
+        out = []
+        for _ in range(new_tokens):
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            out.append(token)
+            if len(out) < new_tokens:
+                llm.eval([token])
+        return out
+
+    def step_bytes(self, prompt: int, new: int) -> float:
+        return self.weight_bytes + 2 * self.n_layer * (prompt + new / 2) * self.n_embd * 2  # float16 KV cache
+
+
+def timed(fn: Callable[[], list[int]]) -> tuple[float, list[int]]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median round counts")
+    parser.add_argument("--name", default="cpu_anchors", help="results/NAME.json and results/NAME.md")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    n, p = args.new_tokens, args.prompt_tokens
+
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    bandwidth = read_bandwidth()
+    torch.manual_seed(0)
+    model = GPT(model_preset("gpt2")).eval()
+    prompt = torch.randint(0, model.config.vocab_size, (p,), generator=torch.Generator().manual_seed(1)).tolist()
+    engines: dict[str, object] = {"gptlab float32": Gptlab(model, "float32")}
+    if has_native_bf16():
+        engines["gptlab bf16"] = Gptlab(copy.deepcopy(model).to(torch.bfloat16), "bf16")
+    engines["gptlab int8"] = Gptlab(quantize_int8(copy.deepcopy(model)), "int8")
+    skipped = []
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            skipped.append("llama.cpp: llama-cpp-python is not installed")
+        else:
+            for label, quantize in GGUF_FORMATS.items():
+                path = Path(tmp) / f"model-{quantize}.gguf"
+                write_gguf(model, GPT2Tokenizer(), path, quantize, name="gpt2-random")
+                engines[f"llama.cpp {label}"] = LlamaCpp(path, args.threads, p + n)
+
+        names = list(engines)
+        for name in names:  # warm-up: first calls allocate, and gptlab measures its kernels
+            engines[name].run(prompt, 4)
+        whole: dict[str, list[float]] = {name: [] for name in names}
+        first: dict[str, list[float]] = {name: [] for name in names}
+        tokens: dict[str, list[int]] = {}
+        for i in range(args.rounds):
+            for name in names[i % len(names):] + names[: i % len(names)]:
+                t, tokens[name] = timed(lambda: engines[name].run(prompt, n))
+                whole[name].append(t)
+                first[name].append(timed(lambda: engines[name].run(prompt, 1))[0])
+                print(f"round {i} {name}: {t:.2f} s", flush=True)
+
+        rows = []
+        reference = tokens["gptlab float32"]
+        for name in names:
+            steps = sorted((w - f) / (n - 1) for w, f in zip(whole[name], first[name]))
+            step, best = statistics.median(steps), steps[0]
+            step_bytes = engines[name].step_bytes(p, n)
+            rows.append(dict(
+                engine=name, decode_tok_s=1 / step, best_decode_tok_s=1 / best,
+                prefill_tok_s=p / statistics.median(first[name]), whole_seconds=whole[name],
+                first_token_seconds=first[name], step_bytes=step_bytes, gb_s=step_bytes / step / 1e9,
+                bandwidth_fraction=step_bytes / step / bandwidth,
+                agreement=sum(a == b for a, b in zip(tokens[name], reference)) / n,
+                common_prefix=common_prefix(tokens[name], reference)))
+            if name == "gptlab int8":
+                layers = [m for m in engines[name].model.modules() if isinstance(m, Int8Linear)]
+                rows[-1]["layers_on_float_copy"] = f"{len(engines[name].float_copies())} of {len(layers)}"
+    base = rows[0]["decode_tok_s"]
+    for row in rows:
+        row["vs_gptlab_float32"] = row["decode_tok_s"] / base
+    report = dict(machine=MACHINE, threads=args.threads, torch=torch.__version__, python=platform.python_version(),
+                  prompt_tokens=p, new_tokens=n, rounds=args.rounds, read_gb_s=bandwidth / 1e9,
+                  load_before=load_before, load_after=[round(x, 2) for x in os.getloadavg()],
+                  skipped=skipped, rows=rows)
+    save_results(args.name, report, markdown(report))
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"Machine: {report['machine']}; {report['threads']} threads for every engine; load average "
+        f"{report['load_before']} before, {report['load_after']} after (the machine is shared). Read bandwidth "
+        f"on {report['threads']} threads (sum of a 512 MB float32 tensor): {report['read_gb_s']:.1f} GB/s.",
+        f"Model: GPT-2 124M shape, random weights; batch 1; a {report['prompt_tokens']}-token prompt, "
+        f"{report['new_tokens']} greedy tokens; {report['rounds']} alternating rounds, median (best).",
+        "",
+        "| engine | decode tok/s | vs gptlab float32 | read per token | GB/s | of the read limit | prefill tok/s "
+        "| greedy tokens = gptlab float32's | common prefix |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['engine']} | {r['decode_tok_s']:.1f} ({r['best_decode_tok_s']:.1f}) | {r['vs_gptlab_float32']:.2f}x "
+            f"| {r['step_bytes'] / 1e6:.0f} MB | {r['gb_s']:.1f} | {r['bandwidth_fraction']:.0%} "
+            f"| {r['prefill_tok_s']:.0f} | {r['agreement']:.0%} | {r['common_prefix']} |")
+    lines += [
+        "",
+        "decode tok/s = 1 / step, step = (a whole call - a call for one new token) / (new tokens - 1). Read per "
+        "token: every weight matrix once (the tied head once; llama.cpp's bytes are its GGUF tensors') plus the KV "
+        "cache at its mean length (llama.cpp's is float16). Of the read limit: bytes per token x tok/s over the "
+        "measured read bandwidth. Prefill tok/s: prompt tokens over a one-new-token call.",
+    ]
+    int8 = next((r for r in report["rows"] if "layers_on_float_copy" in r), None)
+    if int8:
+        lines += ["", f"int8: {int8['layers_on_float_copy']} linear layers measured their kept float copy "
+                      "faster than torch's int8 products and decode through it (its bytes are counted above)."]
+    if report["skipped"]:
+        lines += ["", "Not measured: " + "; ".join(report["skipped"]) + "."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
