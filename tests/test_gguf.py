@@ -187,6 +187,19 @@ def test_a_trained_bpe_travels_in_the_file(gptlab, tmp_path: Path) -> None:
 # --- refusals: one line, exit 2, nothing written ------------------------------------------------
 
 
+def test_a_chat_runs_template_travels_in_the_file(gptlab, tmp_path: Path) -> None:
+    from gptlab.chat import CHAT_TEMPLATE
+
+    for template in (CHAT_TEMPLATE, None):  # and a run without one writes none
+        tokenizer = trained_bpe()
+        tokenizer.chat_template = template
+        run = save_run(gpt2_vocab_model(vocab_size=tokenizer.vocab_size), tmp_path / f"run-{bool(template)}", tokenizer)
+        out = tmp_path / f"model-{bool(template)}.gguf"
+        code, _, err = gptlab("export", str(run), str(out), "--format", "gguf", "--quantize", "f16")
+        assert code == 0, err
+        assert read_back(out)[1].get("tokenizer.chat_template") == template
+
+
 def test_a_character_vocabulary_is_refused(gptlab, tmp_path: Path) -> None:
     run = save_run(tiny_model(vocab_size=3), tmp_path / "run", CharTokenizer(["a", "b", "c"]))
     out = tmp_path / "model.gguf"

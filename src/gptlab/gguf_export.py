@@ -166,6 +166,8 @@ def write_gguf(model: GPT, tokenizer: Tokenizer | None, out: Path, quantize: str
         writer.add_bos_token_id(tokenizer.eos_id)
         writer.add_eos_token_id(tokenizer.eos_id)
         writer.add_add_bos_token(False)  # gptlab, like GPT-2, feeds a prompt as it is
+        if tokenizer.chat_template:  # a run tuned with --task chat: llama.cpp reads its template here
+            writer.add_chat_template(tokenizer.chat_template)
         for tensor_name, data, raw_dtype in tensors:
             writer.add_tensor(tensor_name, data, raw_dtype=raw_dtype)
         writer.write_header_to_file()
