@@ -115,7 +115,9 @@ def _chat_adder(r: Result) -> str:
 # (results name, what it measures, headline) in the README's order.
 HEADLINES: list[tuple[str, str, Callable[[Result], str]]] = [
     ("demo_load", "`make demo`: 4 minutes of training", _demo),
+    ("demo_load_avx2", "`make demo` on an AVX2 CPU", _demo),
     ("shakespeare", "Tiny Shakespeare in 5 minutes", _shakespeare),
+    ("shakespeare_avx2", "Tiny Shakespeare in 5 minutes, AVX2 CPU", _shakespeare),
     ("train", "training speed", _train),
     ("generate", "generation speed (GPT-2 124M shape)", _generate),
     ("serve_load", "`gptlab serve` under load", _serve),

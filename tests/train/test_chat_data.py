@@ -90,6 +90,32 @@ def test_chat_tuning_trains_the_assistant_tokens_and_saves_the_template(
     assert "assistant's tokens" in (out / "report.md").read_text()
 
 
+def test_a_hugging_face_dataset_of_conversations_tunes_as_its_json_lines_do(
+        gptlab, base_model: Path, tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets", reason="--hf-dataset needs the datasets library (gptlab[datasets])")
+    records = [{"messages": [{"role": "user", "content": f"What is {i} + 1?"},
+                             {"role": "assistant", "content": str(i + 1)}]} for i in range(12)]
+    saved = tmp_path / "hf"
+    datasets.Dataset.from_list(records).save_to_disk(str(saved))
+    datasets.Dataset.from_list([{"messages": [{"role": "robot", "content": "x"}]}]).save_to_disk(str(tmp_path / "bad"))
+    tokenizer = GPT2Tokenizer()
+    from_file = ChatDataset(write_jsonl(tmp_path / "c.jsonl", records), tokenizer, block_size=64)
+    from_hub_format = ChatDataset("", tokenizer, block_size=64, hf_dataset=str(saved))
+    for split in ("train", "val"):
+        assert from_hub_format.split(split) == from_file.split(split)
+    out = tmp_path / "tuned"
+    code, _, err = gptlab("train", "--init-from", str(base_model), "--task", "chat", "--hf-dataset", str(saved),
+                          "--out", str(out), "--max-iters", "2", "--eval-interval", "0", "--eval-iters", "1",
+                          "--batch-size", "2", "--block-size", "64", "--sample-tokens", "0", "--no-progress")
+    assert code == 0, err
+    assert load_tokenizer(out).chat_template == CHAT_TEMPLATE
+    code, _, err = gptlab("train", "--init-from", str(base_model), "--task", "chat", "--hf-dataset",
+                          str(tmp_path / "bad"), "--out", str(tmp_path / "run"), "--no-progress")
+    one_line_error(code, err, 2, "bad[0]: messages[0]: unknown role 'robot'")
+    code, _, err = gptlab("train", "--hf-dataset", str(saved), "--out", str(tmp_path / "run"), "--no-progress")
+    one_line_error(code, err, 2, "--hf-dataset is for --task chat")
+
+
 @pytest.mark.parametrize("records, fragment", [
     ([{"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}],
      "c.jsonl:1: messages[0]: unknown role 'robot'"),

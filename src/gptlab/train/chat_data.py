@@ -1,6 +1,6 @@
-"""Conversations for supervised fine-tuning (`gptlab train --task chat --data FILE`).
+"""Conversations for supervised fine-tuning (`gptlab train --task chat --data FILE`, or `--hf-dataset NAME`).
 
-FILE holds JSON lines, each one conversation in one of three shapes: OpenAI's `{"messages": [...]}`
+FILE holds JSON lines (a Hugging Face dataset, records), each one conversation in one of three shapes: OpenAI's `{"messages": [...]}`
 (system, user and assistant turns), `{"prompt", "completion"}` pairs, or Alpaca's
 `{"instruction", "input", "output"}`. Each becomes ids through the chat template (gptlab.chat), with the
 labels IGNORE everywhere but on the assistant's content and its end-of-turn token, so the loss is the
@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..chat import CHAT_TEMPLATE, IGNORE, ChatFormat, parse_messages
+from ..data.inputs import hf_source
 from ..errors import GptlabError
 from ..tokenizers import Tokenizer
 
@@ -45,41 +47,67 @@ def conversation_messages(record: object) -> object:
     raise GptlabError(f"expected messages, prompt/completion or instruction/output; got keys {sorted(record)}")
 
 
-def read_conversations(path: Path, chat: ChatFormat, block_size: int) -> list[tuple[list[int], list[int]]]:
+Conversation = tuple[list[int], list[int]]  # (ids, labels)
+
+
+def read_conversations(path: Path, chat: ChatFormat, block_size: int) -> list[Conversation]:
     """(ids, labels) per conversation of the file; the first fault is one line naming the line it is on."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise GptlabError(f"--data {path}: cannot read it as a JSON-lines file of conversations: {exc}") from None
+
+    def records() -> Iterator[tuple[str, object]]:
+        for number, line in enumerate(lines, start=1):
+            if line.strip():
+                try:
+                    yield f"{path}:{number}", json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise GptlabError(f"{path}:{number}: not JSON ({exc.msg})") from None
+
+    return encode_conversations(records(), f"--data {path}", chat, block_size)
+
+
+def hf_conversations(name: str, config: str | None, split: str, chat: ChatFormat, block_size: int) -> list[Conversation]:
+    """(ids, labels) per record of a Hugging Face dataset (a save_to_disk directory, data files or a Hub
+    name, as prepare opens it); the first fault is one line naming the record."""
+    records = hf_source(name, config or None, split).dataset
+    return encode_conversations(((f"{name}[{i}]", record) for i, record in enumerate(records)),
+                                f"--hf-dataset {name}", chat, block_size)
+
+
+def encode_conversations(
+    records: Iterable[tuple[str, object]], source: str, chat: ChatFormat, block_size: int,
+) -> list[Conversation]:
+    """Each (where, record) as (ids, labels) through the template; a fault is one line naming `where`."""
     conversations = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for where, record in records:
         try:
-            messages = parse_messages(conversation_messages(json.loads(line)), "messages")
-            ids, labels = chat.training_ids(messages)
-        except json.JSONDecodeError as exc:
-            raise GptlabError(f"{path}:{number}: not JSON ({exc.msg})") from None
+            ids, labels = chat.training_ids(parse_messages(conversation_messages(record), "messages"))
         except GptlabError as exc:
-            raise GptlabError(f"{path}:{number}: {exc}") from None
+            raise GptlabError(f"{where}: {exc}") from None
         if len(ids) > block_size + 1:
-            raise GptlabError(f"{path}:{number}: the conversation has {len(ids)} tokens, longer than the context "
+            raise GptlabError(f"{where}: the conversation has {len(ids)} tokens, longer than the context "
                               f"(--block-size {block_size} + 1); shorten it or raise --block-size")
         conversations.append((ids, labels))
     if not conversations:
-        raise GptlabError(f"--data {path}: no conversations in it")
+        raise GptlabError(f"{source}: no conversations in it")
     return conversations
 
 
 class ChatDataset:
-    """A file of conversations as padded windows, split into train and validation."""
+    """A file (or a Hugging Face dataset) of conversations as padded windows, split into train and validation."""
 
-    def __init__(self, path: str | Path, tokenizer: Tokenizer, block_size: int) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | Path, tokenizer: Tokenizer, block_size: int, *, hf_dataset: str = "",
+                 hf_config: str = "", hf_split: str = "train") -> None:
+        self.path = Path(hf_dataset or path)
         self.tokenizer = tokenizer
         self.chat = ChatFormat(tokenizer)
         tokenizer.chat_template = CHAT_TEMPLATE  # the run saves the template it was tuned on
-        conversations = read_conversations(self.path, self.chat, block_size)
+        if hf_dataset:
+            conversations = hf_conversations(hf_dataset, hf_config, hf_split, self.chat, block_size)
+        else:
+            conversations = read_conversations(self.path, self.chat, block_size)
         held_out = [c for i, c in enumerate(conversations) if i % VAL_EVERY == VAL_EVERY - 1]
         trained = [c for i, c in enumerate(conversations) if i % VAL_EVERY != VAL_EVERY - 1]
         if not held_out:

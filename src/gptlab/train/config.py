@@ -45,6 +45,10 @@ class TrainConfig:
     data: str = option("", "a prepared data directory (gptlab prepare); empty: the built-in Shakespeare corpus")
     task: str = option("text", "text: a prepared corpus; adder: two-digit addition, generated in memory; chat: "
                                "--data is a JSON-lines file of conversations, the loss on the assistant's tokens")
+    hf_dataset: str = option("", "with --task chat: a Hugging Face dataset of conversations instead of --data (a "
+                                 "save_to_disk directory, data files or a Hub name; needs the datasets library)")
+    hf_config: str = option("", "with --hf-dataset: the dataset's configuration (subset)")
+    hf_split: str = option("train", "with --hf-dataset: the split to read")
     out: str = option("", "the run directory; empty: runs/<preset>-N, the first free N")
     init_from: str = option("", "a run or Hugging Face GPT-2 directory (or a GPT-2 size) to fine-tune from")
     # LoRA (Hu et al. 2021): with --init-from, train low-rank adapters of the frozen model

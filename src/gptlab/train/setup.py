@@ -228,10 +228,14 @@ def open_dataset(config: TrainConfig) -> tuple[TrainConfig, Dataset]:
     if config.task == "adder":
         dataset: Dataset = AdderDataset()
     elif config.task == "chat":
-        if not config.data:
-            raise GptlabError("--task chat needs --data FILE, a JSON-lines file of conversations")
-        dataset = ChatDataset(config.data, chat_tokenizer(config.init_from), config.block_size)
-        config = dataclasses.replace(config, data=str(Path(config.data).resolve()))
+        if bool(config.data) == bool(config.hf_dataset):
+            raise GptlabError("--task chat needs one of --data FILE (JSON lines of conversations) or --hf-dataset NAME")
+        dataset = ChatDataset(config.data, chat_tokenizer(config.init_from), config.block_size,
+                              hf_dataset=config.hf_dataset, hf_config=config.hf_config, hf_split=config.hf_split)
+        if config.data:
+            config = dataclasses.replace(config, data=str(Path(config.data).resolve()))
+    elif config.hf_dataset:
+        raise GptlabError("--hf-dataset is for --task chat; for text, run gptlab prepare --hf-dataset NAME first")
     else:
         data_dir = Path(config.data) if config.data else default_data()
         dataset = TokenDataset(data_dir)
