@@ -181,6 +181,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--old-src", default="/tmp/old-serve/src", help=f"src/ of a checkout of {OLD_COMMIT}")
     parser.add_argument("--skip-old", action="store_true", help="leave the previous server out (quick runs)")
+    parser.add_argument("--out", default="serve_load", help="results/<out>.json and .md")
     parser.add_argument("--old", action="store_true", help=argparse.SUPPRESS)  # the subprocess's role
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -220,7 +221,7 @@ def write(rows: list[dict], args: argparse.Namespace, before: tuple, after: tupl
     meta = {"machine": MACHINE, "load": load, "python": platform.python_version(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "prompt_tokens": PROMPT_TOKENS, "max_tokens": args.max_tokens,
             "previous_commit": OLD_COMMIT}
-    atomic_write_text(RESULTS / "serve_load.json", json.dumps({**meta, "results": rows}, indent=2) + "\n")
+    atomic_write_text(RESULTS / f"{args.out}.json", json.dumps({**meta, "results": rows}, indent=2) + "\n")
     lines = [
         f"`gptlab serve` under load on {MACHINE}; {load}. GPT-2 124M shape (random weights), prompts of "
         f"{PROMPT_TOKENS} tokens, {args.max_tokens} sampled tokens per client, each client its own seed and "
@@ -247,7 +248,7 @@ def write(rows: list[dict], args: argparse.Namespace, before: tuple, after: tupl
                      f"{e['late_arrival_ttft_s']:.3f} s; the engine's mean step took {e['mean_step_s']:.3f} s"
                      + (f"; the engine answered {e['vs_previous']}x the previous server's tokens/s" if "vs_previous" in e
                         else "") + ".")
-    atomic_write_text(RESULTS / "serve_load.md", "\n".join(lines) + "\n")
+    atomic_write_text(RESULTS / f"{args.out}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
