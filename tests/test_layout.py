@@ -24,6 +24,7 @@ FLOORS: list[set[str]] = [
     {"inference"},
     {"checkpoint"},  # the disk format, which inference's loader reads
     {"lora"},  # LoRA adapters on a model: checkpoint reads and writes them
+    {"heads"},  # GPT-1's task heads on a model: LoRA trains them beside its adapters, checkpoint saves them
     {"model", "data", "quantize", "chat"},  # quantize: a transform of a model's weights; chat: the template over a tokenizer
     {"tokenizers", "kernels", "throughput", "threads", "precision", "device"},
     {"config", "bpe"},  # bpe: the textbook algorithm, imports nothing of gptlab

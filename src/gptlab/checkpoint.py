@@ -13,8 +13,10 @@ numbers: another architecture or option, a shape that disagrees with `config.jso
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from .config import GPTConfig
 from .errors import EnvironmentProblem, GptlabError, first_line
 from .fileio import atomic_write_json, atomic_write_via, describe_os_error
+from .heads import HEAD_MODULES, MultipleChoice, SequenceClassifier, head_kind, with_head
 from .quantize import Int8Linear
 from .lora import (ADAPTER_FILES, ADAPTER_WEIGHTS_FILE, LoRAConfig, apply_lora, is_adapter_dir, load_adapter_tensors,
                    lora_config_of, merge_lora, read_adapter, save_adapter)
@@ -50,6 +53,11 @@ GPT2_CONFIG_DEFAULTS: dict[str, Any] = dict(
 )
 # GPT-2's GELU is the tanh approximation; these names all compute it (an exact-erf GELU differs by ~1e-4).
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
+# A task head's Hugging Face class, named in config.json's architectures (gptlab.heads holds the models).
+HEAD_ARCHITECTURES = {"GPT2ForSequenceClassification": "classify", "GPT2DoubleHeadsModel": "choice"}
+# Beside a LoRA adapter with a task head: what config.json says of the head in a whole model's directory
+# (its architecture, labels and pad id), which peft's two files have no place for.
+TASK_HEAD_FILE = "task_head.json"
 
 
 # --- config.json ------------------------------------------------------------------------------
@@ -90,6 +98,72 @@ def hf_config(config: GPTConfig, dtype: torch.dtype = torch.float32) -> dict[str
 def unsupported_by_hf(config: GPTConfig) -> list[str]:
     """The options of `config` that Hugging Face's GPT-2 cannot represent."""
     return ["bias=False (Hugging Face GPT-2 always has biases)"] if not config.bias else []
+
+
+def head_config(model: GPT) -> dict[str, Any]:
+    """The config.json fields of a task model's head, as transformers' matching class reads them: the
+    labels' names (id2label, label2id) and the pad id by which GPT2ForSequenceClassification finds the
+    last token; GPT2DoubleHeadsModel's summary as GPT-2 configures it (a projection to 1 score at
+    mc_token_ids, no activation). {} for a plain language model."""
+    kind = head_kind(model)
+    if kind == "classify":
+        return {"architectures": ["GPT2ForSequenceClassification"],
+                "id2label": {str(i): name for i, name in enumerate(model.labels)},
+                "label2id": {name: i for i, name in enumerate(model.labels)},
+                "pad_token_id": model.pad_token_id}
+    if kind == "choice":
+        return {"architectures": ["GPT2DoubleHeadsModel"], "summary_type": "cls_index", "summary_use_proj": True,
+                "summary_proj_to_labels": True, "summary_activation": None,
+                "summary_first_dropout": model.config.dropout}
+    return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskHead:
+    """What a directory says of its task head: which (classify, choice), the labels, the pad id."""
+
+    kind: str
+    labels: tuple[str, ...] = ()
+    pad_token_id: int | None = None
+
+    def build(self, config: GPTConfig) -> GPT:
+        if self.kind == "classify":
+            return SequenceClassifier(config, self.labels, self.pad_token_id)
+        return MultipleChoice(config)
+
+
+def head_from_config(raw: dict[str, Any], source: Path) -> TaskHead | None:
+    """The head a config.json (or task_head.json) describes, None for a language model; a head gptlab
+    would compute differently from transformers is refused."""
+    kind = next((HEAD_ARCHITECTURES[a] for a in raw.get("architectures") or [] if a in HEAD_ARCHITECTURES), None)
+    pad = raw.get("pad_token_id")
+    if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool)):
+        raise GptlabError(f"{source}: pad_token_id must be an integer, got {pad!r}")
+    if kind == "classify":
+        id2label = raw.get("id2label")
+        if isinstance(id2label, dict) and id2label:
+            try:
+                ordered = sorted((int(i), str(name)) for i, name in id2label.items())
+            except ValueError:
+                raise GptlabError(f"{source}: id2label's keys must be class indices, got {sorted(id2label)[:3]}") from None
+            if [i for i, _ in ordered] != list(range(len(ordered))):
+                raise GptlabError(f"{source}: id2label must number the classes 0 .. n-1")
+            labels = tuple(name for _, name in ordered)
+        else:
+            labels = tuple(f"LABEL_{i}" for i in range(int(raw.get("num_labels", 2))))
+        if len(labels) < 2:
+            raise GptlabError(f"{source}: a classifier of {len(labels)} label (regression): gptlab classifies into "
+                              f"two or more labels")
+        return TaskHead("classify", labels, pad)
+    if kind == "choice":
+        wanted = {"summary_type": "cls_index", "summary_use_proj": True, "summary_proj_to_labels": True,
+                  "summary_activation": None}
+        for name, value in wanted.items():
+            if raw.get(name, value) != value:
+                raise GptlabError(f"{source}: {name}={raw[name]!r}; gptlab's multiple-choice head is GPT-2's "
+                                  f"({name}={value!r})")
+        return TaskHead("choice", (), pad)
+    return None
 
 
 def config_from_hf(raw: dict[str, Any], source: Path) -> GPTConfig:
@@ -144,6 +218,10 @@ def _checked_config(source: Path, **fields: Any) -> GPTConfig:
 
 
 def read_model_config(directory: Path) -> GPTConfig:
+    return config_from_hf(read_config_json(directory), directory / CONFIG_FILE)
+
+
+def read_config_json(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_FILE
     if not path.is_file():
         raise GptlabError(
@@ -155,7 +233,7 @@ def read_model_config(directory: Path) -> GPTConfig:
         raise GptlabError(f"{path}: not valid JSON ({first_line(exc)}); expected a GPT-2 config") from None
     if not isinstance(raw, dict):
         raise GptlabError(f"{path}: expected a JSON object with a GPT-2 config")
-    return config_from_hf(raw, path)
+    return raw
 
 
 # --- weights ----------------------------------------------------------------------------------
@@ -277,16 +355,19 @@ def _owned(tensor: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
     return tensor.clone() if tensor.data_ptr() == read.data_ptr() else tensor
 
 
-def _assemble(config: GPTConfig, state: dict[str, torch.Tensor], weights_path: Path) -> GPT:
-    """A GPT of `config` holding exactly `state`, after checking that every name and shape fits.
+def _assemble(config: GPTConfig, state: dict[str, torch.Tensor], weights_path: Path,
+              build: Callable[[GPTConfig], GPT] = GPT) -> GPT:
+    """A GPT of `config` (or `build(config)`: a task model) holding exactly `state`, after checking that
+    every name and shape fits.
 
     The module is built on the meta device: random initialisation of weights that are overwritten
     anyway would cost 13 s for gpt2-medium on a 2-core CPU, and a second copy of the weights in memory.
     """
     with torch.device("meta"):
-        model = GPT(config)
+        model = build(config)
     expected = {name: t.shape for name, t in model.state_dict().items() if name != "lm_head.weight"}
-    where = f"{weights_path}: expected the weights of the GPT-2 that {CONFIG_FILE} describes"
+    what = {"classify": "GPT-2 classifier", "choice": "GPT-2 multiple-choice model"}.get(head_kind(model), "GPT-2")
+    where = f"{weights_path}: expected the weights of the {what} that {CONFIG_FILE} describes"
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing:
@@ -362,11 +443,54 @@ def load_model(
     A LoRA adapter's directory (a LoRA run, or what peft saved) gives its base with the adapter
     applied: merged into the weights (as fast as the base), or with `merge=False` kept apart.
     `dropout` replaces the checkpoint's rate (GPT-2's config says 0.1) for fine-tuning.
+    A task model's directory (a classifier's, say) gives its body and LM head, without the task head:
+    what fine-tuning it again, or sampling from it, starts from (`load_task_model` keeps the head).
     """
+    return _load(resolve_model_dir(path), device, dropout=dropout, merge=merge, head=None)
+
+
+def load_task_model(
+    path: str | Path, device: str | torch.device = "cpu", *, dropout: float | None = None, merge: bool = True
+) -> SequenceClassifier | MultipleChoice:
+    """A task model (gptlab.heads), in eval mode, from a classify or choice run (or its LoRA adapter), or a
+    Hugging Face GPT2ForSequenceClassification or GPT2DoubleHeadsModel directory; anything else is refused."""
     directory = resolve_model_dir(path)
+    head = read_task_head(directory)
+    if head is None:
+        raise GptlabError(f"{path}: has no task head (a language model); train one with gptlab train --task "
+                          f"classify (or choice) --init-from {path}")
+    return _load(directory, device, dropout=dropout, merge=merge, head=head)
+
+
+def read_task_head(directory: Path) -> TaskHead | None:
+    """The task head a model directory (or a LoRA adapter's, through task_head.json) holds; None if none."""
+    if is_adapter_dir(directory):
+        path = directory / TASK_HEAD_FILE
+        if not path.is_file():
+            return None
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise GptlabError(f"{path}: not a readable JSON file ({first_line(exc)})") from None
+        if not isinstance(raw, dict):
+            raise GptlabError(f"{path}: expected a JSON object describing the task head")
+        return head_from_config(raw, path)
+    return head_from_config(read_config_json(directory), directory / CONFIG_FILE)
+
+
+def _load(directory: Path, device: str | torch.device, *, dropout: float | None, merge: bool,
+          head: TaskHead | None) -> GPT:
     if is_adapter_dir(directory):
         lora, state = read_adapter(directory)
-        model = load_model(adapter_base(directory, lora), dropout=dropout)
+        if head is None:  # the body alone: the adapter's head tensors stay unread
+            state = {n: t for n, t in state.items() if n.split(".")[0] not in HEAD_MODULES}
+            lora = dataclasses.replace(lora, modules_to_save=())
+        elif not lora.modules_to_save:
+            raise GptlabError(f"{directory}: {TASK_HEAD_FILE} describes a task head, but the adapter holds none")
+        base = adapter_base(directory, lora)
+        model = _load(base, "cpu", dropout=dropout, merge=True, head=None)
+        if head is not None:
+            model = _with_fresh_head(model, head)  # the adapter holds the head's trained tensors
         apply_lora(model, lora)
         load_adapter_tensors(model, state, str(directory / ADAPTER_WEIGHTS_FILE))
         return (merge_lora(model) if merge else model).to(device).eval()
@@ -374,8 +498,19 @@ def load_model(
     if dropout is not None:
         config = _checked_config(directory / CONFIG_FILE, **{**config.to_dict(), "dropout": dropout})
     state, weights_path = load_weights_file(directory)
-    model = _assemble(config, from_hf_state_dict(state, weights_path), weights_path)
+    state = from_hf_state_dict(state, weights_path)
+    if head is None:  # a task model's body: its head is left out
+        state = {n: t for n, t in state.items() if n.split(".")[0] not in HEAD_MODULES}
+        model = _assemble(config, state, weights_path)
+    else:
+        model = _assemble(config, state, weights_path, head.build)
     return model.to(device).eval()
+
+
+def _with_fresh_head(body: GPT, head: TaskHead) -> GPT:
+    if head.kind == "classify":
+        return with_head(body, SequenceClassifier, labels=head.labels, pad_token_id=head.pad_token_id)
+    return with_head(body, MultipleChoice)
 
 
 def adapter_base(directory: Path, lora: LoRAConfig) -> Path:
@@ -441,6 +576,8 @@ def save_model(model: GPT, directory: str | Path, *, require_hf: bool = False) -
         )
     if lora_config_of(model) is not None:  # a LoRA model: the adapter alone, as peft writes it
         save_adapter(model, directory)
+        if head_kind(model) is not None:
+            atomic_write_json(Path(directory) / TASK_HEAD_FILE, head_config(model))
         return
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -449,12 +586,13 @@ def save_model(model: GPT, directory: str | Path, *, require_hf: bool = False) -
         config = {"architectures": ["GptlabGPT"], "model_type": "gptlab", "gptlab": model.config.to_dict()}
     else:
         config = hf_config(model.config, model.transformer.wte.weight.dtype)
+    config.update(head_config(model))
     atomic_write_via(directory / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     atomic_write_json(directory / CONFIG_FILE, config)
 
 
 # What `export_model` writes: all that a directory may hold for --overwrite to replace it.
-EXPORT_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE}) | TOKENIZER_FILES | ADAPTER_FILES
+EXPORT_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, TASK_HEAD_FILE}) | TOKENIZER_FILES | ADAPTER_FILES
 
 
 def export_model(source: str | Path, out: str | Path, *, overwrite: bool = False, merge: bool = False) -> list[str]:
@@ -484,7 +622,8 @@ def export_model(source: str | Path, out: str | Path, *, overwrite: bool = False
     adapter = is_adapter_dir(directory)
     if merge and not adapter:
         raise GptlabError(f"{source}: holds no LoRA adapter (adapter_config.json) to merge; export it without --merge")
-    model = load_model(directory, merge=merge or not adapter)
+    load = load_task_model if read_task_head(directory) is not None else load_model
+    model = load(directory, merge=merge or not adapter)
     tokenizer = find_tokenizer(directory, model.config)
     save_model(model, out, require_hf=True)
     if tokenizer is not None:

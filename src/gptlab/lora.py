@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import EnvironmentProblem, GptlabError, first_line
 from .fileio import atomic_write_json, atomic_write_via, describe_os_error
+from .heads import HEAD_MODULES
 from .kernels import Linear, linear
 from .model import GPT
 
@@ -39,7 +40,7 @@ DEFAULT_TARGETS = "c_attn,c_proj,c_fc"
 PEFT_PREFIX = "base_model.model."
 # adapter_config.json fields that ask for more than plain LoRA on whole layers; gptlab refuses an adapter
 # that sets any of them rather than loading it into different numbers.
-UNSUPPORTED_FIELDS = ("use_dora", "lora_bias", "modules_to_save", "layers_to_transform", "rank_pattern",
+UNSUPPORTED_FIELDS = ("use_dora", "lora_bias", "layers_to_transform", "rank_pattern",
                       "alpha_pattern", "trainable_token_indices", "target_parameters", "layer_replication",
                       "alora_invocation_tokens", "use_qalora", "use_bdlora", "exclude_modules")
 
@@ -54,6 +55,9 @@ class LoRAConfig:
     targets: tuple[str, ...] = tuple(DEFAULT_TARGETS.split(","))
     base: str = ""  # the base model, as peft's base_model_name_or_path: a local directory or a GPT-2 size
     rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023), as peft's use_rslora
+    # a task head (gptlab.heads) trained whole beside the adapters and saved with them: peft's modules_to_save
+    modules_to_save: tuple[str, ...] = ()
+    task_type: str | None = "CAUSAL_LM"  # peft's: which PeftModel class wraps the base (SEQ_CLS: a classifier)
 
     @property
     def scaling(self) -> float:
@@ -62,11 +66,11 @@ class LoRAConfig:
     def peft_config(self) -> dict[str, Any]:
         """adapter_config.json: the fields peft reads for a LoRA on GPT-2 (the rest take its defaults)."""
         return {
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": self.base or None,
+            "peft_type": "LORA", "task_type": self.task_type, "base_model_name_or_path": self.base or None,
             "r": self.rank, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
             "target_modules": list(self.targets), "fan_in_fan_out": True, "bias": "none",
             "use_rslora": self.rslora, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
-            "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+            "modules_to_save": list(self.modules_to_save) or None, "layers_to_transform": None, "layers_pattern": None,
             "rank_pattern": {}, "alpha_pattern": {},
         }
 
@@ -131,7 +135,13 @@ def apply_lora(model: GPT, config: LoRAConfig) -> GPT:
     layers = target_layers(config.targets)
     if not layers:
         raise GptlabError(f"LoRA targets {', '.join(config.targets)} name no layer of GPT-2")
+    for name in config.modules_to_save:
+        if not hasattr(model, name):
+            raise GptlabError(f"the adapter trains a {name!r} head, which this model has not: load it as the "
+                              f"task model it was trained for (gptlab classify / eval)")
     model.requires_grad_(False)
+    for name in config.modules_to_save:  # a task head trains whole, as peft's modules_to_save
+        model.get_submodule(name).requires_grad_(True)
     for i, block in enumerate(model.transformer.h):
         for layer in layers:
             parent_name, child = layer.split(".")
@@ -163,9 +173,14 @@ def merge_lora(model: GPT) -> GPT:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under gptlab's names, e.g. 'transformer.h.0.attn.c_attn.lora_A.weight'."""
-    return {f"{name}.{part}.weight": getattr(module, part).weight
-            for name, module in lora_layers(model).items() for part in ("lora_A", "lora_B")}
+    """The adapter's tensors under gptlab's names, e.g. 'transformer.h.0.attn.c_attn.lora_A.weight', and
+    its task head's whole, e.g. 'score.weight'."""
+    state = {f"{name}.{part}.weight": getattr(module, part).weight
+             for name, module in lora_layers(model).items() for part in ("lora_A", "lora_B")}
+    config = lora_config_of(model)
+    for head in config.modules_to_save if config is not None else ():
+        state.update({f"{head}.{name}": p for name, p in model.get_submodule(head).named_parameters()})
+    return state
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -269,15 +284,17 @@ def read_adapter(directory: Path) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
         state = from_peft_state_dict(load_file(str(weights)))
     except (SafetensorError, OSError, ValueError) as exc:
         raise GptlabError(f"{weights}: not a readable safetensors file ({first_line(exc)})") from None
-    # the layers come from the tensors themselves: target_modules may be a list, a regex or 'all-linear'
-    layers = {_layer_of(name) for name in state}
+    # the layers come from the tensors themselves: target_modules may be a list, a regex or 'all-linear';
+    # the heads too (peft lists every head name a task type may have in modules_to_save)
+    heads = tuple(sorted({name.split(".")[0] for name in state if name.split(".")[0] in HEAD_MODULES}))
+    layers = {_layer_of(name) for name in state if name.split(".")[0] not in heads}
     if not state or layers - set(LORA_LAYERS):
         other = sorted(str(layer) for layer in layers - set(LORA_LAYERS))[:2]
         raise GptlabError(f"{weights}: adapts {', '.join(other) or 'nothing'}; gptlab adapts the blocks' "
                           f"{', '.join(LORA_LAYERS)}")
     config = LoRAConfig(rank=rank, alpha=float(alpha), dropout=float(raw.get("lora_dropout", 0.0) or 0.0),
                         targets=tuple(sorted(layers)), base=raw.get("base_model_name_or_path") or "",
-                        rslora=bool(raw.get("use_rslora")))
+                        rslora=bool(raw.get("use_rslora")), modules_to_save=heads, task_type=raw.get("task_type"))
     return config, state
 
 
