@@ -23,7 +23,8 @@ from ..fileio import describe_os_error
 
 OPTIMIZERS = ("adamw", "adam", "radam", "sgd", "muon")
 SCHEDULES = ("cosine", "noam", "linear", "constant")
-TASKS = ("text", "adder", "chat")
+TASKS = ("text", "adder", "chat", "classify", "choice")
+HEAD_TASKS = ("classify", "choice")  # GPT-1's fine-tuning: a task head on a pretrained model (gptlab.heads)
 PRECISIONS = ("float32", "bfloat16", "float16", "auto")
 ON_NONFINITE = ("stop", "skip")
 FIELD_CHOICES = {  # the closed sets, shown in the help and checked by TrainConfig.validate
@@ -42,9 +43,19 @@ class TrainConfig:
     whose help line is the field's `help` (units and meaning) and, for a closed set, its choices."""
 
     # data and output
-    data: str = option("", "a prepared data directory (gptlab prepare); empty: the built-in Shakespeare corpus")
+    data: str = option("", "a prepared data directory (gptlab prepare); empty: the built-in Shakespeare corpus; "
+                           "classify and choice: a file of labelled examples (every tenth held out for validation), "
+                           "a directory with train and val files, or a built-in task's name")
     task: str = option("text", "text: a prepared corpus; adder: two-digit addition, generated in memory; chat: "
-                               "--data is a JSON-lines file of conversations, the loss on the assistant's tokens")
+                               "--data is a JSON-lines file of conversations, the loss on the assistant's tokens; "
+                               "classify: a linear head on the last token learns --data's labels (JSON lines or CSV "
+                               "with text and label); choice: multiple choice (JSON lines with context, choices and "
+                               "label, the right choice's index), each choice scored at its last token (GPT-1 and "
+                               "GPT2DoubleHeadsModel); both fine-tune --init-from")
+    lm_loss_weight: float = option(0.0, "classify and choice: the weight of GPT-1's auxiliary language-modelling "
+                                        "loss on the inputs, added to the task's loss. GPT-1 used 0.5 and found it "
+                                        "helps large data sets and not small ones (its sec. 5), and it costs the LM "
+                                        "head's product at every position, so 0: off")
     hf_dataset: str = option("", "with --task chat: a Hugging Face dataset of conversations instead of --data (a "
                                  "save_to_disk directory, data files or a Hub name; needs the datasets library)")
     hf_config: str = option("", "with --hf-dataset: the dataset's configuration (subset)")
@@ -159,6 +170,7 @@ class TrainConfig:
                 f"micro-batches of a whole step, shared equally among the processes"
             )
         self.validate_lora()
+        self.validate_task()
         if self.eval_tasks_path and not Path(self.eval_tasks_path).is_dir():
             raise GptlabError(f"--eval-tasks-path {self.eval_tasks_path}: no such directory of lm-eval task files")
         if self.decay_by_time and not self.max_time:
@@ -169,6 +181,24 @@ class TrainConfig:
             if getattr(self, name) not in choices:
                 raise GptlabError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
                                   f"got {getattr(self, name)!r}")
+
+    def validate_task(self) -> None:
+        """What a task head needs: a pretrained model to fine-tune and labelled data."""
+        if self.lm_loss_weight < 0:
+            raise GptlabError(f"--lm-loss-weight must not be negative, got {self.lm_loss_weight}")
+        if self.task not in HEAD_TASKS:
+            if self.lm_loss_weight:
+                raise GptlabError(f"--lm-loss-weight weighs GPT-1's auxiliary LM loss beside a task head: it applies "
+                                  f"to --task classify or choice, not {self.task}")
+            return
+        if not self.init_from:
+            raise GptlabError(f"--task {self.task} fine-tunes a pretrained model, as GPT-1 does (a head trained with "
+                              f"a random body learns nothing a language model knows): give --init-from MODEL")
+        if not self.data:
+            raise GptlabError(f"--task {self.task} needs --data: a file of labelled examples (JSON lines or CSV), a "
+                              f"directory with train and val files, or a built-in task's name")
+        if self.hf_dataset:
+            raise GptlabError(f"--hf-dataset is for --task chat; --task {self.task} reads --data")
 
     def validate_lora(self) -> None:
         if self.lora_rank < 0:
@@ -315,6 +345,9 @@ def build_train_config(
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     values.update(given)
     check_lora_options(given, values.get("lora_rank", 0))
+    if "lm_loss_weight" in given and values.get("task", "text") not in HEAD_TASKS:
+        raise GptlabError(f"--lm-loss-weight weighs GPT-1's auxiliary LM loss beside a task head: it applies to "
+                          f"--task classify or choice, not {values.get('task', 'text')}")
     return checked_train_config(values)
 
 

@@ -38,6 +38,7 @@ from .config import TrainConfig
 from .device import autocast_context
 from .distributed import Group
 from .eval_tasks import task_scores, tasks_due
+from .labeled_data import LabeledDataset
 from .metrics import MetricsLog
 from .optim import learning_rate, schedule_position
 from .progress import CpuWait
@@ -97,6 +98,38 @@ def estimate_loss(
                         total += token_nll(model, x, y, where=y >= 0).double().mean()
             losses[split] = distributed.all_reduce_sum(total, group).item() / config.eval_iters
     return losses
+
+
+@torch.no_grad()
+def estimate_task(
+    model: GPT, dataset: LabeledDataset, config: TrainConfig, device: torch.device, step: int, group: Group = Group(),
+) -> dict[str, float]:
+    """A task head's loss (the task's cross-entropy, without the auxiliary LM loss) and accuracy: on the
+    whole validation split, each example once, and on `eval_iters` random training batches drawn as
+    estimate_loss draws them. The batches are shared among the processes and the sums added up."""
+    out = {}
+    with eval_mode(model):
+        for split in ("train", "val"):
+            if split == "val":
+                batches = dataset.ordered_batches("val", config.batch_size)
+            else:
+                rng = np.random.default_rng([config.seed, step, 0])
+                batches = (dataset.get_batch("train", config.batch_size, config.block_size, rng)
+                           for _ in range(config.eval_iters))
+            sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss summed over examples, correct, count
+            for i, batch in enumerate(batches):
+                if i % group.world_size != group.rank:
+                    continue
+                *inputs, labels = (t.to(device) for t in batch)
+                with autocast_context(device, config.dtype):
+                    logits = model(*inputs).logits.float()  # (B, num_labels) or (B, num_choices)
+                loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+                correct = (logits.argmax(-1) == labels).sum()
+                sums += torch.stack([loss.double(), correct.double(), torch.tensor(len(labels), dtype=torch.float64,
+                                                                                   device=device)])
+            loss_sum, correct, count = distributed.all_reduce_sum(sums, group).tolist()
+            out[split], out[f"{split}_accuracy"] = loss_sum / count, correct / count
+    return out
 
 
 class Loop:
@@ -163,12 +196,15 @@ class Loop:
         """One optimizer step; returns why the run must stop now ("" to go on)."""
         self._trigger("step_begin")
         lr = self._set_learning_rate()
-        loss_sum = self._accumulate_gradients(self._micro_batches())
-        loss, stop = self._agree(loss_sum, signals)
+        micro_batches = self._micro_batches()
+        loss_sum = self._accumulate_gradients(micro_batches)
+        # the input positions computed (padding included): a window's block_size, a task batch's widest row
+        local_tokens = sum(batch[0].numel() for batch in micro_batches)
+        loss, stop, tokens = self._agree(loss_sum, signals, local_tokens)
         grad_norm = self._clip_gradients(loss)
         skipped = self._nonfinite(loss, grad_norm)
         self._update(skipped)
-        tokens = self._advance()
+        self._advance(tokens)
         self._trigger("step_end", Step(self.state.step, loss, lr, grad_norm, tokens, skipped))
         self.session_steps += 1
         return stop
@@ -181,41 +217,42 @@ class Loop:
             param_group["lr"] = lr
         return lr
 
-    def _micro_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This process's micro-batches of the step's global batch."""
+    def _micro_batches(self) -> list[tuple[torch.Tensor, ...]]:
+        """This process's micro-batches of the step's global batch: the model's arguments, (x, y) for a
+        language model, (ids, [extract positions,] labels) for a task head."""
         config, run = self.config, self.run
         rows = distributed.rows_of(run.group, run.micro_steps * config.batch_size)
         # every process draws the whole step's offsets (the generators stay in step) and reads its rows
-        x, y = run.dataset.get_batch("train", config.batch_size * config.grad_accum, config.block_size,
-                                     self.state.data_rng, rows=rows, pin_memory=run.device.type == "cuda")
-        return list(zip(x.split(config.batch_size), y.split(config.batch_size)))
+        batch = run.dataset.get_batch("train", config.batch_size * config.grad_accum, config.block_size,
+                                      self.state.data_rng, rows=rows, pin_memory=run.device.type == "cuda")
+        return list(zip(*(t.split(config.batch_size) for t in batch)))
 
-    def _accumulate_gradients(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def _accumulate_gradients(self, micro_batches: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
         """Forward and backward over each micro-batch; returns this process's share of the step's loss."""
         run, device = self.run, self.run.device
         loss_sum = torch.zeros((), device=device)
-        for i, (xb, yb) in enumerate(micro_batches):
-            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        for i, batch in enumerate(micro_batches):
+            batch = tuple(t.to(device, non_blocking=True) for t in batch)
             with self._gradient_sync(last=i == len(micro_batches) - 1):
                 with autocast_context(device, self.config.dtype):
-                    loss = self._forward(xb, yb) / run.micro_steps
+                    loss = self._forward(batch) / run.micro_steps
                 self.state.scaler.scale(loss).backward()
             loss_sum += loss.detach()
         return loss_sum
 
-    def _agree(self, loss_sum: torch.Tensor, signals: StopSignals) -> tuple[float, str]:
-        """One exchange per step: the global loss, whether any process was signalled, and the clock, so
-        that every process takes the same decisions (stop, learning rate) at the same step. Returns the
-        loss and why the run must stop ("" to go on)."""
+    def _agree(self, loss_sum: torch.Tensor, signals: StopSignals, local_tokens: int) -> tuple[float, str, int]:
+        """One exchange per step: the global loss, whether any process was signalled, the clock and the
+        step's tokens, so that every process takes the same decisions (stop, learning rate) at the same
+        step. Returns the loss, why the run must stop ("" to go on) and the tokens of all processes."""
         group, device = self.run.group, self.run.device
-        local = [signals.received == "SIGINT", signals.received == "SIGTERM", self.elapsed()]
+        local = [signals.received == "SIGINT", signals.received == "SIGTERM", self.elapsed(), local_tokens]
         report = torch.cat([loss_sum.double().reshape(1), torch.tensor(local, dtype=torch.float64, device=device)])
-        loss, sigint, sigterm, clock = distributed.all_reduce_sum(report, group).tolist()
+        loss, sigint, sigterm, clock, tokens = distributed.all_reduce_sum(report, group).tolist()
         self.clock = clock / group.world_size
         if sigint or sigterm:
-            return loss / group.world_size, "SIGINT" if sigint else "SIGTERM"
+            return loss / group.world_size, "SIGINT" if sigint else "SIGTERM", int(tokens)
         time_up = bool(self.config.max_time) and self.clock >= self.config.max_time
-        return loss / group.world_size, "max_time" if time_up else ""
+        return loss / group.world_size, "max_time" if time_up else "", int(tokens)
 
     def _clip_gradients(self, loss: float) -> float | None:
         """The gradient norm before clipping to grad_clip; None when not clipped (no clip, or a lost step)."""
@@ -233,22 +270,20 @@ class Loop:
             state.scaler.update()
         state.optimizer.zero_grad(set_to_none=True)
 
-    def _advance(self) -> int:
+    def _advance(self, tokens: int) -> None:
         """Count the step and its tokens (the step's, all processes); the schedule's clock starts as the
         first step ends."""
-        config, state = self.config, self.state
-        tokens = config.batch_size * config.grad_accum * config.block_size
+        state = self.state
         state.step += 1
         state.tokens_seen += tokens
         if state.schedule_start is None:
             state.schedule_start = self.clock
-        return tokens
 
-    def _forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _forward(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         if not self.config.compile or self.session_steps > 0:
-            return self.run.step_model(x, y).loss
+            return self.run.step_model(*batch).loss
         try:  # the first call compiles: turn a toolchain failure into one clear line
-            return self.run.step_model(x, y).loss
+            return self.run.step_model(*batch).loss
         except torch._dynamo.exc.TorchDynamoException as exc:
             raise GptlabError(f"--compile: torch.compile failed ({first_line(exc)}); train without --compile") from None
 
@@ -291,9 +326,13 @@ class Loop:
 
     def validate(self) -> dict[str, float]:
         run, state = self.run, self.state
-        self.losses = estimate_loss(state.model, run.dataset, self.config, run.device, state.step, run.group)
+        estimate = estimate_task if isinstance(run.dataset, LabeledDataset) else estimate_loss
+        self.losses = estimate(state.model, run.dataset, self.config, run.device, state.step, run.group)
         state.last_eval_step = state.step
-        self.metrics.write({"step": state.step, "val_loss": self.losses["val"], "train_eval_loss": self.losses["train"]})
+        row = {"step": state.step, "val_loss": self.losses["val"], "train_eval_loss": self.losses["train"]}
+        if "val_accuracy" in self.losses:
+            row |= {"val_accuracy": self.losses["val_accuracy"], "train_eval_accuracy": self.losses["train_accuracy"]}
+        self.metrics.write(row)
         if run.group.is_main and tasks_due(self.config, state.step):
             self.metrics.write({"step": state.step, "task_scores": task_scores(state.model, run.tokenizer, self.config, run.device)})
         if not math.isfinite(self.losses["val"]):

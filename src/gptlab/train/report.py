@@ -22,6 +22,7 @@ from ..fileio import atomic_write_json, atomic_write_text
 from ..model import GPT
 from .adder import AdderDataset
 from .chat_data import ChatDataset
+from .labeled_data import LabeledDataset
 from .run_dir import REPORT_FILE, REPORT_JSON
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ def write_report(
     summary: TrainSummary,
     config: TrainConfig,
     model: GPT,
-    dataset: TokenDataset | AdderDataset | ChatDataset,
+    dataset: TokenDataset | AdderDataset | ChatDataset | LabeledDataset,
     device: torch.device | str = "cpu",
 ) -> Path:
     """Write report.md and report.json into the run directory; return the report's path."""
@@ -84,6 +85,8 @@ def write_report(
     ]
     if isinstance(dataset, AdderDataset):
         lines += _adder_section(model, dataset, device, headline)
+    elif isinstance(dataset, LabeledDataset):
+        lines += _task_head_section(run_dir / "metrics.jsonl", dataset, headline)
     elif isinstance(dataset, ChatDataset):
         lines += [f"The losses are on the assistant's tokens of `{dataset.path.name}`'s conversations "
                   f"({len(dataset.split('train')):,} for training, {len(dataset.split('val')):,} held out); "
@@ -115,6 +118,23 @@ def _adder_section(model: GPT, dataset: AdderDataset, device: torch.device | str
         lines += [f"- `{expected}` -> `{answer}`" for expected, answer in result.mistakes]
         lines.append("")
     return lines
+
+
+def _task_head_section(metrics: Path, dataset: LabeledDataset, headline: dict) -> list[str]:
+    """A task head's validation accuracy (the final evaluation's) against always answering the most
+    frequent class of the training split: what a classifier must beat to have learned anything."""
+    rows = [row for row in map(json.loads, metrics.read_text().splitlines()) if "val_accuracy" in row]
+    accuracy = rows[-1]["val_accuracy"]
+    train_counts = dataset.class_counts("train")
+    majority = train_counts.index(max(train_counts))
+    val_counts = dataset.class_counts("val")
+    baseline = val_counts[majority] / sum(val_counts)
+    names = dataset.labels or tuple(f"choice {i}" for i in range(len(train_counts)))
+    headline |= {"val_accuracy": accuracy, "majority_val_accuracy": baseline, "val_examples": sum(val_counts)}
+    return [f"## Validation accuracy ({dataset.task})", "",
+            f"**{accuracy:.2%}** of {sum(val_counts):,} held-out examples, against {baseline:.2%} for always "
+            f"answering the training split's most frequent {'label' if dataset.labels else 'answer'} "
+            f"(`{names[majority]}`). The losses above are the task's cross-entropy (nats per example).", ""]
 
 
 def _text_section(
@@ -202,6 +222,9 @@ def headline(run_dir: str | Path) -> str:
     if not path.is_file():
         return ""
     facts = json.loads(path.read_text())
+    if "val_accuracy" in facts:
+        return (f"validation accuracy {facts['val_accuracy']:.2%} of {facts['val_examples']:,} examples vs "
+                f"{facts['majority_val_accuracy']:.2%} for the most frequent class (report: {Path(run_dir) / REPORT_FILE})")
     if "test_exact_match" in facts:
         return f"held-out test exact match {facts['test_exact_match']:.2%} (report: {Path(run_dir) / REPORT_FILE})"
     if "val_perplexity" not in facts:  # a chat run: the losses, on the assistant's tokens, were printed

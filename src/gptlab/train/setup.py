@@ -26,8 +26,10 @@ from ..checkpoint import load_model, resolve_model_dir
 from ..config import GPTConfig
 from ..data import TokenDataset, default_corpus_files, prepare
 from ..data.layout import inspect as inspect_data_dir
+from ..data.labeled import is_builtin
 from ..errors import GptlabError
 from ..fileio import atomic_write_json, remove_temporaries
+from ..heads import MultipleChoice, SequenceClassifier, with_head
 from ..lora import LoRAConfig, apply_lora, parse_targets
 from ..model import GPT
 from ..precision import warn_if_emulated
@@ -35,9 +37,10 @@ from ..tokenizers import GPT2Tokenizer, Tokenizer, TOKENIZER_FILE, load_tokenize
 from . import distributed
 from .adder import AdderDataset
 from .chat_data import ChatDataset
-from .config import TRAIN_PRESETS, TrainConfig, checked_train_config, read_options
+from .config import HEAD_TASKS, TRAIN_PRESETS, TrainConfig, checked_train_config, read_options
 from .device import check_memory, compile_unavailable, enable_tf32, resolve_dtype
 from .distributed import Group
+from .labeled_data import LabeledDataset
 from .metrics import truncate_metrics
 from .optim import configure_optimizer, hidden_matrices, measure_muon_cost, muon_iteration_dtype
 from .run_dir import BEST_DIR, METRICS_FILE, TRAIN_CONFIG_FILE, RunDirectory, check_run_dir, claim_run_dir
@@ -53,7 +56,7 @@ RESUME_OPTIONS = ("max_iters", "max_time", "device", "compile", "on_nonfinite", 
                   "eval_interval", "eval_iters", "data", "nproc", "activation_checkpointing",
                   "adapt_threads")
 
-Dataset = TokenDataset | AdderDataset | ChatDataset
+Dataset = TokenDataset | AdderDataset | ChatDataset | LabeledDataset
 
 
 @dataclass
@@ -95,9 +98,9 @@ def setup(config: TrainConfig, group: Group, device: torch.device, *, overwrite:
     enable_tf32(device)
     torch.manual_seed(config.seed)
     if checkpoint is not None:
-        model = resumed_model(checkpoint, config, dataset.tokenizer.vocab_size, device)
+        model = resumed_model(checkpoint, config, dataset.tokenizer.vocab_size, device, dataset)
     else:
-        model = build_model(config, dataset.tokenizer.vocab_size, device)
+        model = build_model(config, dataset.tokenizer.vocab_size, device, dataset)
     # the model's shape as trained (a pretrained one's), and the dtype `auto` chose: the probe runs
     # the model's products at one micro-batch
     config = dataclasses.replace(
@@ -234,6 +237,10 @@ def open_dataset(config: TrainConfig) -> tuple[TrainConfig, Dataset]:
                               hf_dataset=config.hf_dataset, hf_config=config.hf_config, hf_split=config.hf_split)
         if config.data:
             config = dataclasses.replace(config, data=str(Path(config.data).resolve()))
+    elif config.task in HEAD_TASKS:
+        dataset = LabeledDataset(config.data, config.task, chat_tokenizer(config.init_from), config.block_size)
+        if not is_builtin(config.data):
+            config = dataclasses.replace(config, data=str(Path(config.data).resolve()))
     elif config.hf_dataset:
         raise GptlabError("--hf-dataset is for --task chat; for text, run gptlab prepare --hf-dataset NAME first")
     else:
@@ -268,11 +275,12 @@ def default_data() -> Path:
 # --- the model -----------------------------------------------------------------------------------
 
 
-def build_model(config: TrainConfig, vocab_size: int, device: torch.device) -> GPT:
+def build_model(config: TrainConfig, vocab_size: int, device: torch.device, dataset: Dataset | None = None) -> GPT:
     """A fresh GPT, or with --init-from a run, a Hugging Face GPT-2 directory or a GPT-2 size to fine-tune.
 
     A pretrained model keeps its own architecture (its n_layer, n_head, n_embd and bias), which set-up
-    then records in the run's config.
+    then records in the run's config. For --task classify or choice its body gets the task's head
+    (a pretrained task model's own head is left behind: the labels are this run's).
     """
     tokens = config.batch_size * config.block_size
     if not config.init_from:
@@ -294,15 +302,31 @@ def build_model(config: TrainConfig, vocab_size: int, device: torch.device) -> G
         )
     if config.block_size < source.block_size:
         model.crop_block_size(config.block_size)  # keeps the first block_size pretrained positions
+    if config.task in HEAD_TASKS:
+        model = task_model(model, config, dataset)
     if config.lora_rank:
         apply_lora(model, lora_settings(config))
     return model.to(device)
 
 
+def task_model(body: GPT, config: TrainConfig, dataset: Dataset | None) -> GPT:
+    """`body` with a new head for the run's task: the data's labels, and the pad id its batches use."""
+    if not isinstance(dataset, LabeledDataset):
+        raise ValueError(f"--task {config.task} builds its head from a LabeledDataset")
+    if config.task == "classify":
+        return with_head(body, SequenceClassifier, labels=dataset.labels, pad_token_id=dataset.pad_token_id,
+                         lm_loss_weight=config.lm_loss_weight)
+    return with_head(body, MultipleChoice, lm_loss_weight=config.lm_loss_weight)
+
+
 def lora_settings(config: TrainConfig) -> LoRAConfig:
     """The run's adapter; its base is --init-from, as a directory's absolute path or a GPT-2 size's name."""
+    heads = {"classify": (("score",), "SEQ_CLS"), "choice": (("multiple_choice_head",), None)}
+    # a task head trains whole beside the adapters (peft's modules_to_save); SEQ_CLS: peft's classifier wrapper
+    modules_to_save, task_type = heads.get(config.task, ((), "CAUSAL_LM"))
     return LoRAConfig(rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                      targets=parse_targets(config.lora_targets), base=lora_base(config.init_from))
+                      targets=parse_targets(config.lora_targets), base=lora_base(config.init_from),
+                      modules_to_save=modules_to_save, task_type=task_type)
 
 
 def lora_base(init_from: str) -> str:
@@ -310,7 +334,8 @@ def lora_base(init_from: str) -> str:
     return str(Path(init_from).resolve()) if Path(init_from).is_dir() else init_from
 
 
-def resumed_model(checkpoint: dict[str, Any], config: TrainConfig, vocab_size: int, device: torch.device) -> GPT:
+def resumed_model(checkpoint: dict[str, Any], config: TrainConfig, vocab_size: int, device: torch.device,
+                  dataset: Dataset | None = None) -> GPT:
     """The checkpoint's model, rebuilt from its own shape and loaded with its weights."""
     run_dir = Path(config.out)
     with unusable_checkpoint(run_dir):
@@ -321,7 +346,7 @@ def resumed_model(checkpoint: dict[str, Any], config: TrainConfig, vocab_size: i
             f"resume with the data the run was trained on"
         )
     if config.lora_rank:  # the frozen base again, from --init-from; its adapter comes with the state
-        model = build_model(config, vocab_size, device)
+        model = build_model(config, vocab_size, device, dataset)
         if model.config.to_dict() != shape.to_dict():
             raise GptlabError(f"--init-from {config.init_from} is no longer the base this LoRA run trained "
                               f"(its shape differs from the checkpoint's); restore that model to resume")
@@ -329,6 +354,8 @@ def resumed_model(checkpoint: dict[str, Any], config: TrainConfig, vocab_size: i
     check_memory(shape, config.batch_size * config.block_size, config.dtype, device)
     with unusable_checkpoint(run_dir):
         model = GPT(shape)
+        if config.task in HEAD_TASKS:  # the head's shape comes from the data's labels, as when the run began
+            model = task_model(model, config, dataset)
         model.load_state_dict(checkpoint["model"])
     return model.to(device)
 
