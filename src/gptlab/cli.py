@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .data.pipeline import DEFAULT_SHARD_TOKENS
-from .train.config import FIELD_CHOICES, TRAIN_PRESETS, TrainConfig
+from .train.config import FIELD_CHOICES, HEAD_TASKS, TRAIN_PRESETS, TrainConfig
 from .errors import GptlabError
 from .fileio import describe_os_error
 from .inference.params import SamplingParams
@@ -146,7 +146,7 @@ def _run_train(args: argparse.Namespace) -> int:
     summary = headline(result.run_dir)
     if summary:
         print(summary)
-    if config.sample_tokens > 0:
+    if config.sample_tokens > 0 and config.task not in HEAD_TASKS:
         print("--- sample ---")
         params = SamplingParams(**SAMPLE_DEFAULTS | dict(max_new_tokens=config.sample_tokens, seed=config.seed))
         _print_stream(result.run_dir, "", params, config.device)
@@ -160,6 +160,11 @@ def _next_commands(run_dir: Path, config: TrainConfig) -> str:
 
     program = shlex.quote(sys.argv[0]) if Path(sys.argv[0]).name == "gptlab" else "gptlab"
     run = shlex.quote(str(run_dir))
+    if config.task in HEAD_TASKS:
+        lines = ["next:", f"  {program} eval {run} --data {shlex.quote(config.data)}    # accuracy and a confusion table"]
+        if config.task == "classify":
+            lines.append(f"  {program} classify {run} --text \"...\"    # a label and its probability")
+        return "\n".join(lines)
     lines = ["next:",
              f"  {program} sample {run} --max-new-tokens 500    # more text",
              f"  {program} serve {run}    # an OpenAI-compatible API, and a playground at http://127.0.0.1:8000/"]
@@ -401,7 +406,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", metavar="MODEL", help="a run directory or a Hugging Face GPT-2 directory")
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--data", metavar="DATA_DIR", help="a prepared data directory (gptlab prepare)")
+    source.add_argument("--data", metavar="DATA_DIR", help="a prepared data directory (gptlab prepare); for a "
+                        "classify or choice run: labelled examples (a file, scored whole; a directory's --split; "
+                        "or a built-in task's name), scored for accuracy")
     source.add_argument("--text", metavar="FILE", help="a UTF-8 text file, tokenized with the model's tokenizer")
     source.add_argument("--tasks", metavar="TASK,...", help="lm-eval task names, comma-separated")
     p.add_argument("--split", choices=["val", "train"], default="val", help="the split of --data to score")
@@ -442,6 +449,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         raise GptlabError(f"--limit must be a positive number (below 1: a fraction of each task), got {args.limit}")
     if args.tasks is not None:
         return _run_eval_tasks(args, resolve_device(args.device))
+    if _task_run(args.model):
+        return _run_eval_task_head(args, resolve_device(args.device))
     if args.data is None and args.text is None:
         raise GptlabError("give one of --data DATA_DIR, --text FILE or --tasks TASK,...")
     result = evaluate_model(
@@ -455,6 +464,36 @@ def _run_eval(args: argparse.Namespace) -> int:
     print(f"{args.model} on {result.source}: {result.model.tokens:,} tokens scored, "
           f"context {result.context}, stride {result.stride}\n")
     print(markdown_table(result.rows(str(args.model))))
+    return 0
+
+
+def _task_run(model: str) -> bool:
+    from .inference.classify import task_kind
+
+    return task_kind(model) is not None
+
+
+def _run_eval_task_head(args: argparse.Namespace, device) -> int:
+    """A classify or choice run: accuracy on labelled --data (and a confusion table for a classifier)."""
+    import json
+
+    from .inference.classify import evaluate_task
+
+    for flag in ("text", "baselines", "stride", "context", "batch_size"):
+        if getattr(args, flag) not in (None, False):
+            raise GptlabError(f"--{flag.replace('_', '-')} scores a language model; {args.model} is a task run, "
+                              f"scored on labelled --data")
+    if args.data is None:
+        raise GptlabError(f"{args.model} is a task run: give --data, labelled examples (a file, a directory with "
+                          f"train and val files, or a built-in task's name)")
+    result = evaluate_task(args.model, args.data, args.split, device)
+    if args.json:
+        print(json.dumps({"model_path": str(args.model), **result.to_dict()}, indent=2))
+        return 0
+    print(f"{args.model} on {result.source}: accuracy {result.accuracy:.2%} ({result.correct:,} of "
+          f"{result.count:,} examples)")
+    if result.kind == "classify":
+        print("\n" + result.table())
     return 0
 
 
@@ -477,6 +516,38 @@ def _run_eval_tasks(args: argparse.Namespace, device) -> int:
         return 0
     print(results.table())
     print(f"results: {path}")
+    return 0
+
+
+def _add_classify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "classify", help="label texts with a classifier run (train --task classify)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Print each text's most probable label and every label's probability. MODEL is a run of "
+                    "train --task classify (a LoRA run's adapter too), or a Hugging Face "
+                    "GPT2ForSequenceClassification directory. A text longer than the context keeps its end.",
+    )
+    p.add_argument("model", metavar="MODEL", help="a classifier run or its export")
+    p.add_argument("--text", action="append", required=True, help="a text to label; repeat for several")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--json", action="store_true", help="print the labels and probabilities as JSON")
+    p.set_defaults(handler=_run_classify)
+
+
+def _run_classify(args: argparse.Namespace) -> int:
+    import json
+
+    from .device import resolve_device
+    from .inference.classify import load_classifier
+
+    classifier = load_classifier(args.model, resolve_device(args.device))
+    rows = classifier.label(args.text)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        ranked = sorted(row["probabilities"].items(), key=lambda kv: -kv[1])
+        print(f"{row['label']}\t" + ", ".join(f"{name} {p:.3f}" for name, p in ranked) + f"\t{row['text'][:60]!r}")
     return 0
 
 
@@ -627,8 +698,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"gptlab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_prepare, _add_train, _add_sample, _add_chat, _add_serve, _add_export, _add_eval, _add_ngram,
-                _add_attention, _add_tokenizer):
+    for add in (_add_prepare, _add_train, _add_sample, _add_chat, _add_serve, _add_export, _add_eval, _add_classify,
+                _add_ngram, _add_attention, _add_tokenizer):
         add(sub)
     return parser
 

@@ -108,6 +108,14 @@ class Classifier:
             out.append(torch.softmax(self.model(ids).logits.float(), dim=-1).cpu())  # (B, num_labels)
         return torch.cat(out) if out else torch.empty(0, len(self.labels))
 
+    def label(self, texts: Sequence[str]) -> list[dict]:
+        """Each text with its most probable label and every label's probability."""
+        rows = []
+        for text, p in zip(texts, self.predict(texts).tolist()):
+            rows.append({"text": text, "label": self.labels[max(range(len(p)), key=p.__getitem__)],
+                         "probabilities": dict(zip(self.labels, p))})
+        return rows
+
 
 @dataclass
 class ChoiceScorer:
@@ -183,7 +191,9 @@ class TaskEvaluation:
 
 def evaluate_task(path: str | Path, data: str, split: str = "val", device: str | torch.device = "cpu") -> TaskEvaluation:
     """Score a task run on `data` (a built-in task's or a directory's `split`, or every row of one file)."""
-    kind = head_kind_of(path)
+    kind = task_kind(path)
+    if kind is None:
+        raise GptlabError(f"{path}: has no task head (a language model)")
     examples, source = read_split(data, kind, split)
     task = load_task(path, device)
     if isinstance(task, Classifier):
@@ -191,12 +201,10 @@ def evaluate_task(path: str | Path, data: str, split: str = "val", device: str |
     return _evaluate_choices(task, examples, source)
 
 
-def head_kind_of(path: str | Path) -> str:
-    """"classify" or "choice" for a task run, read from its files alone (no weights)."""
+def task_kind(path: str | Path) -> str | None:
+    """"classify" or "choice" for a task run, None for a language model, read from its config alone."""
     head = read_task_head(resolve_model_dir(path))
-    if head is None:
-        raise GptlabError(f"{path}: has no task head (a language model)")
-    return head.kind
+    return None if head is None else head.kind
 
 
 def _evaluate_classifier(task: Classifier, examples: list[ClassifyExample], source: str) -> TaskEvaluation:
