@@ -494,13 +494,15 @@ def _load(directory: Path, device: str | torch.device, *, dropout: float | None,
         apply_lora(model, lora)
         load_adapter_tensors(model, state, str(directory / ADAPTER_WEIGHTS_FILE))
         return (merge_lora(model) if merge else model).to(device).eval()
-    config = read_model_config(directory)
+    raw = read_config_json(directory)
+    config = config_from_hf(raw, directory / CONFIG_FILE)
     if dropout is not None:
         config = _checked_config(directory / CONFIG_FILE, **{**config.to_dict(), "dropout": dropout})
     state, weights_path = load_weights_file(directory)
     state = from_hf_state_dict(state, weights_path)
-    if head is None:  # a task model's body: its head is left out
-        state = {n: t for n, t in state.items() if n.split(".")[0] not in HEAD_MODULES}
+    if head is None:
+        if head_from_config(raw, directory / CONFIG_FILE) is not None:  # a task model's body: its head left out
+            state = {n: t for n, t in state.items() if n.split(".")[0] not in HEAD_MODULES}
         model = _assemble(config, state, weights_path)
     else:
         model = _assemble(config, state, weights_path, head.build)

@@ -214,7 +214,7 @@ def _quiet():
 
 
 def test_a_lora_classifier_trains_the_head_and_peft_loads_it_with_equal_logits(
-    classify_data: Path, base: Path, tmp_path: Path
+    classify_data: Path, base: Path, tmp_path: Path, gptlab
 ) -> None:
     peft = pytest.importorskip("peft", reason="peft (a test dependency) reads the adapters")
     out = tmp_path / "lora"
@@ -235,6 +235,11 @@ def test_a_lora_classifier_trains_the_head_and_peft_loads_it_with_equal_logits(
         torch.testing.assert_close(load_task_model(out, merge=False)(ids).logits, expected, atol=1e-5, rtol=0)
         torch.testing.assert_close(load_task_model(out)(ids).logits, expected, atol=1e-5, rtol=0)  # merged
     assert load_classifier(out).labels == ("joy", "meh", "woe")  # task_head.json names them beside the adapter
+    merged = tmp_path / "merged"
+    assert gptlab("export", str(out), str(merged), "--merge")[0] == 0
+    with torch.no_grad():  # merged: a plain GPT2ForSequenceClassification directory
+        torch.testing.assert_close(transformers.GPT2ForSequenceClassification.from_pretrained(merged).eval()(ids).logits,
+                                   expected, atol=1e-5, rtol=0)
     original = load_model(base)
     adapted = load_task_model(out, merge=False)
     assert all(torch.equal(t, original.state_dict()[n]) for n, t in adapted.state_dict().items()
@@ -367,6 +372,9 @@ def test_bad_task_options_are_one_line_and_exit_2(classify_data: Path, base: Pat
          "--lm-loss-weight must not be negative"),
         (train_args("classify", tmp_path / "missing.jsonl", tmp_path / "run", base=base), "no such file"),
         (train_args("choice", classify_data, tmp_path / "run", base=base), "no context string"),
+        (train_args("classify", classify_data, tmp_path / "run", "--eval-tasks", "hellaswag", base=base),
+         "--eval-tasks scores a language model"),
+        (["train", "--task", "classify", "--init-from", str(base), "--out", str(tmp_path / "run")], "needs --data"),
     ]
     for args, fragment in cases:
         code, _, err = gptlab(*args)

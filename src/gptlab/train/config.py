@@ -199,6 +199,9 @@ class TrainConfig:
                               f"directory with train and val files, or a built-in task's name")
         if self.hf_dataset:
             raise GptlabError(f"--hf-dataset is for --task chat; --task {self.task} reads --data")
+        if self.eval_tasks:
+            raise GptlabError(f"--eval-tasks scores a language model; a --task {self.task} run is scored by its "
+                              f"validation accuracy")
 
     def validate_lora(self) -> None:
         if self.lora_rank < 0:
