@@ -68,9 +68,6 @@ class _TaskModel(GPT):
     def _new_head(self) -> None:
         raise NotImplementedError
 
-    def head_parameters(self) -> list[nn.Parameter]:
-        return [p for name in HEAD_MODULES if hasattr(self, name) for p in getattr(self, name).parameters()]
-
     def _combine(self, logits: torch.Tensor, labels: torch.Tensor | None, lm_logits: torch.Tensor | None,
                  idx: torch.Tensor, last: torch.Tensor) -> TaskOutput:
         out = TaskOutput(logits=logits, lm_logits=lm_logits)

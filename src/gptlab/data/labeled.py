@@ -28,7 +28,6 @@ Splits = dict[str, list]  # {"train": [...], "val": [...]}
 
 VAL_EVERY = 10  # one file: every tenth example is held out for validation
 SPLIT_SUFFIXES = (".jsonl", ".csv")
-TASKS = ("classify", "choice")
 
 # Built-in labelled tasks by name, for `--data NAME`: each returns {"train": [(text, label)], "val": [...]}.
 BUILTIN: dict[str, Callable[[], Splits]] = {}

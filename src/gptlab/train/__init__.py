@@ -15,6 +15,7 @@ checkpoint: everything `--resume` needs, model included; see state.py), `metrics
     run.py        train(): setup, fit, finish
     report.py     report.md/report.json: the run against n-gram baselines (or the adder's exact match)
     adder.py      the adder task: two-digit addition, its data set and its grading
+    labeled_data.py  --task classify / choice: labelled examples as the task head's batches
     eval_tasks.py --eval-tasks: lm-eval scores logged at evaluations
     optim.py, distributed.py, metrics.py, progress.py (the bar, the busy-CPU warning)
 """
