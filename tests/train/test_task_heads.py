@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import one_line_error
+from helpers import TINY_TEXT, one_line_error
 from safetensors.torch import load_file
 
 from gptlab.checkpoint import load_model, load_task_model
+from gptlab.data import labeled
 from gptlab.heads import MultipleChoice, SequenceClassifier
 from gptlab.inference.classify import choice_batch, encode_choice, load_classifier, pad_rows
 from gptlab.tokenizers import GPT2Tokenizer
@@ -346,6 +347,28 @@ def test_a_directory_of_csv_files_with_integer_labels(base: Path, tmp_path: Path
     train(config("classify", data, base, out, max_iters=2, eval_interval=0), show_progress=False)
     assert json.loads((out / "config.json").read_text())["id2label"] == {"0": "1", "1": "2", "2": "10"}  # by value
     assert json.loads((out / "report.json").read_text())["val_examples"] == 12  # val.csv, whole
+
+
+def test_a_built_in_task_fine_tunes_a_character_run(tiny_run: Path, tmp_path: Path, monkeypatch, gptlab) -> None:
+    """What the built-in play-kind task does with the demo's character model: --data names an entry of
+    gptlab.data.labeled.BUILTIN, the character vocabulary's newline pads, long passages keep their end."""
+    speakers = {"First Citizen": "citizen", "All": "all"}
+    passages = [block for block in TINY_TEXT.split("\n\n") if block]
+    examples = [(block, speakers[block.split(":")[0]]) for block in passages]
+    monkeypatch.setitem(labeled.BUILTIN, "toy-speakers", lambda: {"train": examples[:120], "val": examples[120:]})
+    out = tmp_path / "run"
+    code, _, err = gptlab("train", "--task", "classify", "--data", "toy-speakers", "--init-from", str(tiny_run),
+                          "--out", str(out), "--no-progress", "--block-size", "24", "--batch-size", "8",
+                          "--max-iters", "4", "--eval-interval", "2", "--eval-iters", "1", "--lr", "1e-2",
+                          "--warmup-iters", "1")
+    assert code == 0, err
+    assert "validation: the built-in task's validation split" in err and "keep their last 24 tokens" in err
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["id2label"] == {"0": "all", "1": "citizen"} and saved["pad_token_id"] == 0  # "\n" is id 0 here
+    assert json.loads((out / "train_config.json").read_text())["data"] == "toy-speakers"
+    code, text, err = gptlab("eval", str(out), "--data", "toy-speakers", "--json")
+    assert code == 0, err
+    assert json.loads(text)["count"] == len(examples) - 120 and json.loads(text)["source"] == "toy-speakers (val)"
 
 
 # --- bad combinations ------------------------------------------------------------------------------

@@ -80,7 +80,9 @@ def write_report(
         f"| final train loss | {summary.train_loss:.4f} |",
         f"| final validation loss | {summary.val_loss:.4f} |",
         "",
-        "Final losses are means over `eval_iters` random batches per split (nats per target token).",
+        ("Final losses: the task's cross-entropy (nats per example), the validation split whole, training over "
+         "`eval_iters` random batches." if isinstance(dataset, LabeledDataset) else
+         "Final losses are means over `eval_iters` random batches per split (nats per target token)."),
         "",
     ]
     if isinstance(dataset, AdderDataset):
@@ -134,7 +136,7 @@ def _task_head_section(metrics: Path, dataset: LabeledDataset, headline: dict) -
     return [f"## Validation accuracy ({dataset.task})", "",
             f"**{accuracy:.2%}** of {sum(val_counts):,} held-out examples, against {baseline:.2%} for always "
             f"answering the training split's most frequent {'label' if dataset.labels else 'answer'} "
-            f"(`{names[majority]}`). The losses above are the task's cross-entropy (nats per example).", ""]
+            f"(`{names[majority]}`).", ""]
 
 
 def _text_section(
