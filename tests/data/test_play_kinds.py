@@ -175,6 +175,15 @@ def test_passages_fit_the_length(data) -> None:
 
 
 @needs_corpus
+def test_the_demo_models_context_of_64_characters_breaks_the_longer_lines() -> None:
+    short = splits(passage_chars=64)
+    assert class_counts(short) == {"train": {"comedy": 27447, "history": 23740, "tragedy": 27535},
+                                   "val": {"comedy": 4227, "history": 5509, "tragedy": 5065}}
+    lengths = [len(text) for split in short.values() for text, _ in split]
+    assert min(lengths) >= 32 and max(lengths) <= 64
+
+
+@needs_corpus
 def test_splits_are_deterministic_and_the_seed_only_shuffles(data) -> None:
     assert splits(passage_chars=256, seed=0) == data
     other = splits(passage_chars=256, seed=1)

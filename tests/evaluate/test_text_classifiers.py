@@ -61,6 +61,8 @@ def test_character_ngrams_see_order_that_a_bag_of_characters_cannot() -> None:
     assert results["bag of characters"].result.accuracy == 0.5
     assert results["character 1-4-grams"].result.accuracy == 1.0
     assert all(b.fit_seconds > 0 for b in results.values() if b.name in TEXT_CLASSIFIERS)
+    assert results["bag of characters"].parameters == 3 * 2 + 2  # "a", "b", " " for each label; two priors
+    assert results["majority class (x)"].parameters == 0
 
 
 @needs_sklearn

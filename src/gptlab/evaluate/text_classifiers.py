@@ -102,11 +102,13 @@ def fit_text_classifier(name: str, texts: Sequence[str], labels: Sequence[str]) 
 
 @dataclass(frozen=True)
 class Baseline:
-    """A baseline's score on the validation set and the seconds its fitting took (0 for the majority class)."""
+    """A baseline's score on the validation set, the seconds its fitting took and the parameters it learned
+    (naive Bayes: a log-probability per feature and label, and each label's prior; the majority class: 0)."""
 
     name: str
     result: Classification
     fit_seconds: float
+    parameters: int
 
 
 def baselines(train: Sequence[tuple[str, str]], val: Sequence[tuple[str, str]],
@@ -119,10 +121,12 @@ def baselines(train: Sequence[tuple[str, str]], val: Sequence[tuple[str, str]],
     val_texts, val_labels = zip(*val)
     majority = majority_label(train_labels, list(labels))
     found = [Baseline(f"majority class ({majority})",
-                      classification(val_labels, [majority] * len(val_labels), labels), 0.0)]
+                      classification(val_labels, [majority] * len(val_labels), labels), 0.0, 0)]
     for name in TEXT_CLASSIFIERS:
         start = time.perf_counter()
         model = fit_text_classifier(name, train_texts, train_labels)
         seconds = time.perf_counter() - start
-        found.append(Baseline(name, classification(val_labels, list(model.predict(list(val_texts))), labels), seconds))
+        bayes = model[-1]
+        found.append(Baseline(name, classification(val_labels, list(model.predict(list(val_texts))), labels),
+                              seconds, bayes.feature_log_prob_.size + bayes.class_log_prior_.size))
     return found
