@@ -71,10 +71,10 @@ def check_cli() -> None:
                  "classifier; nothing was run")
 
 
-def run(args: list[str]) -> tuple[float, str]:
+def run(args: list[str], cwd: Path | None = None) -> tuple[float, str]:
     """One gptlab command in a fresh process: its wall seconds and stdout; its stderr shown if it fails."""
     start = time.perf_counter()
-    done = subprocess.run([*GPTLAB, *args], capture_output=True, text=True)
+    done = subprocess.run([*GPTLAB, *args], capture_output=True, text=True, cwd=cwd)
     seconds = time.perf_counter() - start
     if done.returncode:
         sys.exit(f"play_kinds: `gptlab {' '.join(args)}` failed (exit {done.returncode}):\n{done.stderr.strip()}")
@@ -82,9 +82,11 @@ def run(args: list[str]) -> tuple[float, str]:
 
 
 def pretrain(work: Path, seconds: float) -> tuple[Path, float]:
-    """The demo's run: `gptlab train` with no data (its preset), given `seconds` of training."""
+    """The demo's run: `gptlab train` with no data (its preset), given `seconds` of training. It runs in `work`,
+    so the corpus it prepares (data/shakespeare-char, timed with it, as a fresh checkout's `make demo`) goes there."""
     base = work / "base"
-    took, _ = run(["train", "--out", str(base), "--max-time", str(seconds), "--no-progress", "--sample-tokens", "0"])
+    took, _ = run(["train", "--out", str(base), "--max-time", str(seconds), "--no-progress", "--sample-tokens", "0"],
+                  cwd=work)
     return base, took
 
 
@@ -153,9 +155,9 @@ def main() -> None:
     check_cli()
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
-        work = args.work or Path(tmp)
+        work = (args.work or Path(tmp)).resolve()
         work.mkdir(parents=True, exist_ok=True)
-        base, pretrain_seconds = (args.base, None) if args.base else pretrain(work, args.pretrain_seconds)
+        base, pretrain_seconds = (args.base.resolve(), None) if args.base else pretrain(work, args.pretrain_seconds)
         base_report = json.loads((base / "report.json").read_text()) if (base / "report.json").is_file() else {}
         passage_chars = args.passage_chars or read_model_config(base).block_size
         start = time.perf_counter()
