@@ -210,3 +210,15 @@ def test_write_splits_refuses_a_file_where_the_directory_goes(tmp_path) -> None:
     with pytest.raises(GptlabError, match="at least 32"):
         write_splits(tmp_path / "other", passage_chars=16)
     assert target.read_text() == "mine" and not (tmp_path / "other").exists()
+
+
+@needs_corpus
+def test_train_and_eval_read_the_task_by_its_built_in_name():
+    from gptlab.data.labeled import read_split, read_splits
+
+    data, _ = read_splits("shakespeare-kinds", "classify")
+    expected = splits()
+    assert [len(data[s]) for s in ("train", "val")] == [len(expected[s]) for s in ("train", "val")]
+    assert data["val"][0] == tuple(expected["val"][0])
+    val, _ = read_split("shakespeare-kinds", "classify", "val")
+    assert {label for _, label in val} == set(LABELS)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import GptlabError
+from . import play_kinds
 
 ClassifyExample = tuple[str, str]  # (text, label)
 ChoiceExample = tuple[str, list[str], int]  # (context, choices, index of the right one)
@@ -30,7 +31,7 @@ VAL_EVERY = 10  # one file: every tenth example is held out for validation
 SPLIT_SUFFIXES = (".jsonl", ".csv")
 
 # Built-in labelled tasks by name, for `--data NAME`: each returns {"train": [(text, label)], "val": [...]}.
-BUILTIN: dict[str, Callable[[], Splits]] = {}
+BUILTIN: dict[str, Callable[[], Splits]] = {"shakespeare-kinds": play_kinds.splits}
 
 
 def is_builtin(data: str) -> bool:
