@@ -5,7 +5,9 @@ The steps, each the real command line in a fresh process where gptlab has one, a
 1. the demo's pretrained character-level run: `gptlab train` with no data (the built-in corpus, the
    `shakespeare-char-default` preset, 4 minutes), or the run given with `--base`;
 2. the task's files (`gptlab.data.play_kinds.write_splits`): passages as long as the base's context
-   (64 characters for the demo), 30 plays for training and 6 held out for validation, two of each kind;
+   (64 characters for the demo), 30 plays for training and 6 held out for validation, two of each kind,
+   from which 1,000 passages of each kind are scored (balanced, so chance is 1/3; scoring all 14,801
+   took a classifier run 221 s here, longer than its training);
 3. the base fine-tuned as a classifier, every weight (`gptlab train --init-from BASE --task classify
    --data DIR`) and with LoRA rank 8 (`--lora-rank 8`), each for the same time, with GPT-1's auxiliary
    language-modelling loss (`--lm-loss-weight 0.5`), then scored by `gptlab eval RUN --data DIR --json`;
@@ -18,7 +20,8 @@ What the score means: the validation plays are plays the classifier never saw a 
 what tells a kind apart across plays, not what tells a play apart. One thing is shared: the demo's
 pretraining read the whole built-in corpus as plain text, the held-out plays included (never their kinds).
 
-About 11 minutes on 2 CPU cores (4 pretraining, 3 for each fine-tuning, under a minute for the rest):
+About 13 minutes on 2 CPU cores (4.5 pretraining, about 4 for each fine-tuning and its scoring, under a
+minute for the rest):
 
     flock /tmp/gptlab-bench.lock .venv/bin/python benchmarks/play_kinds.py
     .venv/bin/python benchmarks/play_kinds.py --base runs/shakespeare-char-default-1   # reuse a demo run
@@ -46,7 +49,7 @@ from gptlab.evaluate.text_classifiers import Classification, baselines, classifi
 from machine import MACHINE, save_results  # benchmarks/machine.py: a script's own folder is on sys.path
 
 GPTLAB = [sys.executable, "-m", "gptlab"]
-TUNE = ["--task", "classify", "--lm-loss-weight", "0.5", "--optimizer", "adamw", "--batch-size", "64",
+TUNE = ["--task", "classify", "--lm-loss-weight", "0.5", "--optimizer", "adamw", "--batch-size", "32",
         "--decay-by-time", "--warmup-fraction", "0.05", "--eval-interval", "0", "--eval-iters", "10",
         "--sample-tokens", "0", "--max-iters", "1000000"]
 LEARNING_RATES = {"full": ("1e-3", "1e-4"), "lora": ("5e-3", "5e-4")}  # (--lr, --min-lr): LoRA takes larger steps
@@ -143,13 +146,17 @@ def main() -> None:
     parser.add_argument("--base", type=Path, help="a pretrained run to fine-tune (default: pretrain the demo's)")
     parser.add_argument("--pretrain-seconds", type=float, default=240.0,
                         help="--max-time of the demo's pretraining (its preset: 240)")
-    parser.add_argument("--tune-seconds", type=float, default=180.0, help="--max-time of each fine-tuning")
+    parser.add_argument("--tune-seconds", type=float, default=150.0, help="--max-time of each fine-tuning")
+    parser.add_argument("--val-per-kind", type=int, default=1000,
+                        help="validation passages scored per kind (0: all of the held-out plays')")
     parser.add_argument("--passage-chars", type=int, help="passage length (default: the base's context)")
     parser.add_argument("--work", type=Path, help="keep the runs and task files here (default: a temporary directory)")
     parser.add_argument("--out", default="play_kinds", help="results name: benchmarks/results/OUT.{json,md}")
     args = parser.parse_args()
     if not re.fullmatch(r"\w+", args.out):
         parser.error(f"--out must be a plain name (letters, digits, _), got {args.out!r}")
+    if args.val_per_kind < 0:
+        parser.error(f"--val-per-kind must be 0 (all) or more, got {args.val_per_kind}")
     if args.base is not None and not (args.base / "config.json").is_file():
         parser.error(f"--base {args.base}: not a run directory (no config.json)")
     check_cli()
@@ -162,7 +169,7 @@ def main() -> None:
         passage_chars = args.passage_chars or read_model_config(base).block_size
         start = time.perf_counter()
         data_dir = work / "kinds"
-        write_splits(data_dir, passage_chars=passage_chars)
+        write_splits(data_dir, passage_chars=passage_chars, val_per_kind=args.val_per_kind or None)
         write_seconds = time.perf_counter() - start
         examples = {name: [(row["text"], row["label"]) for row in
                            map(json.loads, (data_dir / f"{name}.jsonl").read_text(encoding="utf-8").splitlines())]
@@ -182,6 +189,7 @@ def main() -> None:
     held_out = [PLAYS[s][0] for s in HELD_OUT]
     results = {
         "machine": MACHINE, "labels": list(LABELS), "passage_chars": passage_chars, "held_out": held_out,
+        "val_per_kind": args.val_per_kind or None,
         "class_counts": counts, "chance": {"majority_class": majority, "uniform": uniform},
         "rows": [{"method": name, "accuracy": score.accuracy if score else uniform, "seconds": seconds,
                   "parameters": parameters, "confusion": score.to_dict() if score else None, **more}
@@ -199,7 +207,8 @@ def main() -> None:
         "# Which kind of play: a fine-tuned GPT against baselines", "",
         f"Machine: {MACHINE}; load average {load_before:.2f} before / {load_after:.2f} after.", "",
         f"Passages of at most {passage_chars} characters (whole lines) from the First Folio's 36 plays. Validation: "
-        f"{', '.join(held_out)}, never trained on ("
+        f"{', '.join(held_out)}, never trained on"
+        + (f", the first {args.val_per_kind:,} passages of each kind (" if args.val_per_kind else " (")
         + ", ".join(f"{counts['val'][k]:,} {k}" for k in LABELS) + " passages); training: the other 30 plays ("
         + ", ".join(f"{counts['train'][k]:,} {k}" for k in LABELS) + "). Written by `benchmarks/play_kinds.py`.", "",
         "| method | validation accuracy | chance (majority / uniform) | train time | trainable parameters |",

@@ -210,3 +210,20 @@ def test_write_splits_refuses_a_file_where_the_directory_goes(tmp_path) -> None:
     with pytest.raises(GptlabError, match="at least 32"):
         write_splits(tmp_path / "other", passage_chars=16)
     assert target.read_text() == "mine" and not (tmp_path / "other").exists()
+
+
+@needs_corpus
+def test_a_balanced_validation_set_is_the_first_passages_of_each_kind(data) -> None:
+    balanced = splits(passage_chars=256, seed=0, val_per_kind=500)
+    assert class_counts(balanced)["val"] == {"comedy": 500, "history": 500, "tragedy": 500}
+    assert balanced["train"] == data["train"]
+    firsts = [[e for e in data["val"] if e[1] == kind][:500] for kind in LABELS]
+    assert sorted(balanced["val"]) == sorted(e for first in firsts for e in first)
+    assert [e for e in data["val"] if e in set(balanced["val"])] == balanced["val"]  # the shuffled order kept
+    with pytest.raises(GptlabError, match="only 1,012 comedy, 1,078 tragedy passages"):
+        splits(passage_chars=256, val_per_kind=1100)
+
+
+def test_val_per_kind_must_be_positive() -> None:
+    with pytest.raises(GptlabError, match="val_per_kind must be at least 1"):
+        splits(val_per_kind=0)
