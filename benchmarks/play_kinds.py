@@ -6,8 +6,8 @@ The steps, each the real command line in a fresh process where gptlab has one, a
    `shakespeare-char-default` preset, 4 minutes), or the run given with `--base`;
 2. the task's files (`gptlab.data.play_kinds.write_splits`): passages as long as the base's context
    (64 characters for the demo), 30 plays for training and 6 held out for validation, two of each kind,
-   from which 1,000 passages of each kind are scored (balanced, so chance is 1/3; scoring all 14,801
-   took a classifier run 221 s here, longer than its training);
+   from which 1,000 passages of each kind are scored (balanced, so that chance is 1/3, and quick to
+   score: 8 s for a fine-tuned demo run at load 2, where all 14,801 took 221 s in a run at load 3.5);
 3. the base fine-tuned as a classifier, every weight (`gptlab train --init-from BASE --task classify
    --data DIR`) and with LoRA rank 8 (`--lora-rank 8`), each for the same time, with GPT-1's auxiliary
    language-modelling loss (`--lm-loss-weight 0.5`), then scored by `gptlab eval RUN --data DIR --json`;
@@ -20,8 +20,8 @@ What the score means: the validation plays are plays the classifier never saw a 
 what tells a kind apart across plays, not what tells a play apart. One thing is shared: the demo's
 pretraining read the whole built-in corpus as plain text, the held-out plays included (never their kinds).
 
-About 13 minutes on 2 CPU cores (4.5 pretraining, about 4 for each fine-tuning and its scoring, under a
-minute for the rest):
+About 10 minutes on 2 CPU cores at load 2 to 3 (4.5 pretraining, under 3 for each fine-tuning with its
+scoring, 10 s for the task's files and the baselines):
 
     flock /tmp/gptlab-bench.lock .venv/bin/python benchmarks/play_kinds.py
     .venv/bin/python benchmarks/play_kinds.py --base runs/shakespeare-char-default-1   # reuse a demo run

@@ -192,7 +192,7 @@ def splits(passage_chars: int = 256, seed: int = 0, held_out: Sequence[str] = HE
 
     `val_per_kind` keeps only the first that many validation passages of each kind (in the shuffled order,
     so drawn from both held-out plays of the kind): a balanced validation set, where chance is exactly
-    1/3, and one a model scores in a fraction of the time (the whole set is 14,801 passages at 64 characters).
+    1/3, and a smaller one, quicker to score (the whole set is 14,801 passages at 64 characters).
     """
     if passage_chars < MIN_PASSAGE_CHARS:
         raise GptlabError(f"passage_chars must be at least {MIN_PASSAGE_CHARS}, got {passage_chars}")
