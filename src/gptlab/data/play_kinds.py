@@ -32,17 +32,20 @@ The split is by play: the six plays in `HELD_OUT` (two of each kind) are the val
 other thirty the training set, so a score measures what carries over to a play never seen. Held out:
 *Much Ado About Nothing* and *Twelfth Night*, *King John* and *Henry VIII*, *Macbeth* and *Othello*.
 Why these: well-known plays of plain kind (no romance, no problem play); King John and Henry VIII are the
-two histories outside the two tetralogies, and none of the six shares a character with a training play
-(holding out 2 Henry IV would leave Falstaff and Hal in training: a name would carry the label), while
-speaker headings that say rank ("KING.", "DUKE.") stay, as they are part of what a kind sounds like; and
-each kind's pair is of a similar length. The classes are not balanced, and are left as they are
+two histories outside the two tetralogies, and none of the six shares a person with a training play
+(holding out 2 Henry IV would leave Falstaff and Hal in training: a name would carry the play, and with
+it the label); and each kind's pair is of a similar length. Names do recur as other people, and stay, as
+part of what a kind sounds like: Antonio, Claudio, Sebastian in comedies; the earls' titles Norfolk,
+Suffolk, Salisbury in histories; Othello's Gratiano, Emilia and Bianca in comedies; and speaker
+headings of rank ("KING.", "DUKE."). The classes are not balanced, and are left as they are
 (`class_counts` reports them; the baselines report the majority class as chance): at 64 characters,
 training 27,447 comedy, 23,740 history, 27,535 tragedy passages (12, 8 and 10 plays); validation 4,227,
 5,509 and 5,065 (29%, 37%, 34%). At 256: 5,990, 4,938, 5,818 and 1,012, 1,108, 1,078.
 
     from gptlab.data.play_kinds import splits, write_splits
     data = splits(passage_chars=64)       # {"train": [(text, label), ...], "val": [...]}
-    write_splits("kinds/", passage_chars=64)  # kinds/train.jsonl, kinds/val.jsonl: "text" and "label"
+    write_splits("kinds/", passage_chars=64, val_per_kind=1000)  # kinds/train.jsonl, kinds/val.jsonl
+    # one {"text": ..., "label": ...} a line; validation balanced: the first 1,000 passages of each kind
 """
 
 from __future__ import annotations
