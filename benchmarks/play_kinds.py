@@ -4,11 +4,13 @@ of Shakespeare comes from, a GPT fine-tuned for it against non-neural baselines 
 The steps, each the real command line in a fresh process where gptlab has one, and timed:
 1. the demo's pretrained character-level run: `gptlab train` with no data (the built-in corpus, the
    `shakespeare-char-default` preset, 4 minutes), or the run given with `--base`;
-2. the task's files (`gptlab.data.play_kinds.write_splits`): passages as long as the base's context
-   (64 characters for the demo), 30 plays for training and 6 held out for validation, two of each kind;
+2. the built-in task (`--data shakespeare-kinds`, `gptlab.data.play_kinds.builtin_task`): passages as long as the base's context
+   (64 characters for the demo), 30 plays for training and 6 held out for validation, two of each kind,
+   from which 1,000 passages of each kind are scored (balanced, so that chance is 1/3, and quick to
+   score: 8 s for a fine-tuned demo run at load 2, where all 14,801 took 221 s in a run at load 3.5);
 3. the base fine-tuned as a classifier, every weight (`gptlab train --init-from BASE --task classify
-   --data DIR`) and with LoRA rank 8 (`--lora-rank 8`), each for the same time, with GPT-1's auxiliary
-   language-modelling loss (`--lm-loss-weight 0.5`), then scored by `gptlab eval RUN --data DIR --json`;
+   --data shakespeare-kinds`) and with LoRA rank 8 (`--lora-rank 8`), each for the same time, with GPT-1's auxiliary
+   language-modelling loss (`--lm-loss-weight 0.5`), then scored by `gptlab eval RUN --data shakespeare-kinds --json`;
 4. the baselines (`gptlab.evaluate.text_classifiers`): the majority class, uniform guessing, a bag of
    characters and character 1-4-grams with naive Bayes, fitted on the same training passages.
 The table gives each method's validation accuracy, chance, its training time on this machine and its
@@ -18,7 +20,8 @@ What the score means: the validation plays are plays the classifier never saw a 
 what tells a kind apart across plays, not what tells a play apart. One thing is shared: the demo's
 pretraining read the whole built-in corpus as plain text, the held-out plays included (never their kinds).
 
-About 11 minutes on 2 CPU cores (4 pretraining, 3 for each fine-tuning, under a minute for the rest):
+About 10 minutes on 2 CPU cores at load 2 to 3 (4.5 pretraining, under 3 for each fine-tuning with its
+scoring, 10 s for the task's files and the baselines):
 
     flock /tmp/gptlab-bench.lock .venv/bin/python benchmarks/play_kinds.py
     .venv/bin/python benchmarks/play_kinds.py --base runs/shakespeare-char-default-1   # reuse a demo run
@@ -40,35 +43,18 @@ from pathlib import Path
 from safetensors import safe_open
 
 from gptlab.checkpoint import read_model_config
-from gptlab.data.play_kinds import HELD_OUT, LABELS, PLAYS, class_counts, write_splits
-from gptlab.evaluate.text_classifiers import Classification, baselines, classification
+from gptlab.data.labeled import TaskEvaluation
+from gptlab.data.play_kinds import BUILTIN_VAL_PER_KIND, HELD_OUT, LABELS, PLAYS, builtin_task, class_counts
+from gptlab.evaluate.text_classifiers import baselines
 
 from machine import MACHINE, save_results  # benchmarks/machine.py: a script's own folder is on sys.path
 
 GPTLAB = [sys.executable, "-m", "gptlab"]
-TUNE = ["--task", "classify", "--lm-loss-weight", "0.5", "--optimizer", "adamw", "--batch-size", "64",
+TASK = "shakespeare-kinds"  # the built-in task, as a newcomer names it
+TUNE = ["--task", "classify", "--lm-loss-weight", "0.5", "--optimizer", "adamw", "--batch-size", "32",
         "--decay-by-time", "--warmup-fraction", "0.05", "--eval-interval", "0", "--eval-iters", "10",
         "--sample-tokens", "0", "--max-iters", "1000000"]
 LEARNING_RATES = {"full": ("1e-3", "1e-4"), "lora": ("5e-3", "5e-4")}  # (--lr, --min-lr): LoRA takes larger steps
-
-
-def check_cli() -> None:
-    """Stop at once, before minutes of pretraining, where this gptlab has no task heads to fine-tune."""
-    from gptlab.cli import build_parser
-    from gptlab.train.config import FIELD_CHOICES
-
-    parser = build_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    train_options = {s for a in commands["train"]._actions for s in a.option_strings}
-    missing = [what for what, present in (
-        ("`gptlab train --task classify`", "classify" in FIELD_CHOICES.get("task", ())),
-        ("`gptlab train --lm-loss-weight`", "--lm-loss-weight" in train_options),
-        ("`gptlab train --lora-rank`", "--lora-rank" in train_options),
-        ("`gptlab eval --json`", "--json" in {s for a in commands["eval"]._actions for s in a.option_strings}),
-    ) if not present]
-    if missing:
-        sys.exit(f"play_kinds: this gptlab lacks {', '.join(missing)}: the task heads are needed to fine-tune a "
-                 "classifier; nothing was run")
 
 
 def run(args: list[str], cwd: Path | None = None) -> tuple[float, str]:
@@ -102,36 +88,26 @@ def trainable_parameters(run_dir: Path) -> int:
         return sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
 
 
-def scored(printed: str, run_dir: Path) -> Classification:
-    """`gptlab eval RUN --data DIR --json`'s accuracy and confusion (a matrix with its labels, or a table
-    of true label -> predicted label -> count), checked against each other."""
+def scored(printed: str, run_dir: Path) -> TaskEvaluation:
+    """`gptlab eval RUN --data shakespeare-kinds --json`, read back and checked: its accuracy is its confusion's."""
     try:
         result = json.loads(printed)
-    except json.JSONDecodeError:
-        sys.exit(f"play_kinds: `gptlab eval {run_dir} --json` printed no JSON:\n{printed[-2000:]}")
-    confusion = result.get("confusion")
-    if "accuracy" not in result or confusion is None:
-        sys.exit(f"play_kinds: `gptlab eval {run_dir} --json` gave no accuracy and confusion: {printed[-2000:]}")
-    if isinstance(confusion, dict):
-        rows = [[int(confusion.get(t, {}).get(p, 0)) for p in LABELS] for t in LABELS]
-    else:
-        order = list(result.get("labels", LABELS))
-        rows = [[int(confusion[order.index(t)][order.index(p)]) for p in LABELS] for t in LABELS]
-    true = [t for t, row in zip(LABELS, rows) for p, n in zip(LABELS, row) for _ in range(n)]
-    predicted = [p for row in rows for p, n in zip(LABELS, row) for _ in range(n)]
-    checked = classification(true, predicted, LABELS)
-    if abs(checked.accuracy - float(result["accuracy"])) > 1e-9:
-        sys.exit(f"play_kinds: eval's accuracy {result['accuracy']} disagrees with its confusion ({checked.accuracy})")
-    return checked
+        evaluation = TaskEvaluation("classify", result["source"], result["count"], result["correct"],
+                                    tuple(result["labels"]), result["confusion"])
+    except (json.JSONDecodeError, KeyError) as exc:
+        sys.exit(f"play_kinds: `gptlab eval {run_dir} --json` printed no classifier result ({exc}):\n{printed[-2000:]}")
+    if evaluation.labels != LABELS or sum(evaluation.confusion[i][i] for i in range(len(LABELS))) != evaluation.correct:
+        sys.exit(f"play_kinds: `gptlab eval {run_dir} --json`: labels or confusion do not add up: {printed[-2000:]}")
+    return evaluation
 
 
-def fine_tune(kind: str, base: Path, data: Path, work: Path, seconds: float) -> dict:
+def fine_tune(kind: str, base: Path, work: Path, seconds: float) -> dict:
     lr, min_lr = LEARNING_RATES[kind]
     out = work / kind
     extra = ["--lora-rank", "8"] if kind == "lora" else []
-    took, _ = run(["train", "--init-from", str(base), "--data", str(data), "--out", str(out), *TUNE, *extra,
+    took, _ = run(["train", "--init-from", str(base), "--data", TASK, "--out", str(out), *TUNE, *extra,
                    "--lr", lr, "--min-lr", min_lr, "--max-time", str(seconds), "--no-progress"])
-    eval_seconds, printed = run(["eval", str(out), "--data", str(data), "--json"])
+    eval_seconds, printed = run(["eval", str(out), "--data", TASK, "--json"])
     report = json.loads((out / "report.json").read_text())
     return {"result": scored(printed, out), "seconds": took, "eval_seconds": eval_seconds,
             "parameters": trainable_parameters(out), "steps": report.get("steps"),
@@ -143,8 +119,7 @@ def main() -> None:
     parser.add_argument("--base", type=Path, help="a pretrained run to fine-tune (default: pretrain the demo's)")
     parser.add_argument("--pretrain-seconds", type=float, default=240.0,
                         help="--max-time of the demo's pretraining (its preset: 240)")
-    parser.add_argument("--tune-seconds", type=float, default=180.0, help="--max-time of each fine-tuning")
-    parser.add_argument("--passage-chars", type=int, help="passage length (default: the base's context)")
+    parser.add_argument("--tune-seconds", type=float, default=150.0, help="--max-time of each fine-tuning")
     parser.add_argument("--work", type=Path, help="keep the runs and task files here (default: a temporary directory)")
     parser.add_argument("--out", default="play_kinds", help="results name: benchmarks/results/OUT.{json,md}")
     args = parser.parse_args()
@@ -152,26 +127,22 @@ def main() -> None:
         parser.error(f"--out must be a plain name (letters, digits, _), got {args.out!r}")
     if args.base is not None and not (args.base / "config.json").is_file():
         parser.error(f"--base {args.base}: not a run directory (no config.json)")
-    check_cli()
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         work = (args.work or Path(tmp)).resolve()
         work.mkdir(parents=True, exist_ok=True)
         base, pretrain_seconds = (args.base.resolve(), None) if args.base else pretrain(work, args.pretrain_seconds)
         base_report = json.loads((base / "report.json").read_text()) if (base / "report.json").is_file() else {}
-        passage_chars = args.passage_chars or read_model_config(base).block_size
+        context = read_model_config(base).block_size
         start = time.perf_counter()
-        data_dir = work / "kinds"
-        write_splits(data_dir, passage_chars=passage_chars)
+        examples = builtin_task(context)  # what `--data shakespeare-kinds` reads for this base
         write_seconds = time.perf_counter() - start
-        examples = {name: [(row["text"], row["label"]) for row in
-                           map(json.loads, (data_dir / f"{name}.jsonl").read_text(encoding="utf-8").splitlines())]
-                    for name in ("train", "val")}
+        passage_chars = max(len(text) for text, _ in examples["train"])
         found = baselines(examples["train"], examples["val"], LABELS)
-        tuned = {kind: fine_tune(kind, base, data_dir, work, args.tune_seconds) for kind in ("full", "lora")}
+        tuned = {kind: fine_tune(kind, base, work, args.tune_seconds) for kind in ("full", "lora")}
     load_after = os.getloadavg()[0]
     majority, uniform = found[0].result.accuracy, 1 / len(LABELS)
-    methods: list[tuple[str, Classification | None, float, int, dict]] = [  # name, score, seconds, parameters, more
+    methods: list[tuple[str, TaskEvaluation | None, float, int, dict]] = [  # name, score, seconds, parameters, more
         ("uniform guessing", None, 0.0, 0, {}),
         *((b.name, b.result, b.fit_seconds, b.parameters, {}) for b in found),
         *((name, t["result"], t["seconds"], t["parameters"],
@@ -182,6 +153,7 @@ def main() -> None:
     held_out = [PLAYS[s][0] for s in HELD_OUT]
     results = {
         "machine": MACHINE, "labels": list(LABELS), "passage_chars": passage_chars, "held_out": held_out,
+        "val_per_kind": BUILTIN_VAL_PER_KIND,
         "class_counts": counts, "chance": {"majority_class": majority, "uniform": uniform},
         "rows": [{"method": name, "accuracy": score.accuracy if score else uniform, "seconds": seconds,
                   "parameters": parameters, "confusion": score.to_dict() if score else None, **more}
@@ -199,7 +171,8 @@ def main() -> None:
         "# Which kind of play: a fine-tuned GPT against baselines", "",
         f"Machine: {MACHINE}; load average {load_before:.2f} before / {load_after:.2f} after.", "",
         f"Passages of at most {passage_chars} characters (whole lines) from the First Folio's 36 plays. Validation: "
-        f"{', '.join(held_out)}, never trained on ("
+        f"{', '.join(held_out)}, never trained on"
+        + f", the first {BUILTIN_VAL_PER_KIND:,} passages of each kind ("
         + ", ".join(f"{counts['val'][k]:,} {k}" for k in LABELS) + " passages); training: the other 30 plays ("
         + ", ".join(f"{counts['train'][k]:,} {k}" for k in LABELS) + "). Written by `benchmarks/play_kinds.py`.", "",
         "| method | validation accuracy | chance (majority / uniform) | train time | trainable parameters |",
@@ -212,7 +185,7 @@ def main() -> None:
     ]
     for name, score, *_ in methods:
         if score:
-            table += [f"## {name}", "", score.markdown(), ""]
+            table += [f"## {name}", "", score.table(), ""]
     save_results(args.out, results, "\n".join(table))
 
 

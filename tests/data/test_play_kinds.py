@@ -213,12 +213,33 @@ def test_write_splits_refuses_a_file_where_the_directory_goes(tmp_path) -> None:
 
 
 @needs_corpus
+def test_a_balanced_validation_set_is_the_first_passages_of_each_kind(data) -> None:
+    balanced = splits(passage_chars=256, seed=0, val_per_kind=500)
+    assert class_counts(balanced)["val"] == {"comedy": 500, "history": 500, "tragedy": 500}
+    assert balanced["train"] == data["train"]
+    firsts = [[e for e in data["val"] if e[1] == kind][:500] for kind in LABELS]
+    assert sorted(balanced["val"]) == sorted(e for first in firsts for e in first)
+    assert [e for e in data["val"] if e in set(balanced["val"])] == balanced["val"]  # the shuffled order kept
+    with pytest.raises(GptlabError, match="only 1,012 comedy, 1,078 tragedy passages"):
+        splits(passage_chars=256, val_per_kind=1100)
+
+
+def test_val_per_kind_must_be_positive() -> None:
+    with pytest.raises(GptlabError, match="val_per_kind must be at least 1"):
+        splits(val_per_kind=0)
+
+
+@needs_corpus
 def test_train_and_eval_read_the_task_by_its_built_in_name():
     from gptlab.data.labeled import read_split, read_splits
 
-    data, _ = read_splits("shakespeare-kinds", "classify")
-    expected = splits()
+    data, _ = read_splits("shakespeare-kinds", "classify", 64)
+    expected = splits(passage_chars=64, val_per_kind=1_000)
     assert [len(data[s]) for s in ("train", "val")] == [len(expected[s]) for s in ("train", "val")]
     assert data["val"][0] == tuple(expected["val"][0])
-    val, _ = read_split("shakespeare-kinds", "classify", "val")
+    val, _ = read_split("shakespeare-kinds", "classify", "val", 64)
     assert {label for _, label in val} == set(LABELS)
+    assert class_counts({"val": val})["val"] == {kind: 1_000 for kind in LABELS}
+    assert max(len(text) for text, _ in val) <= 64
+    longer, _ = read_split("shakespeare-kinds", "classify", "val", 1024)  # a BPE model: 256 characters
+    assert 128 < max(len(text) for text, _ in longer) <= 256

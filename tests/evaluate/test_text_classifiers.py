@@ -1,4 +1,5 @@
-"""The baselines a fine-tuned classifier is compared with, on made-up data whose answer is known."""
+"""The baselines a fine-tuned classifier is compared with, and the one scorer of every classifier, on made-up
+data whose answer is known."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import sys
 import pytest
 
 from gptlab.errors import GptlabError
-from gptlab.evaluate.text_classifiers import (TEXT_CLASSIFIERS, baselines, classification, fit_text_classifier,
+from gptlab.data.labeled import classification
+from gptlab.evaluate.text_classifiers import (TEXT_CLASSIFIERS, baselines, fit_text_classifier,
                                               majority_label)
 
 needs_sklearn = pytest.mark.skipif(importlib.util.find_spec("sklearn") is None,
@@ -18,17 +20,17 @@ needs_sklearn = pytest.mark.skipif(importlib.util.find_spec("sklearn") is None,
 
 def test_classification_counts_each_true_label_by_its_prediction() -> None:
     result = classification(["a", "a", "b", "c", "c", "c"], ["a", "b", "b", "c", "a", "c"], ["a", "b", "c"])
-    assert result.confusion == ((1, 1, 0), (0, 1, 0), (1, 0, 2))
-    assert result.accuracy == pytest.approx(4 / 6) and result.examples == 6
-    assert result.to_dict() == {"labels": ["a", "b", "c"], "accuracy": result.accuracy, "examples": 6,
-                                "confusion": [[1, 1, 0], [0, 1, 0], [1, 0, 2]]}
-    assert result.markdown().splitlines() == ["| true \\ predicted | a | b | c |", "| --- | ---: | ---: | ---: |",
+    assert result.confusion == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
+    assert result.accuracy == pytest.approx(4 / 6) and result.count == 6 and result.correct == 4
+    assert result.to_dict() == {"task": "classify", "source": "", "count": 6, "correct": 4, "accuracy": result.accuracy,
+                                "labels": ["a", "b", "c"], "confusion": [[1, 1, 0], [0, 1, 0], [1, 0, 2]]}
+    assert result.table().splitlines() == ["| true \\ predicted | a | b | c |", "| --- | ---: | ---: | ---: |",
                                               "| a | 1 | 1 | 0 |", "| b | 0 | 1 | 0 |", "| c | 1 | 0 | 2 |"]
 
 
 def test_a_label_no_example_has_still_gets_its_row_and_column() -> None:
     result = classification(["b", "b"], ["b", "b"], ["a", "b", "c"])
-    assert result.confusion == ((0, 0, 0), (0, 2, 0), (0, 0, 0)) and result.accuracy == 1.0
+    assert result.confusion == [[0, 0, 0], [0, 2, 0], [0, 0, 0]] and result.accuracy == 1.0
 
 
 def test_classification_refuses_what_it_cannot_score() -> None:

@@ -102,19 +102,19 @@ def write(path: Path, rows: list[dict]) -> Path:
 
 def test_one_file_holds_every_tenth_example_out(tmp_path: Path) -> None:
     rows = [{"text": f"t{i}", "label": "x" if i % 2 else "y"} for i in range(25)]
-    splits, how = read_splits(str(write(tmp_path / "d.jsonl", rows)), "classify")
+    splits, how = read_splits(str(write(tmp_path / "d.jsonl", rows)), "classify", 64)
     assert [t for t, _ in splits["val"]] == ["t9", "t19"] and len(splits["train"]) == 23
     assert "every 10th example" in how
-    examples, _ = read_split(str(tmp_path / "d.jsonl"), "classify", "val")
+    examples, _ = read_split(str(tmp_path / "d.jsonl"), "classify", "val", 64)
     assert len(examples) == 25  # eval scores a single file whole
 
 
 def test_a_built_in_task_is_one_entry_of_builtin(monkeypatch: pytest.MonkeyPatch) -> None:
     splits = {"train": [("merry jest", "comedy"), ("a king dies", "history")], "val": [("woe", "tragedy")]}
-    monkeypatch.setitem(labeled.BUILTIN, "toy-kinds", lambda: splits)
-    got, how = read_splits("toy-kinds", "classify")
+    monkeypatch.setitem(labeled.BUILTIN, "toy-kinds", lambda context: splits)
+    got, how = read_splits("toy-kinds", "classify", 64)
     assert got == splits and "built-in" in how
-    assert read_split("toy-kinds", "classify", "val")[0] == [("woe", "tragedy")]
+    assert read_split("toy-kinds", "classify", "val", 64)[0] == [("woe", "tragedy")]
 
 
 def test_labels_sort_integers_by_value_then_names() -> None:
@@ -131,4 +131,4 @@ def test_choices_of_different_counts_are_refused(tmp_path: Path) -> None:
 def test_csv_without_a_label_column_is_refused(tmp_path: Path) -> None:
     (tmp_path / "d.csv").write_text("text,kind\nhello,a\n")
     with pytest.raises(GptlabError, match="no label column"):
-        read_splits(str(tmp_path / "d.csv"), "classify")
+        read_splits(str(tmp_path / "d.csv"), "classify", 64)

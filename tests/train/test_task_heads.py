@@ -355,7 +355,7 @@ def test_a_built_in_task_fine_tunes_a_character_run(tiny_run: Path, tmp_path: Pa
     speakers = {"First Citizen": "citizen", "All": "all"}
     passages = [block for block in TINY_TEXT.split("\n\n") if block]
     examples = [(block, speakers[block.split(":")[0]]) for block in passages]
-    monkeypatch.setitem(labeled.BUILTIN, "toy-speakers", lambda: {"train": examples[:120], "val": examples[120:]})
+    monkeypatch.setitem(labeled.BUILTIN, "toy-speakers", lambda context: {"train": examples[:120], "val": examples[120:]})
     out = tmp_path / "run"
     code, _, err = gptlab("train", "--task", "classify", "--data", "toy-speakers", "--init-from", str(tiny_run),
                           "--out", str(out), "--no-progress", "--block-size", "24", "--batch-size", "8",

@@ -1,9 +1,10 @@
-"""Labelled examples for GPT-1's task heads, read and checked: `--task classify` and `--task choice`.
+"""Labelled examples for GPT-1's task heads, read, checked and scored: `--task classify` and `--task choice`.
 
 A classification example is (text, label); a multiple-choice one is (context, choices, index of the right
 choice). `--data` names one of three sources:
 
-- a built-in task's name (BUILTIN below: a function returning {"train": [...], "val": [...]});
+- a built-in task's name (BUILTIN below: a function of the model's context, in tokens, returning
+  {"train": [...], "val": [...]} whose texts fit it);
 - a directory holding train.jsonl and val.jsonl (or train.csv and val.csv): validation is val;
 - one file (JSON lines, or CSV for classification): every tenth example is held out for validation.
 
@@ -17,7 +18,8 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import GptlabError
@@ -30,18 +32,20 @@ Splits = dict[str, list]  # {"train": [...], "val": [...]}
 VAL_EVERY = 10  # one file: every tenth example is held out for validation
 SPLIT_SUFFIXES = (".jsonl", ".csv")
 
-# Built-in labelled tasks by name, for `--data NAME`: each returns {"train": [(text, label)], "val": [...]}.
-BUILTIN: dict[str, Callable[[], Splits]] = {"shakespeare-kinds": play_kinds.splits}
+# Built-in labelled tasks by name, for `--data NAME`: each takes the model's context and returns
+# {"train": [(text, label)], "val": [...]}.
+BUILTIN: dict[str, Callable[[int], Splits]] = {"shakespeare-kinds": play_kinds.builtin_task}
 
 
 def is_builtin(data: str) -> bool:
     return data in BUILTIN
 
 
-def read_splits(data: str, task: str) -> tuple[Splits, str]:
-    """{"train", "val"} examples of `data` for `task`, and how validation was chosen (for the user)."""
+def read_splits(data: str, task: str, context: int) -> tuple[Splits, str]:
+    """{"train", "val"} examples of `data` for `task` (a model reading `context` tokens), and how
+    validation was chosen (for the user)."""
     if task == "classify" and is_builtin(data):
-        splits = BUILTIN[data]()
+        splits = BUILTIN[data](context)
         return {name: [classify_example(row, f"{data}[{name}][{i}]") for i, row in enumerate(splits[name])]
                 for name in ("train", "val")}, "the built-in task's validation split"
     path = Path(data)
@@ -56,10 +60,10 @@ def read_splits(data: str, task: str) -> tuple[Splits, str]:
     return {"train": trained, "val": held_out}, f"every {VAL_EVERY}th example of {path.name} ({len(held_out)})"
 
 
-def read_split(data: str, task: str, split: str) -> tuple[list, str]:
+def read_split(data: str, task: str, split: str, context: int) -> tuple[list, str]:
     """The examples `gptlab eval --data` scores: a built-in task's or a directory's split, or a whole file."""
     if task == "classify" and is_builtin(data):
-        return [classify_example(row, f"{data}[{split}][{i}]") for i, row in enumerate(BUILTIN[data]()[split])], \
+        return [classify_example(row, f"{data}[{split}][{i}]") for i, row in enumerate(BUILTIN[data](context)[split])], \
             f"{data} ({split})"
     path = Path(data)
     if path.is_dir():
@@ -163,3 +167,53 @@ def _is_int(name: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+@dataclass
+class TaskEvaluation:
+    """Accuracy on labelled examples; for a classifier, the confusion counts too (rows: true label,
+    columns: predicted)."""
+
+    kind: str  # "classify" or "choice"
+    source: str
+    count: int
+    correct: int
+    labels: tuple[str, ...] = ()
+    confusion: list[list[int]] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.count
+
+    def to_dict(self) -> dict:
+        out = {"task": self.kind, "source": self.source, "count": self.count, "correct": self.correct,
+               "accuracy": self.accuracy}
+        if self.kind == "classify":
+            out |= {"labels": list(self.labels), "confusion": self.confusion}
+        return out
+
+    def table(self) -> str:
+        """The confusion counts as a markdown table, a row per true label."""
+        lines = ["| true \\ predicted | " + " | ".join(self.labels) + " |",
+                 "| --- |" + " ---: |" * len(self.labels)]
+        lines += [f"| {name} | " + " | ".join(f"{n:,}" for n in row) + " |" for name, row in zip(self.labels, self.confusion)]
+        return "\n".join(lines)
+
+def classification(true: Sequence[str], predicted: Sequence[str], labels: Sequence[str],
+                   source: str = "") -> TaskEvaluation:
+    """Accuracy and confusion of `predicted` against `true`, every label in `labels` given a row and a
+    column (one no example has included, so the tables of several classifiers line up): the one scorer of
+    a classifier, whether a fine-tuned GPT or a baseline."""
+    if len(true) != len(predicted):
+        raise GptlabError(f"{len(true)} true labels but {len(predicted)} predictions")
+    if not true:
+        raise GptlabError("no examples to score")
+    index = {label: i for i, label in enumerate(labels)}
+    unknown = sorted({str(label) for label in (*true, *predicted)} - set(index))
+    if unknown:
+        raise GptlabError(f"labels not among {', '.join(labels)}: {', '.join(unknown)}")
+    confusion = [[0] * len(labels) for _ in labels]
+    for t, p in zip(true, predicted):
+        confusion[index[t]][index[p]] += 1
+    correct = sum(confusion[i][i] for i in range(len(labels)))
+    return TaskEvaluation("classify", source, len(true), correct, tuple(labels), confusion)

@@ -32,17 +32,20 @@ The split is by play: the six plays in `HELD_OUT` (two of each kind) are the val
 other thirty the training set, so a score measures what carries over to a play never seen. Held out:
 *Much Ado About Nothing* and *Twelfth Night*, *King John* and *Henry VIII*, *Macbeth* and *Othello*.
 Why these: well-known plays of plain kind (no romance, no problem play); King John and Henry VIII are the
-two histories outside the two tetralogies, and none of the six shares a character with a training play
-(holding out 2 Henry IV would leave Falstaff and Hal in training: a name would carry the label), while
-speaker headings that say rank ("KING.", "DUKE.") stay, as they are part of what a kind sounds like; and
-each kind's pair is of a similar length. The classes are not balanced, and are left as they are
+two histories outside the two tetralogies, and none of the six shares a person with a training play
+(holding out 2 Henry IV would leave Falstaff and Hal in training: a name would carry the play, and with
+it the label); and each kind's pair is of a similar length. Names do recur as other people, and stay, as
+part of what a kind sounds like: Antonio, Claudio, Sebastian in comedies; the earls' titles Norfolk,
+Suffolk, Salisbury in histories; Othello's Gratiano, Emilia and Bianca in comedies; and speaker
+headings of rank ("KING.", "DUKE."). The classes are not balanced, and are left as they are
 (`class_counts` reports them; the baselines report the majority class as chance): at 64 characters,
 training 27,447 comedy, 23,740 history, 27,535 tragedy passages (12, 8 and 10 plays); validation 4,227,
 5,509 and 5,065 (29%, 37%, 34%). At 256: 5,990, 4,938, 5,818 and 1,012, 1,108, 1,078.
 
     from gptlab.data.play_kinds import splits, write_splits
     data = splits(passage_chars=64)       # {"train": [(text, label), ...], "val": [...]}
-    write_splits("kinds/", passage_chars=64)  # kinds/train.jsonl, kinds/val.jsonl: "text" and "label"
+    write_splits("kinds/", passage_chars=64, val_per_kind=1000)  # kinds/train.jsonl, kinds/val.jsonl
+    # one {"text": ..., "label": ...} a line; validation balanced: the first 1,000 passages of each kind
 """
 
 from __future__ import annotations
@@ -185,12 +188,19 @@ def check_held_out(held_out: Sequence[str]) -> None:
         raise GptlabError("every play is held out: nothing is left to train on")
 
 
-def splits(passage_chars: int = 256, seed: int = 0,
-           held_out: Sequence[str] = HELD_OUT) -> dict[str, list[tuple[str, str]]]:
+def splits(passage_chars: int = 256, seed: int = 0, held_out: Sequence[str] = HELD_OUT,
+           val_per_kind: int | None = None) -> dict[str, list[tuple[str, str]]]:
     """{"train": [(passage, label), ...], "val": [...]}: the held-out plays' passages in "val", the other
-    plays' in "train", each split shuffled by `seed` (the same arguments give the same lists)."""
+    plays' in "train", each split shuffled by `seed` (the same arguments give the same lists).
+
+    `val_per_kind` keeps only the first that many validation passages of each kind (in the shuffled order,
+    so drawn from both held-out plays of the kind): a balanced validation set, where chance is exactly
+    1/3, and a smaller one, quicker to score (the whole set is 14,801 passages at 64 characters).
+    """
     if passage_chars < MIN_PASSAGE_CHARS:
         raise GptlabError(f"passage_chars must be at least {MIN_PASSAGE_CHARS}, got {passage_chars}")
+    if val_per_kind is not None and val_per_kind < 1:
+        raise GptlabError(f"val_per_kind must be at least 1 (or None: every passage), got {val_per_kind}")
     check_held_out(held_out)
     result: dict[str, list[tuple[str, str]]] = {"train": [], "val": []}
     for stem, path in play_files().items():
@@ -204,7 +214,31 @@ def splits(passage_chars: int = 256, seed: int = 0,
         result["val" if stem in held_out else "train"] += [(p, label) for p in passages(lines, passage_chars)]
     for name, examples in result.items():
         random.Random(f"{seed}-{name}").shuffle(examples)
+    if val_per_kind is not None:
+        kept, taken = [], Counter()
+        for text, label in result["val"]:
+            taken[label] += 1
+            if taken[label] <= val_per_kind:
+                kept.append((text, label))
+        result["val"] = kept
+        short = [f"{taken[k]:,} {k}" for k in LABELS if taken[k] < val_per_kind]
+        if short:
+            raise GptlabError(f"val_per_kind {val_per_kind:,}: the held-out plays have only {', '.join(short)} "
+                              "passages")
     return result
+
+
+BUILTIN_PASSAGE_CHARS = 256  # what `--data shakespeare-kinds` cuts for a model that reads that much or more
+BUILTIN_VAL_PER_KIND = 1_000  # a balanced validation set (chance exactly 1/3) that scores in minutes on 2 cores
+
+
+def builtin_task(context: int) -> dict[str, list[tuple[str, str]]]:
+    """`--data shakespeare-kinds` for a model that reads `context` tokens: passages no longer than that in
+    characters (a character model sees the whole passage, a BPE model more than fits), 256 at most, and
+    1,000 validation passages of each kind. Train and eval call it with the run's context, so both see
+    the same passages."""
+    return splits(passage_chars=max(MIN_PASSAGE_CHARS, min(BUILTIN_PASSAGE_CHARS, context)),
+                  val_per_kind=BUILTIN_VAL_PER_KIND)
 
 
 def class_counts(data: dict[str, list[tuple[str, str]]]) -> dict[str, dict[str, int]]:
@@ -214,13 +248,13 @@ def class_counts(data: dict[str, list[tuple[str, str]]]) -> dict[str, dict[str, 
 
 
 def write_splits(directory: str | Path, passage_chars: int = 256, seed: int = 0,
-                 held_out: Sequence[str] = HELD_OUT) -> dict[str, Path]:
+                 held_out: Sequence[str] = HELD_OUT, val_per_kind: int | None = None) -> dict[str, Path]:
     """DIR/train.jsonl and DIR/val.jsonl, one {"text": ..., "label": ...} per line, for `--data DIR`.
     Everything is read and cut before anything is written; each file is written whole or not at all."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise GptlabError(f"{directory} exists and is not a directory")
-    data = splits(passage_chars, seed, held_out)
+    data = splits(passage_chars, seed, held_out, val_per_kind)
     with environment_errors(directory):
         directory.mkdir(parents=True, exist_ok=True)
     paths = {}

@@ -13,9 +13,8 @@ against 30 to 55 s and scored as well or better (64-character passages: characte
 n-grams 49.0% against 47.4% with tf-idf and logistic regression; 256 characters: 51.3% against 54.7%,
 59.8% against 57.4%), measured on 2 shared cores.
 
-`classification` is the one accuracy and confusion helper; it needs nothing but the labels, so
-`gptlab eval` on a classifier run can report through it without scikit-learn. The classifiers import
-scikit-learn (the `eval` extra) when they are fitted.
+They are scored by `gptlab.data.labeled.classification`, as `gptlab eval` scores a classifier run. The
+classifiers import scikit-learn (the `eval` extra) when they are fitted.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..data.labeled import TaskEvaluation, classification
 from ..errors import GptlabError
 
 # name -> (CountVectorizer's arguments, what it reads): both are fitted with multinomial naive Bayes
@@ -33,50 +33,6 @@ TEXT_CLASSIFIERS: dict[str, dict[str, Any]] = {
     "bag of characters": dict(analyzer="char", ngram_range=(1, 1), lowercase=False),
     "character 1-4-grams": dict(analyzer="char_wb", ngram_range=(1, 4), lowercase=False),
 }
-
-
-@dataclass(frozen=True)
-class Classification:
-    """How a classifier did on labelled examples: accuracy and the confusion matrix, whose row i counts the
-    examples of `labels[i]` by the label they were given (columns in the same order)."""
-
-    labels: tuple[str, ...]
-    accuracy: float
-    confusion: tuple[tuple[int, ...], ...]
-
-    @property
-    def examples(self) -> int:
-        return sum(map(sum, self.confusion))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"labels": list(self.labels), "accuracy": self.accuracy, "examples": self.examples,
-                "confusion": [list(row) for row in self.confusion]}
-
-    def markdown(self) -> str:
-        """The confusion matrix as a Markdown table: true labels down, predicted across."""
-        head = "| true \\ predicted | " + " | ".join(self.labels) + " |"
-        rule = "| --- |" + " ---: |" * len(self.labels)
-        rows = [f"| {label} | " + " | ".join(f"{n:,}" for n in row) + " |"
-                for label, row in zip(self.labels, self.confusion)]
-        return "\n".join([head, rule, *rows])
-
-
-def classification(true: Sequence[str], predicted: Sequence[str], labels: Sequence[str]) -> Classification:
-    """Accuracy and confusion of `predicted` against `true`, every label in `labels` given a row and a
-    column (one no example has included, so tables of several classifiers line up)."""
-    if len(true) != len(predicted):
-        raise GptlabError(f"{len(true)} true labels but {len(predicted)} predictions")
-    if not true:
-        raise GptlabError("no examples to score")
-    index = {label: i for i, label in enumerate(labels)}
-    unknown = sorted({str(label) for label in (*true, *predicted)} - set(index))
-    if unknown:
-        raise GptlabError(f"labels not among {', '.join(labels)}: {', '.join(unknown)}")
-    confusion = [[0] * len(labels) for _ in labels]
-    for t, p in zip(true, predicted):
-        confusion[index[t]][index[p]] += 1
-    right = sum(confusion[i][i] for i in range(len(labels)))
-    return Classification(tuple(labels), right / len(true), tuple(map(tuple, confusion)))
 
 
 def majority_label(train_labels: Sequence[str], labels: Sequence[str]) -> str:
@@ -106,7 +62,7 @@ class Baseline:
     (naive Bayes: a log-probability per feature and label, and each label's prior; the majority class: 0)."""
 
     name: str
-    result: Classification
+    result: TaskEvaluation
     fit_seconds: float
     parameters: int
 

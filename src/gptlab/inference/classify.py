@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import find_tokenizer, load_task_model, read_task_head, resolve_model_dir
-from ..data.labeled import ChoiceExample, ClassifyExample, read_split
+from ..data.labeled import ChoiceExample, ClassifyExample, TaskEvaluation, classification, read_split
 from ..errors import GptlabError
 from ..heads import MultipleChoice, SequenceClassifier
 from ..tokenizers import TOKENIZER_FILE, Tokenizer, document_start_ids
@@ -158,44 +158,13 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Cla
     return task
 
 
-@dataclass
-class TaskEvaluation:
-    """Accuracy on labelled examples; for a classifier, the confusion counts too (rows: true label,
-    columns: predicted)."""
-
-    kind: str  # "classify" or "choice"
-    source: str
-    count: int
-    correct: int
-    labels: tuple[str, ...] = ()
-    confusion: list[list[int]] = field(default_factory=list)
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct / self.count
-
-    def to_dict(self) -> dict:
-        out = {"task": self.kind, "source": self.source, "count": self.count, "correct": self.correct,
-               "accuracy": self.accuracy}
-        if self.kind == "classify":
-            out |= {"labels": list(self.labels), "confusion": self.confusion}
-        return out
-
-    def table(self) -> str:
-        """The confusion counts as a markdown table, a row per true label."""
-        lines = ["| true \\ predicted | " + " | ".join(self.labels) + " |",
-                 "| --- |" + " ---: |" * len(self.labels)]
-        lines += [f"| {name} | " + " | ".join(str(n) for n in row) + " |" for name, row in zip(self.labels, self.confusion)]
-        return "\n".join(lines)
-
-
 def evaluate_task(path: str | Path, data: str, split: str = "val", device: str | torch.device = "cpu") -> TaskEvaluation:
     """Score a task run on `data` (a built-in task's or a directory's `split`, or every row of one file)."""
     kind = task_kind(path)
     if kind is None:
         raise GptlabError(f"{path}: has no task head (a language model)")
-    examples, source = read_split(data, kind, split)
     task = load_task(path, device)
+    examples, source = read_split(data, kind, split, task.model.config.block_size)
     if isinstance(task, Classifier):
         return _evaluate_classifier(task, examples, source)
     return _evaluate_choices(task, examples, source)
@@ -214,11 +183,7 @@ def _evaluate_classifier(task: Classifier, examples: list[ClassifyExample], sour
         raise GptlabError(f"--data {source}: label(s) {', '.join(map(repr, unknown[:5]))} unknown to the run "
                           f"(its labels: {', '.join(task.labels)})")
     predicted = task.predict([text for text, _ in examples]).argmax(-1).tolist()
-    confusion = [[0] * len(task.labels) for _ in task.labels]
-    for (_, label), guess in zip(examples, predicted):
-        confusion[index[label]][guess] += 1
-    correct = sum(confusion[i][i] for i in range(len(task.labels)))
-    return TaskEvaluation("classify", source, len(examples), correct, task.labels, confusion)
+    return classification([label for _, label in examples], [task.labels[i] for i in predicted], task.labels, source)
 
 
 def _evaluate_choices(task: ChoiceScorer, examples: list[ChoiceExample], source: str) -> TaskEvaluation:

@@ -30,7 +30,7 @@ class LabeledDataset:
     def __init__(self, data: str, task: str, tokenizer: Tokenizer, block_size: int) -> None:
         self.path, self.task, self.tokenizer = data, task, tokenizer
         self.pad_token_id = pad_id(tokenizer)
-        splits, validation = read_splits(data, task)
+        splits, validation = read_splits(data, task, block_size)
         cut = 0
         if task == "classify":
             labels = label_order({label for _, label in splits["train"]})
