@@ -112,6 +112,13 @@ def _chat_adder(r: Result) -> str:
             f"before, **{r['exact_match_after']:.1%}** after {r['seconds']['tune']:.0f} s of `train --task chat`")
 
 
+def _play_kinds(r: Result) -> str:
+    rows = {row["method"]: row["accuracy"] for row in r["rows"]}
+    return (f"which kind of play, 6 plays held out: the demo run fine-tuned **{rows['GPT, full fine-tuning']:.1%}** "
+            f"(LoRA {rows['GPT, LoRA rank 8']:.1%}), character n-grams {rows['character 1-4-grams']:.1%}, "
+            f"chance {r['chance']['uniform']:.1%}")
+
+
 # (results name, what it measures, headline) in the README's order.
 HEADLINES: list[tuple[str, str, Callable[[Result], str]]] = [
     ("demo_load", "`make demo`: 4 minutes of training", _demo),
@@ -129,6 +136,7 @@ HEADLINES: list[tuple[str, str, Callable[[Result], str]]] = [
     ("lora", "LoRA fine-tuning", _lora),
     ("adder", "the adder task", _adder),
     ("chat_adder", "chat tuning", _chat_adder),
+    ("play_kinds", "a GPT-1 task head", _play_kinds),
 ]
 
 
