@@ -56,39 +56,58 @@ def int8_linear(
     """x @ (scales[:, None] * weight)^T + bias for an int8 `weight`, through the fastest available product;
     with `float_copy` (the layer's), the float product on a kept dequantized weight is a candidate too."""
     flat = x.reshape(-1, x.size(-1))  # (R, in)
-    products = int8_products(flat, weight)
-    if float_copy is not None:
-        products[KEPT] = lambda rows, w, s: linear(rows, float_copy.matrix(w, s, rows.dtype))
-    pinned = chooser.forced("int8")
-    key = None
-    if pinned in products:
-        path = pinned
-    elif len(products) == 1 or torch.is_grad_enabled() or torch.compiler.is_compiling():
-        path = "dequantized"
+    path = int8_path(flat, weight, scales, float_copy)
+    if path == KEPT:
+        y = linear(flat, float_copy.matrix(weight, scales, flat.dtype))  # (R, out)
     else:
-        rows = flat.size(0)
-        decode = rows <= DECODE_ROWS
-        key = ("int8 linear", bucket(rows), *weight.shape, str(x.dtype), str(weight.device),
-               torch.get_num_threads(), *(["weights from memory", "rows bucketed"] if decode else []),
-               *([KEPT] if float_copy is not None else []))
-
-        def build(name: str) -> Callable[[], object]:
-            if name == KEPT:  # copies of the float matrix, as the float model's own product would read it;
-                # timed through F.linear: `linear` would measure its own candidates inside this measurement
-                kept = float_copy.matrix(weight, scales, x.dtype)
-                mats = itertools.cycle(from_memory(kept)) if decode else itertools.repeat(kept)
-                return synchronized(lambda: F.linear(flat, next(mats)), x.device)
-            weights = itertools.cycle(from_memory(weight)) if decode else itertools.repeat(weight)
-            product = products[name]
-            return synchronized(lambda: product(flat, next(weights), scales), x.device)
-
-        path = chooser.fastest(key, tuple(products), build, plain="dequantized")
-    if float_copy is not None:
-        float_copy.settle(key or ("forced or plain",), path == KEPT)
-    y = products[path](flat, weight, scales)  # (R, out)
+        y = INT8_PRODUCTS[path](flat, weight, scales)  # (R, out)
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], weight.size(0))
+
+
+def int8_path(flat: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, float_copy: FloatCopy | None) -> str:
+    """The product `int8_linear` takes for (R, in) rows `flat`: pinned, plain, or measured once per shape."""
+    pinned = chooser.forced("int8")
+    key = None
+    if pinned is None and not (torch.is_grad_enabled() or torch.compiler.is_compiling()):
+        rows = flat.size(0)
+        decode = rows <= DECODE_ROWS
+        key = ("int8 linear", bucket(rows), *weight.shape, str(flat.dtype), str(weight.device),
+               torch.get_num_threads(), *(["weights from memory", "rows bucketed"] if decode else []),
+               *([KEPT] if float_copy is not None else []))
+        path = chooser.known(key)  # a decoding step's every layer: answered before any candidate is built
+        if path is None:
+            path = _measured_path(key, flat, weight, scales, float_copy, decode)
+    else:
+        names = _available(flat, weight, float_copy)
+        path = pinned if pinned in names else "dequantized"
+    if float_copy is not None:
+        float_copy.settle(key or ("forced or plain",), path == KEPT)
+    return path
+
+
+def _available(flat: torch.Tensor, weight: torch.Tensor, float_copy: FloatCopy | None) -> tuple[str, ...]:
+    return (*int8_products(flat, weight), *([KEPT] if float_copy is not None else []))
+
+
+def _measured_path(key: tuple, flat: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+                   float_copy: FloatCopy | None, decode: bool) -> str:
+    names = _available(flat, weight, float_copy)
+    if len(names) == 1:
+        return names[0]
+
+    def build(name: str) -> Callable[[], object]:
+        if name == KEPT:  # copies of the float matrix, as the float model's own product would read it;
+            # timed through F.linear: `linear` would measure its own candidates inside this measurement
+            kept = float_copy.matrix(weight, scales, flat.dtype)
+            mats = itertools.cycle(from_memory(kept)) if decode else itertools.repeat(kept)
+            return synchronized(lambda: F.linear(flat, next(mats)), flat.device)
+        weights = itertools.cycle(from_memory(weight)) if decode else itertools.repeat(weight)
+        product = INT8_PRODUCTS[name]
+        return synchronized(lambda: product(flat, next(weights), scales), flat.device)
+
+    return chooser.fastest(key, names, build, plain="dequantized")
 
 
 def int8_products(x: torch.Tensor, weight: torch.Tensor) -> dict[str, Callable[..., torch.Tensor]]:
@@ -135,4 +154,8 @@ def packed_int8_product_in_bf16(x: torch.Tensor, weight: torch.Tensor, scales: t
     return packed_int8_product(x.to(torch.bfloat16), weight, scales).to(x.dtype)
 
 
-chooser.CANDIDATES["int8"] = ("dequantized", "int8 kernel", "int8 kernel, bf16 rows", KEPT)
+INT8_PRODUCTS: dict[str, Callable[..., torch.Tensor]] = {
+    "dequantized": dequantized_product, "int8 kernel": packed_int8_product,
+    "int8 kernel, bf16 rows": packed_int8_product_in_bf16,
+}
+chooser.CANDIDATES["int8"] = (*INT8_PRODUCTS, KEPT)

@@ -46,6 +46,9 @@ def linear_path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     # costs copies of the weight (`from_memory`)
     key = ("linear", bucket(x.numel() // x.size(-1)), *weight.shape, str(x.dtype), str(weight.dtype),
            bias is not None, str(weight.device), torch.get_num_threads(), "weights from memory", "row-major result")
+    chosen = chooser.known(key)
+    if chosen is not None:
+        return chosen
 
     names = tuple(name for name in LINEAR_PRODUCTS if name != "prepacked" or can_prepack(weight))
 
