@@ -26,7 +26,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from gptlab.config import model_preset
 from gptlab.inference import Engine, SamplingParams
 from gptlab.model import GPT, MLP, CausalSelfAttention
-from gptlab.quantize import Int8Linear, quantize_int8
+from gptlab.kernels import chooser
+from gptlab.quantize import Int8Linear, quantize_int8_where_faster
 
 from machine import MACHINE, save_results  # benchmarks/machine.py: a script's own folder is on sys.path
 
@@ -120,6 +121,8 @@ def markdown(report: dict) -> str:
                   "Heaviest operations (self time per step): " + "; ".join(
                       f"{name}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in r["top_ops"][:5])
                       for name, r in report["rows"].items()) + "."]
+    lines += [f"--quantize int8's whole-step check: {r['int8_verdict']}." for r in report["rows"].values()
+              if r.get("int8_verdict")]
     return "\n".join(lines) + "\n"
 
 
@@ -135,8 +138,12 @@ def main() -> None:
     torch.manual_seed(0)
     model = GPT(model_preset("gpt2")).eval()
     prompt = torch.randint(0, model.config.vocab_size, (args.prompt_tokens,)).tolist()
-    rows = {"float32": profile_steps(copy.deepcopy(model), prompt, args.steps),
-            "int8": profile_steps(quantize_int8(copy.deepcopy(model)), prompt, args.steps)}
+    rows = {"float32": profile_steps(copy.deepcopy(model), prompt, args.steps)}
+    int8 = copy.deepcopy(model)
+    kept = quantize_int8_where_faster(int8)  # what --quantize int8 runs: int8 only where a whole step is faster
+    verdict = next((chooser.entry(k) for k in chooser._chosen if k[0] == "int8 decoding step"), None) or {}
+    rows["int8 (--quantize int8)" if kept else "--quantize int8 (float weights kept)"] = {
+        **profile_steps(int8, prompt, args.steps), "int8_verdict": verdict.get("reason", "")}
     report = dict(machine=MACHINE, threads=args.threads, prompt_tokens=args.prompt_tokens, steps=args.steps,
                   load_before=load_before, load_after=[round(x, 2) for x in os.getloadavg()], rows=rows)
     save_results(args.name, report, markdown(report))

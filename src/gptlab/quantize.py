@@ -19,7 +19,7 @@ from .kernels.int8 import FloatCopy
 
 INT8, FLOAT = "int8 weights", "float weights"
 STEP_ROUNDS = 9  # interleaved decoding steps of each at least; the median step counts
-STEP_BUDGET_SECONDS = 1.5  # ... and more while the figures spread, until the comparison has taken this long
+STEP_BUDGET_SECONDS = 1.0  # ... and more while the figures spread, until the comparison has taken this long
 log = logging.getLogger("gptlab.quantize")
 _said: set[str] = set()  # fallbacks already said by this process
 chooser.CANDIDATES["int8_step"] = (INT8, FLOAT)
