@@ -576,3 +576,35 @@ def test_sampling_on_an_avx2_cpu_works_and_matches_the_plain_path(tiny_run: Path
             code, text, err = out[f"{run} {mode}"]
             assert code == 0 and "Traceback" not in err and text.startswith("All:") and len(text) == 4 + 24 + 1, (run, err)
     assert out["float32 auto"][1] == out["float32 plain"][1]
+
+
+def test_the_one_thread_attention_is_the_fused_one_and_gives_the_threads_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decoding step's small attention may run on one thread (a 2-thread parallel region stalled 8 ms a
+    call on a shared 2-core CPU); it computes the fused kernel's numbers, and torch's thread count is
+    restored afterwards, also when the kernel raises. It is offered only with several threads and no autograd."""
+    from gptlab.kernels import attention_paths
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        q, k = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 5, 8)
+        torch.testing.assert_close(attention_paths.one_thread_fused_attention(q, k, k), kernels.fused_attention(q, k, k),
+                                   rtol=0, atol=0)
+        seen = []
+
+        def failing(*args):
+            seen.append(torch.get_num_threads())
+            raise RuntimeError("kernel failed")
+
+        monkeypatch.setattr(attention_paths, "fused_attention", failing)
+        with pytest.raises(RuntimeError):
+            attention_paths.one_thread_fused_attention(q, k, k)
+        assert seen == [1] and torch.get_num_threads() == 2
+        offered = []
+        monkeypatch.setattr(chooser, "fastest", lambda key, names, build, **kw: offered.append(names) or names[0])
+        attention_paths.attention_path(kernels.attention_key(q, k, None, 0.0))
+        torch.set_num_threads(1)
+        attention_paths.attention_path(kernels.attention_key(q, k, None, 0.0))
+        assert attention_paths.ONE_THREAD in offered[0] and attention_paths.ONE_THREAD not in offered[1]
+    finally:
+        torch.set_num_threads(before)

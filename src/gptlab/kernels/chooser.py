@@ -30,7 +30,8 @@ ROUNDS = 5  # timed rounds per candidate at least, after one warm-up call; each 
 MAX_ROUNDS = 41  # on a busy machine, rounds go on while some candidate's rounds spread (median > 1.1 x fastest)
 BUDGET_SECONDS = 0.1  # ... but past ROUNDS rounds, a key's measurement stops once it has taken this long
 DROP_AFTER, DROP_FACTOR = 3, 2.0  # after 3 rounds, a candidate whose fastest round is over 2x the leader's
-# median is clearly slower: it is timed no more (a 150-ms dequantizing head need not run ROUNDS times)
+# slowest is clearly slower: it is timed no more (a 150-ms head need not run ROUNDS times); a bound on the
+# leader's median instead dropped F.linear on a busy machine after three rounds where its rival had been lucky
 MODES = ("auto", "plain")  # GPTLAB_KERNELS; unset is "auto"
 
 # operation -> its candidates' names, filled in by each operation's module (for `force`)
@@ -74,8 +75,8 @@ def fastest(
     (a row-block product with a lucky 0.4-ms round, then 10 ms a call, was chosen by its fastest
     round). The rounds go on (up to MAX_ROUNDS) while some candidate's median is over 10% above its
     fastest round, i.e. while the machine's other work disturbs the figures, until the key's
-    measurement has taken `budget` seconds; a candidate clearly slower than the leader (DROP_FACTOR)
-    after DROP_AFTER rounds stops being timed, so that a slow one costs startup little. `plain` (the
+    measurement has taken `budget` seconds; a candidate clearly slower than the leader (its fastest
+    round over DROP_FACTOR x the leader's slowest) after DROP_AFTER rounds stops being timed, so that a slow one costs startup little. `plain` (the
     operation's plain torch call) is taken where every candidate raised.
 
     The choice goes to the disk cache with each candidate's median, the rounds run, the medians of
@@ -161,9 +162,9 @@ def _time_candidates(
         if not racing:
             break
         medians = {name: statistics.median(timed[name]) for name in racing}
-        if r + 1 >= DROP_AFTER:
-            lead = min(medians.values())
-            racing = [name for name in racing if min(timed[name]) <= DROP_FACTOR * lead]
+        if r + 1 >= DROP_AFTER:  # dropped for good only when its best round loses to the leader's worst
+            worst = max(timed[min(medians, key=medians.__getitem__)])
+            racing = [name for name in racing if min(timed[name]) <= DROP_FACTOR * worst]
         settled = all(medians[name] <= 1.1 * min(timed[name]) for name in racing)
         if r + 1 >= rounds and (settled or time.perf_counter() > deadline):
             break
