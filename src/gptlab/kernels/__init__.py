@@ -35,7 +35,7 @@ measurement itself is unwelcome. Unset or "auto" measures; any other value is an
 from .chooser import CANDIDATES, cache_path, fastest, force, mode
 from .products import (
     DECODE_ROWS, LINEAR_PRODUCTS, Linear, can_prepack, from_memory, largest_cache_bytes, linear, linear_path,
-    matvec_rows, prepacked_product, prepacked_weight, tall_product,
+    matvec_rows, prepacked_product, prepacked_weight, release_scratch, tall_product,
 )
 from .attention_paths import (
     ATTENTION_PATHS, attention, attention_key, attention_path, fused_attention, textbook_attention,
@@ -49,6 +49,6 @@ __all__ = [
     "attention_key", "attention_path", "cache_path", "can_prepack", "dequantized_product", "fastest", "force",
     "from_memory", "fused_attention", "gelu", "gelu_form", "int8_linear", "int8_products", "largest_cache_bytes",
     "linear", "linear_path", "matvec_rows", "mode", "packed_int8_product", "packed_int8_product_in_bf16",
-    "prepacked_product", "prepacked_weight", "sigmoid_form_gelu", "tall_product", "tanh_gelu",
+    "prepacked_product", "prepacked_weight", "release_scratch", "sigmoid_form_gelu", "tall_product", "tanh_gelu",
     "textbook_attention", "textbook_causal_attention",
 ]
