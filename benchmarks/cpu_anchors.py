@@ -26,6 +26,7 @@ import platform
 import statistics
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -62,9 +63,9 @@ class Gptlab:
         return out[0, len(prompt):].tolist()
 
     def step_bytes(self, prompt: int, new: int) -> float:
-        """A layer whose measured choice is its kept float copy reads that copy, not its int8 matrix."""
+        """A layer whose measured choice is a kept copy (float, or bf16) reads that copy, not its int8 matrix."""
         element = 2 if self.dtype == "bf16" else 4  # the cache keeps the activations' dtype
-        copies = sum(m.float_copy.value.nbytes - m.weight.nbytes for m in self.float_copies())
+        copies = sum(m.float_copy.nbytes() - m.weight.nbytes for m in self.float_copies())
         return weight_bytes(self.model) + copies + cache_bytes_per_step(self.model, 1, prompt, new, element)
 
     def float_copies(self) -> list[Int8Linear]:
@@ -175,7 +176,9 @@ def main() -> None:
                 common_prefix=common_prefix(tokens[name], reference)))
             if name == "gptlab int8":  # (a model that kept its float weights has no Int8Linear)
                 layers = [m for m in engines[name].model.modules() if isinstance(m, Int8Linear)]
-                rows[-1]["layers_on_float_copy"] = f"{len(engines[name].float_copies())} of {len(layers)}"
+                kept = Counter(next(iter(m.float_copy.values)) for m in engines[name].float_copies())
+                rows[-1]["layers_on_float_copy"] = ", ".join(f"{n} of {len(layers)} on the {c}" for c, n in kept.items()) \
+                    or f"0 of {len(layers)}"
     base = rows[0]["decode_tok_s"]
     for row in rows:
         row["vs_gptlab_float32"] = row["decode_tok_s"] / base
@@ -212,7 +215,7 @@ def markdown(report: dict) -> str:
     ]
     int8 = next((r for r in report["rows"] if "layers_on_float_copy" in r), None)
     if int8:
-        lines += ["", f"int8: {int8['layers_on_float_copy']} linear layers measured their kept float copy "
+        lines += ["", f"int8: of the linear layers, {int8['layers_on_float_copy']}: they measured that kept copy "
                       "faster than torch's int8 products and decode through it (its bytes are counted above)."]
     lines += ["", f"--quantize int8 checks a whole decoding step against the float weights where it runs and keeps "
                   f"the faster: {report['int8_verdict']}. Quality of int8 on a trained model (validation loss, "

@@ -51,9 +51,11 @@ def quantize_int8_where_faster(model: nn.Module) -> bool:
     Each layer already takes the fastest of its int8 products (or its kept float copy), but a step is
     more than its products, and on some CPUs every int8 product loses (they are arithmetic-bound), so
     the whole step decides: a forward pass of one token at batch 1 (every weight read once, as in
-    decoding) through each variant, after one pass each that makes the layers' own choices, in
-    interleaved rounds, the median step of each counting (`chooser.fastest`: guarded, cached per
-    machine with its reason, budgeted). Under GPTLAB_KERNELS=plain nothing is measured and the model
+    decoding) through each variant, at one thread and at torch's count (inference adapts its count to
+    the load, and the variant that wins at the count a step will run at is the one that pays), after
+    one pass each that makes the layers' own choices, in interleaved rounds, the median step of each
+    counting; the variant of the fastest (`chooser.fastest`: guarded, cached per machine with its
+    reason, budgeted) is kept. Under GPTLAB_KERNELS=plain nothing is measured and the model
     is int8, as asked; `kernels.force(int8_step=...)` pins the verdict. Both variants are held while
     they are compared; the loser is dropped.
     """
@@ -66,23 +68,34 @@ def quantize_int8_where_faster(model: nn.Module) -> bool:
         getattr(config, name, None) for name in ("n_layer", "n_head", "n_embd", "vocab_size")),
         str(weight.dtype), str(weight.device), torch.get_num_threads(), "batch 1")
     idx = torch.zeros((1, 1), dtype=torch.long, device=weight.device)  # (B, T): one token
+    threads = torch.get_num_threads()
+    # the thread counts a step may run at: inference adapts its count to the load (gptlab.threads), and on a
+    # busy machine a step's parallel regions stall at two threads where one runs freely
+    counts = sorted({1, threads}) if weight.device.type == "cpu" else [threads]
+    names = {f"{variant} at {n} thread{'s' * (n > 1)}": (variant, n) for variant in (INT8, FLOAT) for n in counts}
 
     def use(variant: str) -> None:
         for name, (float_module, int8_module) in replaced.items():
             _replace_module(model, name, int8_module if variant == INT8 else float_module)
 
-    def build(variant: str):
+    def build(name: str):
+        variant, n = names[name]
+
         def step() -> object:
             use(variant)
-            return model(idx)
+            torch.set_num_threads(n)
+            try:
+                return model(idx)
+            finally:
+                torch.set_num_threads(threads)
         return step
 
     def reason(record: dict) -> str:
         medians = {**record.get("dropped", {}), **record["seconds"]}
-        figures = " against ".join(f"{name} {medians[name] * 1e3:.3g} ms" for name in (INT8, FLOAT) if name in medians)
+        figures = ", ".join(f"{name} {medians[name] * 1e3:.3g} ms" for name in names if name in medians)
         why = "; ".join(f"{name} raised {cause}" for name, cause in record.get("unavailable", {}).items())
         return (f"a decoding step at batch 1: {figures} (median of {record['rounds']} interleaved rounds"
-                f"{'; ' + why if why else ''}); {record['choice']} taken")
+                f"{'; ' + why if why else ''}); {record['choice']} fastest")
 
     choice = chooser.forced("int8_step")
     if choice is None:
@@ -90,10 +103,11 @@ def quantize_int8_where_faster(model: nn.Module) -> bool:
         model.eval()
         try:
             with torch.inference_mode():
-                choice = chooser.fastest(key, (INT8, FLOAT), build, plain=INT8, rounds=STEP_ROUNDS,
-                                         budget=STEP_BUDGET_SECONDS, reason=reason)
+                fastest = chooser.fastest(key, tuple(names), build, plain=INT8, rounds=STEP_ROUNDS,
+                                          budget=STEP_BUDGET_SECONDS, reason=reason)
         finally:
             model.train(training)
+        choice = names[fastest][0] if fastest in names else fastest
     use(choice)
     if choice == FLOAT:
         recorded = chooser.entry(key) or {}

@@ -630,3 +630,32 @@ def test_the_one_thread_attention_is_the_fused_one_and_gives_the_threads_back(mo
         assert attention_paths.ONE_THREAD in offered[0] and attention_paths.ONE_THREAD not in offered[1]
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_bf16_copy_of_an_int8_weight_is_offered_only_where_onednn_runs_bf16() -> None:
+    """An int8 layer may decode through a bf16 copy of its dequantized weight (oneDNN's bf16 product reads
+    memory faster than torch's int8 kernel computes on an AVX-512-bf16 CPU); where the CPU lacks bf16
+    instructions (AVX2: oneDNN's bf16 reorder raises) it is not a candidate. Its numbers are the
+    dequantized product's up to bf16 rounding, and the copy is freed when no choice uses it."""
+    from gptlab.kernels.int8 import KEPT_BF16, FloatCopy, _available
+    from gptlab.quantize import Int8Linear
+
+    weight = torch.randint(-127, 128, (96, 64), dtype=torch.int8)
+    native = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert (KEPT_BF16 in _available(torch.zeros(1, 64), weight, FloatCopy())) == native
+    assert KEPT_BF16 not in _available(torch.zeros(1, 64, dtype=torch.bfloat16), weight, FloatCopy())
+    assert KEPT_BF16 not in _available(torch.zeros(1, 64), weight, None)
+    if not native:
+        return
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(torch.nn.Linear(64, 96))
+    x = torch.randn(3, 64)
+    reference = F.linear(x.double(), layer.weight.double() * layer.scales.double()[:, None], layer.bias.double())
+    with torch.inference_mode():
+        with force(int8=KEPT_BF16):
+            got = layer(x)
+        assert layer.float_copy.values.keys() == {KEPT_BF16}
+        assert (got.double() - reference).abs().max() <= 2e-2 * reference.abs().max()  # bf16: 8 significant bits
+        with force(int8="int8 kernel"):
+            layer(x)
+    assert layer.float_copy.value is None
