@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import platform
 import statistics
@@ -42,7 +43,7 @@ from gptlab.quantize import Int8Linear, quantize_int8_where_faster
 from gptlab.tokenizers import GPT2Tokenizer
 
 from generate import cache_bytes_per_step, read_bandwidth, weight_bytes  # benchmarks/generate.py
-from machine import MACHINE, _cpu, save_results  # benchmarks/machine.py: a script's own folder is on sys.path
+from machine import MACHINE, RESULTS, _cpu, save_results  # benchmarks/machine.py: a script's own folder is on sys.path
 
 GGUF_FORMATS = {"F32": "f32", "F16": "f16", "Q8_0": "q8_0"}
 
@@ -185,8 +186,19 @@ def main() -> None:
     report = dict(machine=MACHINE, threads=args.threads, torch=torch.__version__, python=platform.python_version(),
                   prompt_tokens=p, new_tokens=n, rounds=args.rounds, read_gb_s=bandwidth / 1e9,
                   load_before=load_before, load_after=[round(x, 2) for x in os.getloadavg()],
-                  skipped=skipped, rows=rows, int8_verdict=verdict.get("reason", "pinned or plain"))
+                  skipped=skipped, rows=rows, int8_verdict=verdict.get("reason", "pinned or plain"),
+                  previous=previous_run(args.name))
     save_results(args.name, report, markdown(report))
+
+
+def previous_run(name: str) -> dict | None:
+    """The last run's decoding speeds and load (results/NAME.json before this run replaces it), for a before/after."""
+    try:
+        last = json.loads((RESULTS / f"{name}.json").read_text())
+        return dict(load_before=last["load_before"], decode_tok_s={
+            r["engine"]: [round(r["decode_tok_s"], 1), round(r["best_decode_tok_s"], 1)] for r in last["rows"]})
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def markdown(report: dict) -> str:
@@ -220,6 +232,10 @@ def markdown(report: dict) -> str:
     lines += ["", f"--quantize int8 checks a whole decoding step against the float weights where it runs and keeps "
                   f"the faster: {report['int8_verdict']}. Quality of int8 on a trained model (validation loss, "
                   "greedy agreement): benchmarks/results/shakespeare.md."]
+    before = report.get("previous")
+    if before:
+        lines += ["", f"The previous run (load average {before['load_before']}), decode tok/s median (best): " + ", ".join(
+            f"{engine} {median} ({best})" for engine, (median, best) in before["decode_tok_s"].items()) + "."]
     if report["skipped"]:
         lines += ["", "Not measured: " + "; ".join(report["skipped"]) + "."]
     return "\n".join(lines) + "\n"
