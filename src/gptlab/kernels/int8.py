@@ -33,6 +33,7 @@ class FloatCopy:
     def __init__(self) -> None:
         self.values: dict[str, torch.Tensor] = {}  # candidate -> its matrix
         self._users: dict[tuple, str] = {}  # chooser key -> the kept candidate its choice is
+        self.last_decoding: str | None = None  # the product the layer's last decoding call took (what it read)
 
     @property
     def value(self) -> torch.Tensor | None:
@@ -103,6 +104,8 @@ def int8_path(flat: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, fl
         path = pinned if pinned in names else "dequantized"
     if float_copy is not None:
         float_copy.settle(key or ("forced or plain",), path)
+        if flat.size(0) <= DECODE_ROWS:
+            float_copy.last_decoding = path
     return path
 
 
