@@ -3,10 +3,13 @@
 Weight-only int8 decoding (per-output-channel scales, float activations) through torch's int8
 weight-packed product, by dequantizing (the plain path), or, for a layer that offers one, through a
 float copy of the dequantized weight kept beside the int8 one: the float model's own product, so that
-int8 is never slower than float where torch's int8 kernels lose to it (they are arithmetic-bound on
-some CPUs). The copy is freed again wherever the measurement prefers another path, so it costs memory
-only where it is the fastest. `gptlab.quantize` turns a model's layers into ones that compute through
-`int8_linear`.
+a layer's int8 product is never slower than its float one where torch's int8 kernels lose to it (they
+are arithmetic-bound on some CPUs), or, where the CPU has bf16 instructions, through a bf16 copy in
+oneDNN's layout (half float32's bytes, read at the memory's rate). A copy is freed again wherever the
+measurement prefers another path, so it costs memory only where it is the fastest. Dequantizing on
+every call is measured only for layers without a copy (it is the copy's product plus the work).
+`gptlab.quantize` turns a model's layers into ones that compute through `int8_linear`, and checks the
+whole decoding step against the float weights.
 """
 
 from __future__ import annotations
