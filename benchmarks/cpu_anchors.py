@@ -129,10 +129,12 @@ def main() -> None:
                         help="train a character model on Tiny Shakespeare this long and compare its int8 weights' "
                              "quality with float32's (results/int8_quality); 0 skips")
     parser.add_argument("--only-quality", action="store_true", help="the quality comparison alone, no speeds")
+    parser.add_argument("--corpus", type=Path, default=None, help="Tiny Shakespeare's input.txt (default: "
+                        "benchmarks/shakespeare.py's, ../shared/data/tinyshakespeare/input.txt)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.quality_seconds > 0:
-        int8_quality(args.quality_seconds)
+        int8_quality(args.quality_seconds, args.corpus)
     if args.only_quality:
         return
     n, p = args.new_tokens, args.prompt_tokens
@@ -177,7 +179,8 @@ def main() -> None:
         rows = []
         reference = tokens["gptlab float32"]
         for name in names:
-            steps = sorted((w - f) / (n - 1) for w, f in zip(whole[name], first[name]))
+            # a round whose one-token call met a burst of other work can come out negative: not a step time
+            steps = sorted(s for s in ((w - f) / (n - 1) for w, f in zip(whole[name], first[name])) if s > 0) or [float("inf")]
             step, best = statistics.median(steps), steps[0]
             step_bytes = engines[name].step_bytes(p, n)
             rows.append(dict(
@@ -202,7 +205,7 @@ def main() -> None:
     save_results(args.name, report, markdown(report))
 
 
-def int8_quality(seconds: float) -> None:
+def int8_quality(seconds: float, corpus: Path | None = None) -> None:
     """A character model trained on Tiny Shakespeare for `seconds` (preset shakespeare-char-cpu, one process,
     not compiled), then its int8 weights against its float32 ones, as benchmarks/shakespeare.py compares
     them (whole-split validation loss, the same most likely next character, greedy continuations), with
@@ -213,13 +216,14 @@ def int8_quality(seconds: float) -> None:
     from gptlab.kernels import CANDIDATES, force
     from shakespeare import CORPUS, int8_comparison, whole_split_loss
 
-    if not CORPUS.is_file():
-        print(f"int8 quality: skipped: the shared Tiny Shakespeare corpus is not at {CORPUS}")
+    corpus = corpus or CORPUS
+    if not corpus.is_file():
+        print(f"int8 quality: skipped: the shared Tiny Shakespeare corpus is not at {corpus} (--corpus names it)")
         return
     load_before = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        prepare([str(CORPUS)], "char", work / "data", val_fraction=0.1)
+        prepare([str(corpus)], "char", work / "data", val_fraction=0.1)
         run = work / "run"
         subprocess.run([sys.executable, "-m", "gptlab", "train", "--preset", "shakespeare-char-cpu", "--data",
                         str(work / "data"), "--out", str(run), "--sample-tokens", "0", "--max-time", str(seconds),
