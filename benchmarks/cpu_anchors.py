@@ -21,11 +21,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -36,11 +40,12 @@ from gptlab import generate
 from gptlab.config import model_preset
 from gptlab.gguf_export import write_gguf
 from gptlab.model import GPT
-from gptlab.quantize import Int8Linear, quantize_int8
+from gptlab.kernels import chooser
+from gptlab.quantize import Int8Linear, quantize_int8, quantize_int8_where_faster
 from gptlab.tokenizers import GPT2Tokenizer
 
 from generate import cache_bytes_per_step, read_bandwidth, weight_bytes  # benchmarks/generate.py
-from machine import MACHINE, _cpu, save_results  # benchmarks/machine.py: a script's own folder is on sys.path
+from machine import MACHINE, RESULTS, _cpu, save_results  # benchmarks/machine.py: a script's own folder is on sys.path
 
 GGUF_FORMATS = {"F32": "f32", "F16": "f16", "Q8_0": "q8_0"}
 
@@ -61,13 +66,15 @@ class Gptlab:
         return out[0, len(prompt):].tolist()
 
     def step_bytes(self, prompt: int, new: int) -> float:
-        """A layer whose measured choice is its kept float copy reads that copy, not its int8 matrix."""
+        """A layer whose last decoding step went through a kept copy (float, or bf16) read that copy, not its
+        int8 matrix (which path a layer takes depends on the thread count the engine's last step ran at)."""
         element = 2 if self.dtype == "bf16" else 4  # the cache keeps the activations' dtype
-        copies = sum(m.float_copy.value.nbytes - m.weight.nbytes for m in self.float_copies())
+        copies = sum(m.float_copy.values[m.float_copy.last_decoding].nbytes - m.weight.nbytes
+                     for m in self.int8_layers() if m.float_copy.last_decoding in m.float_copy.values)
         return weight_bytes(self.model) + copies + cache_bytes_per_step(self.model, 1, prompt, new, element)
 
-    def float_copies(self) -> list[Int8Linear]:
-        return [m for m in self.model.modules() if isinstance(m, Int8Linear) and m.float_copy.value is not None]
+    def int8_layers(self) -> list[Int8Linear]:
+        return [m for m in self.model.modules() if isinstance(m, Int8Linear)]
 
 
 class LlamaCpp:
@@ -118,8 +125,18 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median round counts")
     parser.add_argument("--name", default="cpu_anchors", help="results/NAME.json and results/NAME.md")
+    parser.add_argument("--quality-seconds", type=float, default=90.0,
+                        help="train a character model on Tiny Shakespeare this long and compare its int8 weights' "
+                             "quality with float32's (results/int8_quality); 0 skips")
+    parser.add_argument("--only-quality", action="store_true", help="the quality comparison alone, no speeds")
+    parser.add_argument("--corpus", type=Path, default=None, help="Tiny Shakespeare's input.txt (default: "
+                        "benchmarks/shakespeare.py's, ../shared/data/tinyshakespeare/input.txt)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.quality_seconds > 0:
+        int8_quality(args.quality_seconds, args.corpus)
+    if args.only_quality:
+        return
     n, p = args.new_tokens, args.prompt_tokens
 
     load_before = [round(x, 2) for x in os.getloadavg()]
@@ -130,7 +147,10 @@ def main() -> None:
     engines: dict[str, object] = {"gptlab float32": Gptlab(model, "float32")}
     if has_native_bf16():
         engines["gptlab bf16"] = Gptlab(copy.deepcopy(model).to(torch.bfloat16), "bf16")
-    engines["gptlab int8"] = Gptlab(quantize_int8(copy.deepcopy(model)), "int8")
+    int8 = copy.deepcopy(model)
+    kept = quantize_int8_where_faster(int8)  # what --quantize int8 runs: int8 only where a whole step is faster
+    verdict = next((chooser.entry(k) for k in chooser._chosen if k[0] == "int8 decoding step"), None) or {}
+    engines["gptlab int8" if kept else "gptlab --quantize int8 (float weights kept)"] = Gptlab(int8, "int8" if kept else "float32")
     skipped = []
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -159,7 +179,8 @@ def main() -> None:
         rows = []
         reference = tokens["gptlab float32"]
         for name in names:
-            steps = sorted((w - f) / (n - 1) for w, f in zip(whole[name], first[name]))
+            # a round whose one-token call met a burst of other work can come out negative: not a step time
+            steps = sorted(s for s in ((w - f) / (n - 1) for w, f in zip(whole[name], first[name])) if s > 0) or [float("inf")]
             step, best = statistics.median(steps), steps[0]
             step_bytes = engines[name].step_bytes(p, n)
             rows.append(dict(
@@ -169,17 +190,88 @@ def main() -> None:
                 bandwidth_fraction=step_bytes / step / bandwidth,
                 agreement=sum(a == b for a, b in zip(tokens[name], reference)) / n,
                 common_prefix=common_prefix(tokens[name], reference)))
-            if name == "gptlab int8":
-                layers = [m for m in engines[name].model.modules() if isinstance(m, Int8Linear)]
-                rows[-1]["layers_on_float_copy"] = f"{len(engines[name].float_copies())} of {len(layers)}"
+            if name == "gptlab int8":  # (a model that kept its float weights has no Int8Linear)
+                layers = engines[name].int8_layers()
+                paths = Counter(m.float_copy.last_decoding for m in layers)
+                rows[-1]["layers_on_float_copy"] = ", ".join(f"{n} of {len(layers)} through \"{c}\"" for c, n in paths.items())
     base = rows[0]["decode_tok_s"]
     for row in rows:
         row["vs_gptlab_float32"] = row["decode_tok_s"] / base
     report = dict(machine=MACHINE, threads=args.threads, torch=torch.__version__, python=platform.python_version(),
                   prompt_tokens=p, new_tokens=n, rounds=args.rounds, read_gb_s=bandwidth / 1e9,
                   load_before=load_before, load_after=[round(x, 2) for x in os.getloadavg()],
-                  skipped=skipped, rows=rows)
+                  skipped=skipped, rows=rows, int8_verdict=verdict.get("reason", "pinned or plain"),
+                  previous=previous_run(args.name))
     save_results(args.name, report, markdown(report))
+
+
+def int8_quality(seconds: float, corpus: Path | None = None) -> None:
+    """A character model trained on Tiny Shakespeare for `seconds` (preset shakespeare-char-cpu, one process,
+    not compiled), then its int8 weights against its float32 ones, as benchmarks/shakespeare.py compares
+    them (whole-split validation loss, the same most likely next character, greedy continuations), with
+    each layer's product as measured here, and the validation loss through each int8 product forced in
+    turn (every layer on it), since which one a layer takes depends on the machine."""
+    from gptlab.checkpoint import load_model
+    from gptlab.data import TokenDataset, prepare
+    from gptlab.kernels import CANDIDATES, force
+    from shakespeare import CORPUS, int8_comparison, whole_split_loss
+
+    corpus = corpus or CORPUS
+    if not corpus.is_file():
+        print(f"int8 quality: skipped: the shared Tiny Shakespeare corpus is not at {corpus} (--corpus names it)")
+        return
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        prepare([str(corpus)], "char", work / "data", val_fraction=0.1)
+        run = work / "run"
+        subprocess.run([sys.executable, "-m", "gptlab", "train", "--preset", "shakespeare-char-cpu", "--data",
+                        str(work / "data"), "--out", str(run), "--sample-tokens", "0", "--max-time", str(seconds),
+                        "--nproc", "1", "--no-compile", "--no-progress"], check=True)
+        model = load_model(run).eval()
+        dataset = TokenDataset(work / "data")
+        block = model.config.block_size
+        with torch.inference_mode():
+            float_loss, count = whole_split_loss(model, dataset, "val", block)
+        comparison = int8_comparison(model, dataset, block, float_loss)
+        forced = {}
+        quantized = quantize_int8(copy.deepcopy(model))
+        for path in CANDIDATES["int8"]:
+            with force(int8=path), torch.inference_mode():
+                forced[path] = whole_split_loss(quantized, dataset, "val", block)[0]
+    report = dict(machine=MACHINE, threads=torch.get_num_threads(), train_seconds=seconds,
+                  model=f"{model.config.n_layer} layers, {model.config.n_head} heads, {model.config.n_embd} wide, "
+                        f"context {block}, {model.num_parameters():,} parameters",
+                  float32_val_loss=float_loss, val_tokens=count, int8=comparison, forced_paths_val_loss=forced,
+                  load_before=load_before, load_after=[round(x, 2) for x in os.getloadavg()])
+    q = comparison
+    lines = [
+        f"Machine: {MACHINE}; {report['threads']} threads; load average {load_before} before, {report['load_after']} "
+        f"after. A character model ({report['model']}) trained on Tiny Shakespeare for {seconds:.0f} s "
+        "(`--preset shakespeare-char-cpu --nproc 1 --no-compile`), scored on the whole validation split "
+        f"({count:,} characters).", "",
+        "| weights | validation loss | vs float32 | same most likely next character | greedy tokens equal "
+        "(8 prompts x 200) |", "| --- | ---: | ---: | ---: | ---: |",
+        f"| float32 | {float_loss:.4f} | - | - | - |",
+        f"| int8, each layer's product as measured here | {q['val_loss']:.4f} | {q['relative_change']:+.2%} "
+        f"| {q['top1_agreement']:.1%} | {q['greedy_tokens_equal']:.0%} |",
+    ]
+    lines += [f"| int8, every layer through \"{path}\" | {loss:.4f} | {loss / float_loss - 1:+.2%} | | |"
+              for path, loss in forced.items()]
+    lines += ["", "Greedy continuations: first difference after " + ", ".join(
+        str(n) for n in q["greedy_tokens_before_first_difference"]) + " tokens. A path this machine cannot run "
+        "falls back to dequantizing (its row then repeats that one's loss)."]
+    save_results("int8_quality", report, "\n".join(lines) + "\n")
+
+
+def previous_run(name: str) -> dict | None:
+    """The last run's decoding speeds and load (results/NAME.json before this run replaces it), for a before/after."""
+    try:
+        last = json.loads((RESULTS / f"{name}.json").read_text())
+        return dict(load_before=last["load_before"], decode_tok_s={
+            r["engine"]: [round(r["decode_tok_s"], 1), round(r["best_decode_tok_s"], 1)] for r in last["rows"]})
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def markdown(report: dict) -> str:
@@ -208,8 +300,16 @@ def markdown(report: dict) -> str:
     ]
     int8 = next((r for r in report["rows"] if "layers_on_float_copy" in r), None)
     if int8:
-        lines += ["", f"int8: {int8['layers_on_float_copy']} linear layers measured their kept float copy "
-                      "faster than torch's int8 products and decode through it (its bytes are counted above)."]
+        lines += ["", f"int8: the linear layers' last decoding step went {int8['layers_on_float_copy']} (each layer's "
+                      "product measured at the thread count the engine's step ran at; a kept copy's bytes are counted "
+                      "above where a layer read it)."]
+    lines += ["", f"--quantize int8 checks a whole decoding step against the float weights where it runs and keeps "
+                  f"the faster: {report['int8_verdict']}. Quality of int8 on a trained model (validation loss, "
+                  "greedy agreement): benchmarks/results/shakespeare.md."]
+    before = report.get("previous")
+    if before:
+        lines += ["", f"The previous run (load average {before['load_before']}), decode tok/s median (best): " + ", ".join(
+            f"{engine} {median} ({best})" for engine, (median, best) in before["decode_tok_s"].items()) + "."]
     if report["skipped"]:
         lines += ["", "Not measured: " + "; ".join(report["skipped"]) + "."]
     return "\n".join(lines) + "\n"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import time
 
@@ -26,9 +27,10 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from gptlab.config import model_preset
 from gptlab.inference import Engine, SamplingParams
 from gptlab.model import GPT, MLP, CausalSelfAttention
-from gptlab.quantize import Int8Linear, quantize_int8
+from gptlab.kernels import chooser
+from gptlab.quantize import Int8Linear, quantize_int8_where_faster
 
-from machine import MACHINE, save_results  # benchmarks/machine.py: a script's own folder is on sys.path
+from machine import MACHINE, RESULTS, save_results  # benchmarks/machine.py: a script's own folder is on sys.path
 
 PRODUCTS = ("products in attention", "products in the MLP", "products in the head")
 LABELS = (*PRODUCTS, "LayerNorm", "attention module", "MLP module")
@@ -102,6 +104,18 @@ def profile_steps(model: GPT, prompt: list[int], steps: int) -> dict:
                          if e.key not in labels][:8])
 
 
+def previous_run(name: str) -> dict | None:
+    """The last run's steps and load (results/NAME.json before this run replaces it), for a before/after."""
+    try:
+        last = json.loads((RESULTS / f"{name}.json").read_text())
+        return dict(load_before=last["load_before"], steps_ms={
+            weights: round(r["step_ms_without_profiler"], 1) for weights, r in last["rows"].items()},
+            parts_ms={weights: {k: round(v, 2) for k, v in r["parts_ms"].items()} for weights, r in last["rows"].items()},
+            top_ops={weights: r["top_ops"][:5] for weights, r in last["rows"].items()})
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def markdown(report: dict) -> str:
     lines = [f"Machine: {report['machine']}; {report['threads']} threads; load average {report['load_before']} "
              f"before, {report['load_after']} after (shared machine). GPT-2 124M shape, random weights, batch 1, "
@@ -120,6 +134,14 @@ def markdown(report: dict) -> str:
                   "Heaviest operations (self time per step): " + "; ".join(
                       f"{name}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in r["top_ops"][:5])
                       for name, r in report["rows"].items()) + "."]
+    lines += [f"--quantize int8's whole-step check: {r['int8_verdict']}." for r in report["rows"].values()
+              if r.get("int8_verdict")]
+    before = report.get("previous")
+    if before:
+        lines += ["", f"The previous run (load average {before['load_before']}): step " + ", ".join(
+            f"{weights} {ms} ms" for weights, ms in before["steps_ms"].items()) + "; heaviest operations " + "; ".join(
+            f"{weights}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ops) for weights, ops in before["top_ops"].items())
+            + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -135,10 +157,15 @@ def main() -> None:
     torch.manual_seed(0)
     model = GPT(model_preset("gpt2")).eval()
     prompt = torch.randint(0, model.config.vocab_size, (args.prompt_tokens,)).tolist()
-    rows = {"float32": profile_steps(copy.deepcopy(model), prompt, args.steps),
-            "int8": profile_steps(quantize_int8(copy.deepcopy(model)), prompt, args.steps)}
+    rows = {"float32": profile_steps(copy.deepcopy(model), prompt, args.steps)}
+    int8 = copy.deepcopy(model)
+    kept = quantize_int8_where_faster(int8)  # what --quantize int8 runs: int8 only where a whole step is faster
+    verdict = next((chooser.entry(k) for k in chooser._chosen if k[0] == "int8 decoding step"), None) or {}
+    rows["int8 (--quantize int8)" if kept else "--quantize int8 (float weights kept)"] = {
+        **profile_steps(int8, prompt, args.steps), "int8_verdict": verdict.get("reason", "")}
     report = dict(machine=MACHINE, threads=args.threads, prompt_tokens=args.prompt_tokens, steps=args.steps,
-                  load_before=load_before, load_after=[round(x, 2) for x in os.getloadavg()], rows=rows)
+                  load_before=load_before, load_after=[round(x, 2) for x in os.getloadavg()], rows=rows,
+                  previous=previous_run(args.name))
     save_results(args.name, report, markdown(report))
 
 

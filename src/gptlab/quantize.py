@@ -1,17 +1,28 @@
-"""Weight-only int8 quantization: a model transform that stores every linear layer's weight as int8.
+"""Weight-only int8 quantization: a model transform that stores every linear layer's weight as int8,
+and the check that int8 pays where it runs.
 
-The products such layers compute through are kernels (`gptlab.kernels.int8`); this module only
-rewrites the model.
+The products such layers compute through are kernels (`gptlab.kernels.int8`); this module rewrites the
+model, and `quantize_int8_where_faster` (what `--quantize int8` runs) keeps the float weights where a
+whole int8 decoding step, measured here, is not faster than a float one.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels import int8_linear
+from .kernels import chooser, int8_linear
 from .kernels.int8 import FloatCopy
+
+INT8, FLOAT = "int8 weights", "float weights"
+STEP_ROUNDS = 9  # interleaved decoding steps of each at least; the median step counts
+STEP_BUDGET_SECONDS = 1.0  # ... and more while the figures spread, until the comparison has taken this long
+log = logging.getLogger("gptlab.quantize")
+_said: set[str] = set()  # fallbacks already said by this process
+chooser.CANDIDATES["int8_step"] = (INT8, FLOAT)
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
@@ -21,21 +32,109 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     Decoding reads every weight once per step, so a quarter of float32's bytes reads up to four times
     faster where memory is the limit. Where torch's int8 products lose to the float product (they are
     arithmetic-bound on some CPUs), a layer keeps a float copy of its dequantized weight and multiplies
-    by that: it then saves no memory, but int8 is never slower than float. An embedding whose matrix a linear layer shares (GPT-2's tied
-    token embedding and LM head) shares the int8 matrix too and looks up dequantized rows. Quantize a
+    by that: it then saves no memory, but its product is never slower than the float one
+    (`quantize_int8_where_faster` checks the whole step). An embedding whose matrix a linear layer
+    shares (GPT-2's tied token embedding and LM head) shares the int8 matrix too and looks up
+    dequantized rows. Quantize a
     model for inference, after moving it to its device and dtype; the files it was loaded from are not
     touched, and `save_model` refuses a quantized model.
     """
+    _quantize(model)
+    return model
+
+
+def quantize_int8_where_faster(model: nn.Module) -> bool:
+    """`quantize_int8(model)` where a decoding step with int8 weights runs faster here than one with the
+    model's float weights; else the model keeps its float weights (said once per process). Returns
+    whether the model is now int8.
+
+    Each layer already takes the fastest of its int8 products (or its kept float copy), but a step is
+    more than its products, and on some CPUs every int8 product loses (they are arithmetic-bound), so
+    the whole step decides: a forward pass of one token at batch 1 (every weight read once, as in
+    decoding) through each variant, at one thread and at torch's count (inference adapts its count to
+    the load, and the variant that wins at the count a step will run at is the one that pays), after
+    one pass each that makes the layers' own choices, in interleaved rounds, the median step of each
+    counting; the variant of the fastest (`chooser.fastest`: guarded, cached per machine with its
+    reason, budgeted) is kept. Under GPTLAB_KERNELS=plain nothing is measured and the model
+    is int8, as asked; `kernels.force(int8_step=...)` pins the verdict. Both variants are held while
+    they are compared; the loser is dropped.
+    """
+    replaced = _quantize(model)
+    if not replaced:
+        return True
+    config = getattr(model, "config", None)
+    weight = next(iter(replaced.values()))[0].weight
+    key = ("int8 decoding step", type(model).__name__, *(
+        getattr(config, name, None) for name in ("n_layer", "n_head", "n_embd", "vocab_size")),
+        str(weight.dtype), str(weight.device), torch.get_num_threads(), "batch 1")
+    idx = torch.zeros((1, 1), dtype=torch.long, device=weight.device)  # (B, T): one token
+    threads = torch.get_num_threads()
+    # the thread counts a step may run at: inference adapts its count to the load (gptlab.threads), and on a
+    # busy machine a step's parallel regions stall at two threads where one runs freely
+    counts = sorted({1, threads}) if weight.device.type == "cpu" else [threads]
+    names = {f"{variant} at {n} thread{'s' * (n > 1)}": (variant, n) for variant in (INT8, FLOAT) for n in counts}
+
+    def use(variant: str) -> None:
+        for name, (float_module, int8_module) in replaced.items():
+            _replace_module(model, name, int8_module if variant == INT8 else float_module)
+
+    def build(name: str):
+        variant, n = names[name]
+
+        def step() -> object:
+            use(variant)
+            torch.set_num_threads(n)
+            try:
+                return model(idx)
+            finally:
+                torch.set_num_threads(threads)
+        return step
+
+    def reason(record: dict) -> str:
+        medians = {**record.get("dropped", {}), **record["seconds"]}
+        figures = ", ".join(f"{name} {medians[name] * 1e3:.3g} ms" for name in names if name in medians)
+        why = "; ".join(f"{name} raised {cause}" for name, cause in record.get("unavailable", {}).items())
+        return (f"a decoding step at batch 1: {figures} (median of {record['rounds']} interleaved rounds"
+                f"{'; ' + why if why else ''}); {record['choice']} fastest")
+
+    choice = chooser.forced("int8_step")
+    if choice is None:
+        training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                fastest = chooser.fastest(key, tuple(names), build, plain=INT8, rounds=STEP_ROUNDS,
+                                          budget=STEP_BUDGET_SECONDS, reason=reason)
+        finally:
+            model.train(training)
+        choice = names[fastest][0] if fastest in names else fastest
+    use(choice)
+    if choice == FLOAT:
+        recorded = chooser.entry(key) or {}
+        message = (f"--quantize int8: int8 weights decode no faster than {str(weight.dtype).removeprefix('torch.')} "
+                   f"ones on this machine ({recorded.get('reason', 'pinned by kernels.force')}): keeping the float weights")
+        if message not in _said:
+            _said.add(message)
+            log.warning("%s", message)
+    return choice == INT8
+
+
+def _quantize(model: nn.Module) -> dict[str, tuple[nn.Module, nn.Module]]:
+    """`quantize_int8`'s work: each replaced module's name -> (its float module, its int8 one)."""
     linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     by_weight = {}
+    replaced = {}
     for name, module in linears:
         quantized = Int8Linear.from_linear(module)
         by_weight[id(module.weight)] = quantized
+        replaced[name] = (module, quantized)
         _replace_module(model, name, quantized)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Embedding) and id(module.weight) in by_weight:
-            _replace_module(model, name, Int8Embedding(by_weight[id(module.weight)]))
-    return model
+            embedding = Int8Embedding(by_weight[id(module.weight)])
+            replaced[name] = (module, embedding)
+            _replace_module(model, name, embedding)
+    return replaced
 
 
 def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:

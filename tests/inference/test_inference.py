@@ -193,7 +193,10 @@ def test_load_pretrained_gives_the_model_in_eval_mode_dtype_and_quantization_ask
     from gptlab.inference import load_pretrained
     from gptlab.quantize import Int8Linear
 
-    model, tokenizer = load_pretrained(tiny_run, "cpu", dtype="bfloat16", quantize="int8")
+    from gptlab.kernels import force
+
+    with force(int8_step="int8 weights"):  # the whole-step verdict pinned (test_quantize_step.py measures it)
+        model, tokenizer = load_pretrained(tiny_run, "cpu", dtype="bfloat16", quantize="int8")
     assert not model.training and tokenizer.vocab_size == model.config.vocab_size
     assert model.transformer.wpe.weight.dtype == torch.bfloat16 and isinstance(model.lm_head, Int8Linear)
     for bad in (dict(dtype="float64"), dict(quantize="int4")):  # refused before any file is read

@@ -42,6 +42,7 @@ from collections.abc import Sequence as Seq
 import torch
 
 from ..errors import failure_cause
+from ..kernels import release_scratch
 from ..model import GPT
 from ..threads import ThreadTuner, inference_adapts
 from .cache import SlotCache
@@ -428,3 +429,4 @@ class Engine:
             self.cache.release()
             self.sampler.release()
             self.threads.restore()
+            release_scratch()  # the kernels' measurement copies (new shapes are measured in the first steps)

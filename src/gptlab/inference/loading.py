@@ -12,7 +12,7 @@ from ..checkpoint import find_tokenizer, load_model, resolve_model_dir
 from ..errors import GptlabError
 from ..model import GPT
 from ..precision import warn_if_emulated
-from ..quantize import quantize_int8
+from ..quantize import quantize_int8_where_faster
 from ..tokenizers import TOKENIZER_FILE, Tokenizer
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -22,7 +22,8 @@ QUANTIZATIONS = ("int8",)
 def load_pretrained(
     path: str | Path, device: str | torch.device = "cpu", *, dtype: str = "float32", quantize: str | None = None,
 ) -> tuple[GPT, Tokenizer]:
-    """The model (in eval mode, on `device`, in `dtype`, int8-quantized with `quantize="int8"`) and its
+    """The model (in eval mode, on `device`, in `dtype`, int8-quantized with `quantize="int8"` where int8
+    decodes faster here: `quantize_int8_where_faster`) and its
     tokenizer, from a gptlab run, a Hugging Face GPT-2 directory or a named GPT-2 size.
 
     Both options are checked before the model is read; bfloat16 asked for where the device runs it slower
@@ -42,5 +43,5 @@ def load_pretrained(
     warn_if_emulated(dtype, device, way_out="--dtype float32 is the faster here")
     model = model.to(dtype=getattr(torch, dtype)).eval()
     if quantize == "int8":
-        quantize_int8(model)  # after the dtype: the scales are kept in it
+        quantize_int8_where_faster(model)  # after the dtype: the scales are kept in it
     return model, tokenizer

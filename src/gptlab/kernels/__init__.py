@@ -3,7 +3,9 @@
 model.py says what GPT-2 computes; this package decides how, on the machine at hand. Each operation
 has a few candidates that compute the same function (up to float rounding, tested against the plain
 torch call), and `chooser.fastest` picks one by timing them on this machine, on the shape at hand, the
-first time the shape comes up, as `torch.backends.cudnn.benchmark` does. No candidate is taken for
+first time the shape comes up, as `torch.backends.cudnn.benchmark` does. Candidates are timed in
+interleaved rounds and judged by their median round (a single lucky round on a busy machine chose a
+product that then took 10 ms a call). No candidate is taken for
 being fast somewhere else (a row-block product that doubles one CPU's decoding speed halved
 another's), nor for running somewhere else: a candidate torch says this CPU cannot run (oneDNN's bf16
 reorder without AVX-512) is not offered, and one that raises while built, warmed up or timed is left
@@ -11,7 +13,7 @@ out, recorded with its reason and logged once.
 
 - `chooser`: the measurement, its guard, the per-machine cache, `force`, and GPTLAB_KERNELS.
 - `products`: decoding's products of a few rows (F.linear, W @ x^T, row blocks, oneDNN prepacked).
-- `attention_paths`: torch's fused kernel or the textbook formula.
+- `attention_paths`: torch's fused kernel (on torch's threads or on one) or the textbook formula.
 - `gelu_forms`: torch's tanh GELU or the same function through sigmoid.
 - `int8`: float rows times int8 weights (dequantized, or torch's int8 weight-packed product);
   `gptlab.quantize` turns a model's layers into int8 ones.
@@ -33,7 +35,7 @@ measurement itself is unwelcome. Unset or "auto" measures; any other value is an
 from .chooser import CANDIDATES, cache_path, fastest, force, mode
 from .products import (
     DECODE_ROWS, LINEAR_PRODUCTS, Linear, can_prepack, from_memory, largest_cache_bytes, linear, linear_path,
-    matvec_rows, prepacked_product, prepacked_weight, tall_product,
+    matvec_rows, prepacked_product, prepacked_weight, release_scratch, tall_product,
 )
 from .attention_paths import (
     ATTENTION_PATHS, attention, attention_key, attention_path, fused_attention, textbook_attention,
@@ -47,6 +49,6 @@ __all__ = [
     "attention_key", "attention_path", "cache_path", "can_prepack", "dequantized_product", "fastest", "force",
     "from_memory", "fused_attention", "gelu", "gelu_form", "int8_linear", "int8_products", "largest_cache_bytes",
     "linear", "linear_path", "matvec_rows", "mode", "packed_int8_product", "packed_int8_product_in_bf16",
-    "prepacked_product", "prepacked_weight", "sigmoid_form_gelu", "tall_product", "tanh_gelu",
+    "prepacked_product", "prepacked_weight", "release_scratch", "sigmoid_form_gelu", "tall_product", "tanh_gelu",
     "textbook_attention", "textbook_causal_attention",
 ]

@@ -4,6 +4,13 @@ The textbook formula's two products run at the matmul rate (torch's fused CPU ke
 bf16). With autograd on, forward and backward are timed together. The textbook formula keeps its
 (T, S) weights for the backward pass, so it is a candidate only while they are small (TEXTBOOK_SCORES).
 The fused kernel is the plain path.
+
+A decoding step's attention is small (one query per row against S cached keys: 12 heads x 150 keys
+x 64 is 0.1 MFLOP), yet on a CPU with more than one thread torch's fused kernel opens a parallel
+region for it, and every thread must be scheduled before the region ends. On a shared 2-core AMD EPYC
+with another program running, that cost 8 ms a call at two threads against 0.035 ms at one (12
+layers: a third of a GPT-2 124M step). So, without autograd and with several threads, the fused
+kernel on one thread is a candidate too: measured, like the others, where it runs.
 """
 
 from __future__ import annotations
@@ -31,26 +38,29 @@ def attention(
     """
     key = attention_key(q, k, mask, dropout_p)
     path = chooser.forced("attention") or (
-        _compiled_attention_path(key) if torch.compiler.is_compiling() else attention_path(key)
+        _compiled_attention_path(key) if torch.compiler.is_compiling() else chooser.known(key) or attention_path(key)
     )
     return ATTENTION_PATHS[path](q, k, v, mask, dropout_p)
 
 
 def attention_key(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, dropout_p: float) -> tuple:
     """What the attention choice depends on: shapes (lengths rounded up to a power of two), dtype,
-    device, whether autograd is on, the mask's leading shape and whether dropout runs."""
+    device, whether autograd is on, the mask's leading shape, whether dropout runs and the thread count."""
     B, nh, T, hs = q.shape
     S = k.size(-2)
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     mask_shape = None if mask is None else tuple(int(d) for d in mask.shape[:-2])
     T, S = (1, bucket(S)) if T == 1 else (bucket(T), bucket(T) if T == S else bucket(S))
-    return ("attention", B, nh, T, S, hs, str(q.dtype), str(q.device), grad, mask_shape, dropout_p > 0)
+    # a compiled graph does not set torch's thread count: it is offered no one-thread path (threads 1)
+    threads = 1 if torch.compiler.is_compiling() else torch.get_num_threads()
+    return ("attention", B, nh, T, S, hs, str(q.dtype), str(q.device), grad, mask_shape, dropout_p > 0, threads)
 
 
 def attention_path(key: tuple) -> str:
     """The faster of ATTENTION_PATHS for `attention_key`'s key on this machine (measured once)."""
-    _, B, nh, T, S, hs, dtype, device, grad, mask_shape, dropout = key
-    paths = tuple(name for name in ATTENTION_PATHS if name != "textbook" or B * nh * T * S <= TEXTBOOK_SCORES)
+    _, B, nh, T, S, hs, dtype, device, grad, mask_shape, dropout, threads = key
+    paths = tuple(name for name in ATTENTION_PATHS if (name != "textbook" or B * nh * T * S <= TEXTBOOK_SCORES)
+                  and (name != ONE_THREAD or (threads > 1 and not grad and device == "cpu")))
     if len(paths) == 1:
         return paths[0]
 
@@ -98,6 +108,20 @@ def fused_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, nh, T, hs)
 
 
+def one_thread_fused_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """`fused_attention` with torch held to one thread for the call (setting the count costs 0.1 us)."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return fused_attention(q, k, v, mask, dropout_p)
+    torch.set_num_threads(1)
+    try:
+        return fused_attention(q, k, v, mask, dropout_p)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def textbook_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, dropout_p: float = 0.0
 ) -> torch.Tensor:
@@ -132,5 +156,8 @@ def textbook_causal_attention(
     return (weights @ v).view(B, nh, T, hs)
 
 
-ATTENTION_PATHS: dict[str, Callable[..., torch.Tensor]] = {"fused": fused_attention, "textbook": textbook_attention}
+ONE_THREAD = "fused, one thread"
+ATTENTION_PATHS: dict[str, Callable[..., torch.Tensor]] = {
+    "fused": fused_attention, "textbook": textbook_attention, ONE_THREAD: one_thread_fused_attention,
+}
 chooser.CANDIDATES["attention"] = tuple(ATTENTION_PATHS)

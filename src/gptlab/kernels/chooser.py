@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,14 +26,18 @@ import torch
 from ..errors import GptlabError, failure_cause
 from ..fileio import atomic_write_json
 
-ROUNDS = 5  # timed rounds per candidate, after one warm-up call; each candidate's fastest counts
-MAX_ROUNDS = 40  # on a busy machine, rounds go on until each candidate's best is seen twice (fastest)
-BUDGET_SECONDS = 0.1  # ... but past one round, a key's measurement stops once it has taken this long
+ROUNDS = 5  # timed rounds per candidate at least, after one warm-up call; each candidate's median counts
+MAX_ROUNDS = 41  # on a busy machine, rounds go on while some candidate's rounds spread (median > 1.1 x fastest)
+BUDGET_SECONDS = 0.1  # ... but past ROUNDS rounds, a key's measurement stops once it has taken this long
+DROP_AFTER, DROP_FACTOR = 3, 2.0  # after 3 rounds, a candidate whose fastest round is over 2x the leader's
+# slowest is clearly slower: it is timed no more (a 150-ms head need not run ROUNDS times); a bound on the
+# leader's median instead dropped F.linear on a busy machine after three rounds where its rival had been lucky
 MODES = ("auto", "plain")  # GPTLAB_KERNELS; unset is "auto"
 
 # operation -> its candidates' names, filled in by each operation's module (for `force`)
 CANDIDATES: dict[str, tuple[str, ...]] = {}
 _chosen: dict[tuple, str] = {}  # key -> candidate, this process
+_entries: dict[tuple, dict] = {}  # key -> what the disk cache holds for it (seconds, reason), this process
 _forced: dict[str, str] = {}
 _logged: set[tuple[str, str]] = set()  # (candidate, reason) already logged by this process
 log = logging.getLogger("gptlab.kernels")
@@ -56,21 +61,27 @@ def forced(operation: str) -> str | None:
 
 def fastest(
     key: tuple, names: tuple[str, ...], build: Callable[[str], Callable[[], object]], *, plain: str,
-    rounds: int = ROUNDS, clock: Callable[[], float] = time.perf_counter,
+    rounds: int = ROUNDS, budget: float = BUDGET_SECONDS, clock: Callable[[], float] = time.perf_counter,
+    reason: Callable[[dict], str] | None = None,
 ) -> str:
     """Which of `names` runs fastest for `key` here, measured once per machine; `plain` in plain mode.
 
     A key met before, in this process or (through the disk cache) another, is answered at once.
     Otherwise `build(name)` makes each candidate, separately, so that one that cannot be built costs
     only itself; each runs once to warm up (first calls allocate, pack weights, fill caches), then
-    `rounds` times or more, the order reversing every round so that none always runs first. Other
-    work on the machine only adds time, so each candidate's fastest round is its figure, and the
-    fastest figure wins; the rounds go on (up to MAX_ROUNDS) while some candidate's two fastest rounds
-    differ by more than 10%, i.e. while the machine's other work may still hide a candidate's speed.
-    A key's measurement stops after BUDGET_SECONDS (one round at least), so that the first request a
-    server answers, or the first step of a run, waits at most a fraction of a second per shape even on
-    a machine too busy to measure well. `plain` (the operation's plain torch call) is taken where
-    every candidate raised.
+    `rounds` times or more, interleaved (the order reversing every round, so that none always runs
+    first and a change of load touches all alike), and each candidate's median round is its figure:
+    on a busy machine a candidate's single luckiest round says little about the next thousand calls
+    (a row-block product with a lucky 0.4-ms round, then 10 ms a call, was chosen by its fastest
+    round). The rounds go on (up to MAX_ROUNDS) while some candidate's median is over 10% above its
+    fastest round, i.e. while the machine's other work disturbs the figures, until the key's
+    measurement has taken `budget` seconds; a candidate clearly slower than the leader (its fastest
+    round over DROP_FACTOR x the leader's slowest) after DROP_AFTER rounds stops being timed, so that a slow one costs startup little. `plain` (the
+    operation's plain torch call) is taken where every candidate raised.
+
+    The choice goes to the disk cache with each candidate's median, the rounds run, the medians of
+    those dropped, what was unavailable and why, and `reason(record)` (the caller's account of all that,
+    where it gives one): `entry` returns the record.
     """
     if mode() == "plain":
         return plain
@@ -78,8 +89,8 @@ def fastest(
     if chosen is not None:
         return chosen
     with _disk_cache() as on_disk:
-        entry = on_disk.get(str(key))
-        chosen = entry.get("choice") if isinstance(entry, dict) else None
+        record = on_disk.get(str(key))
+        chosen = record.get("choice") if isinstance(record, dict) else None
         if chosen not in names:
             unavailable: dict[str, str] = {}
             with torch.random.fork_rng(devices=_cuda_devices()):  # dropout in a candidate draws numbers
@@ -88,13 +99,32 @@ def fastest(
                     run = _guarded(name, lambda n=name: build(n), unavailable)
                     if name not in unavailable:
                         candidates[name] = run
-                seconds = _time_candidates(candidates, rounds, clock, unavailable)
+                timed: dict[str, list[float]] = {}
+                seconds = _time_candidates(candidates, rounds, clock, unavailable, budget, timed)
             chosen = min(seconds, key=seconds.__getitem__) if seconds else plain
-            on_disk[str(key)] = {"choice": chosen, "seconds": seconds}
+            record = {"choice": chosen, "seconds": seconds, "rounds": max(map(len, timed.values()), default=0)}
+            dropped = {name: statistics.median(t) for name, t in timed.items() if name not in seconds and t}
+            if dropped:
+                record["dropped"] = dropped
             if unavailable:
-                on_disk[str(key)]["unavailable"] = unavailable
+                record["unavailable"] = unavailable
+            if reason is not None:
+                record["reason"] = reason(record)
+            on_disk[str(key)] = record
     _chosen[key] = chosen
+    _entries[key] = record
     return chosen
+
+
+def known(key: tuple) -> str | None:
+    """The choice this process already made for `key`, or None: a decoding step asks every operation's
+    choice, and this answers before the caller builds its candidates (about 10 microseconds each)."""
+    return _chosen.get(key) if mode() == "auto" else None
+
+
+def entry(key: tuple) -> dict | None:
+    """What `fastest` recorded for `key` (choice, seconds, rounds, reason), if this process chose it."""
+    return _entries.get(key)
 
 
 def _guarded(name: str, step: Callable[[], object], unavailable: dict[str, str]) -> object:
@@ -112,30 +142,35 @@ def _guarded(name: str, step: Callable[[], object], unavailable: dict[str, str])
 
 def _time_candidates(
     candidates: dict[str, Callable[[], object]], rounds: int, clock: Callable[[], float],
-    unavailable: dict[str, str],
+    unavailable: dict[str, str], budget: float = BUDGET_SECONDS, timed: dict[str, list[float]] | None = None,
 ) -> dict[str, float]:
-    """Each candidate's fastest round, in seconds; one that raises (at warm-up or timed) goes to `unavailable`."""
+    """The median round, in seconds, of each candidate still in the race at the end (one that raises, at
+    warm-up or timed, goes to `unavailable`; one clearly slower is dropped); every round's times go to `timed`."""
     names = list(candidates)
     for name in list(names):
         _guarded(name, candidates[name], unavailable)
-    times: dict[str, list[float]] = {name: [] for name in names if name not in unavailable}
-    deadline = time.perf_counter() + BUDGET_SECONDS  # wall time, whatever `clock` is
+    timed = {} if timed is None else timed
+    racing = [name for name in names if name not in unavailable]
+    timed.update({name: [] for name in racing})
+    deadline = time.perf_counter() + budget  # wall time, whatever `clock` is
     for r in range(MAX_ROUNDS):
-        for name in names if r % 2 == 0 else names[::-1]:
-            if name not in times:
-                continue
+        for name in racing if r % 2 == 0 else racing[::-1]:
             start = clock()
             _guarded(name, candidates[name], unavailable)
-            if name in unavailable:
-                del times[name]
-            else:
-                times[name].append(clock() - start)
-        if not times:
+            timed[name].append(clock() - start)
+        racing = [name for name in racing if name not in unavailable]
+        if not racing:
             break
-        two_best = [sorted(t)[:2] for t in times.values()]
-        if (r + 1 >= rounds and all(b <= 1.1 * a for a, b in two_best)) or time.perf_counter() > deadline:
+        medians = {name: statistics.median(timed[name]) for name in racing}
+        if r + 1 >= DROP_AFTER:  # dropped for good only when its best round loses to the leader's worst
+            worst = max(timed[min(medians, key=medians.__getitem__)])
+            racing = [name for name in racing if min(timed[name]) <= DROP_FACTOR * worst]
+        settled = all(medians[name] <= 1.1 * min(timed[name]) for name in racing)
+        if r + 1 >= rounds and (settled or time.perf_counter() > deadline):
             break
-    return {name: min(t) for name, t in times.items()}
+    for name in unavailable:
+        timed.pop(name, None)
+    return {name: statistics.median(timed[name]) for name in racing}
 
 
 @contextlib.contextmanager
@@ -222,9 +257,13 @@ def _disk_cache() -> Iterator[dict[str, dict]]:
     """The choices on disk, under an exclusive lock, written back if the block added any.
 
     The lock makes a second process wait for the first one's measurement and then take it (DDP's
-    processes choose alike, and do not time their candidates against each other). A cache that
+    processes choose alike, and do not time their candidates against each other). Inside a block,
+    another block of this process gets the same choices (flock would wait on itself). A cache that
     cannot be read or written leaves the choices to this process.
     """
+    if _open_caches:  # a measurement inside a measurement (a whole decoding step's warm-up makes its
+        yield _open_caches[-1]  # layers' choices): the outer block holds the lock and writes them all
+        return
     path = cache_path()
     lock = None
     choices: dict[str, dict] = {}
@@ -240,6 +279,7 @@ def _disk_cache() -> Iterator[dict[str, dict]]:
         except (OSError, ValueError):
             pass
     before = dict(choices)
+    _open_caches.append(choices)
     try:
         yield choices
         if path is not None and lock is not None and choices != before:
@@ -248,5 +288,9 @@ def _disk_cache() -> Iterator[dict[str, dict]]:
             except Exception:  # an unwritable cache only costs a measurement in the next process
                 pass
     finally:
+        _open_caches.pop()
         if lock is not None:
             lock.close()  # releases the lock
+
+
+_open_caches: list[dict[str, dict]] = []  # the disk cache a measurement in progress holds open

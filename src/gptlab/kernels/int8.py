@@ -3,10 +3,13 @@
 Weight-only int8 decoding (per-output-channel scales, float activations) through torch's int8
 weight-packed product, by dequantizing (the plain path), or, for a layer that offers one, through a
 float copy of the dequantized weight kept beside the int8 one: the float model's own product, so that
-int8 is never slower than float where torch's int8 kernels lose to it (they are arithmetic-bound on
-some CPUs). The copy is freed again wherever the measurement prefers another path, so it costs memory
-only where it is the fastest. `gptlab.quantize` turns a model's layers into ones that compute through
-`int8_linear`.
+a layer's int8 product is never slower than its float one where torch's int8 kernels lose to it (they
+are arithmetic-bound on some CPUs), or, where the CPU has bf16 instructions, through a bf16 copy in
+oneDNN's layout (half float32's bytes, read at the memory's rate). A copy is freed again wherever the
+measurement prefers another path, so it costs memory only where it is the fastest. Dequantizing on
+every call is measured only for layers without a copy (it is the copy's product plus the work).
+`gptlab.quantize` turns a model's layers into ones that compute through `int8_linear`, and checks the
+whole decoding step against the float weights.
 """
 
 from __future__ import annotations
@@ -20,33 +23,51 @@ import torch.nn.functional as F
 
 from . import chooser
 from .chooser import bucket, synchronized
-from .products import DECODE_ROWS, from_memory, linear
+from .products import DECODE_ROWS, _onednn_prepacks, from_memory, linear
 
 KEPT = "float copy kept"
+KEPT_BF16 = "bf16 copy kept, prepacked"
 
 
 class FloatCopy:
-    """A layer's dequantized weight in its activations' dtype, made on first use and dropped as soon as no
-    shape's measured choice uses it."""
+    """A layer's dequantized weight, kept in the activations' dtype (KEPT) or as oneDNN's reordered bf16
+    matrix (KEPT_BF16), made on first use and dropped as soon as no shape's measured choice uses it."""
 
     def __init__(self) -> None:
-        self.value: torch.Tensor | None = None
-        self._users: set[tuple] = set()  # the chooser keys that chose this copy
+        self.values: dict[str, torch.Tensor] = {}  # candidate -> its matrix
+        self._users: dict[tuple, str] = {}  # chooser key -> the kept candidate its choice is
+        self.last_decoding: str | None = None  # the product the layer's last decoding call took (what it read)
+
+    @property
+    def value(self) -> torch.Tensor | None:
+        """The kept matrix, if one is kept (None: every choice multiplies the int8 weight itself)."""
+        return next(iter(self.values.values()), None)
+
+    def nbytes(self) -> int:
+        return sum(v.nbytes for v in self.values.values())
 
     def matrix(self, weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        value = self.value
+        """The dequantized weight in `dtype` (KEPT's matrix)."""
+        value = self.values.get(KEPT)
         if value is None or value.dtype != dtype or value.device != weight.device:
-            value = self.value = dequantized(weight, scales, dtype)
+            value = self.values[KEPT] = dequantized(weight, scales, dtype)
         return value
 
-    def settle(self, key: tuple, chosen: bool) -> None:
-        """Record whether `key`'s choice uses the copy; free it when no choice does."""
-        if chosen:
-            self._users.add(key)
-            return
-        self._users.discard(key)
-        if not self._users:
-            self.value = None
+    def reordered_bf16(self, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """The dequantized weight in bf16, reordered once for oneDNN (KEPT_BF16's matrix: 2 bytes a weight)."""
+        value = self.values.get(KEPT_BF16)
+        if value is None or value.device != weight.device:
+            value = self.values[KEPT_BF16] = _reordered(dequantized(weight, scales, torch.bfloat16))
+        return value
+
+    def settle(self, key: tuple, chosen: str) -> None:
+        """Record which candidate `key`'s choice is; free each kept matrix no choice uses."""
+        if chosen in (KEPT, KEPT_BF16):
+            self._users[key] = chosen
+        else:
+            self._users.pop(key, None)
+        for name in [n for n in self.values if n not in self._users.values()]:
+            del self.values[name]
 
 
 def int8_linear(
@@ -56,39 +77,78 @@ def int8_linear(
     """x @ (scales[:, None] * weight)^T + bias for an int8 `weight`, through the fastest available product;
     with `float_copy` (the layer's), the float product on a kept dequantized weight is a candidate too."""
     flat = x.reshape(-1, x.size(-1))  # (R, in)
-    products = int8_products(flat, weight)
-    if float_copy is not None:
-        products[KEPT] = lambda rows, w, s: linear(rows, float_copy.matrix(w, s, rows.dtype))
-    pinned = chooser.forced("int8")
-    key = None
-    if pinned in products:
-        path = pinned
-    elif len(products) == 1 or torch.is_grad_enabled() or torch.compiler.is_compiling():
-        path = "dequantized"
+    path = int8_path(flat, weight, scales, float_copy)
+    if path == KEPT:
+        y = linear(flat, float_copy.matrix(weight, scales, flat.dtype))  # (R, out)
+    elif path == KEPT_BF16:
+        y = bf16_prepacked_product(flat, float_copy.reordered_bf16(weight, scales))  # (R, out)
     else:
-        rows = flat.size(0)
-        decode = rows <= DECODE_ROWS
-        key = ("int8 linear", bucket(rows), *weight.shape, str(x.dtype), str(weight.device),
-               torch.get_num_threads(), *(["weights from memory", "rows bucketed"] if decode else []),
-               *([KEPT] if float_copy is not None else []))
-
-        def build(name: str) -> Callable[[], object]:
-            if name == KEPT:  # copies of the float matrix, as the float model's own product would read it;
-                # timed through F.linear: `linear` would measure its own candidates inside this measurement
-                kept = float_copy.matrix(weight, scales, x.dtype)
-                mats = itertools.cycle(from_memory(kept)) if decode else itertools.repeat(kept)
-                return synchronized(lambda: F.linear(flat, next(mats)), x.device)
-            weights = itertools.cycle(from_memory(weight)) if decode else itertools.repeat(weight)
-            product = products[name]
-            return synchronized(lambda: product(flat, next(weights), scales), x.device)
-
-        path = chooser.fastest(key, tuple(products), build, plain="dequantized")
-    if float_copy is not None:
-        float_copy.settle(key or ("forced or plain",), path == KEPT)
-    y = products[path](flat, weight, scales)  # (R, out)
+        y = INT8_PRODUCTS[path](flat, weight, scales)  # (R, out)
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], weight.size(0))
+
+
+def int8_path(flat: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, float_copy: FloatCopy | None) -> str:
+    """The product `int8_linear` takes for (R, in) rows `flat`: pinned, plain, or measured once per shape."""
+    pinned = chooser.forced("int8")
+    key = None
+    if pinned is None and not (torch.is_grad_enabled() or torch.compiler.is_compiling()):
+        rows = flat.size(0)
+        decode = rows <= DECODE_ROWS
+        key = ("int8 linear", bucket(rows), *weight.shape, str(flat.dtype), str(weight.device),
+               torch.get_num_threads(), *(["weights from memory", "rows bucketed"] if decode else []),
+               *([KEPT] if float_copy is not None else []), *([KEPT_BF16] if _offers_bf16(flat, float_copy) else []))
+        path = chooser.known(key)  # a decoding step's every layer: answered before any candidate is built
+        if path is None:
+            path = _measured_path(key, flat, weight, scales, float_copy, decode)
+    else:
+        names = _available(flat, weight, float_copy)
+        path = pinned if pinned in names else "dequantized"
+    if float_copy is not None:
+        float_copy.settle(key or ("forced or plain",), path)
+        if flat.size(0) <= DECODE_ROWS:
+            float_copy.last_decoding = path
+    return path
+
+
+def _available(flat: torch.Tensor, weight: torch.Tensor, float_copy: FloatCopy | None) -> tuple[str, ...]:
+    """The products to measure; where a float copy may be kept, dequantizing on every call is not among
+    them: it is the copy's own product plus the dequantization (a 150-ms candidate for GPT-2's head)."""
+    products = tuple(int8_products(flat, weight))
+    if float_copy is None:
+        return products
+    bf16 = [KEPT_BF16] if _offers_bf16(flat, float_copy) else []
+    return (*(name for name in products if name != "dequantized"), KEPT, *bf16)
+
+
+def _offers_bf16(flat: torch.Tensor, float_copy: FloatCopy | None) -> bool:
+    """Whether KEPT_BF16 is a candidate: float32 rows on a CPU whose oneDNN runs bf16 (not on AVX2 alone)."""
+    return (float_copy is not None and flat.dtype == torch.float32 and flat.device.type == "cpu"
+            and _onednn_prepacks().get(torch.bfloat16, False))
+
+
+def _measured_path(key: tuple, flat: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+                   float_copy: FloatCopy | None, decode: bool) -> str:
+    names = _available(flat, weight, float_copy)
+    if len(names) == 1:
+        return names[0]
+
+    def build(name: str) -> Callable[[], object]:
+        if name == KEPT:  # copies of the float matrix, as the float model's own product would read it;
+            # timed through F.linear: `linear` would measure its own candidates inside this measurement
+            kept = float_copy.matrix(weight, scales, flat.dtype)
+            mats = itertools.cycle(from_memory(kept)) if decode else itertools.repeat(kept)
+            return synchronized(lambda: F.linear(flat, next(mats)), flat.device)
+        if name == KEPT_BF16:  # reordered copies, as the kept one is
+            reordered = [_reordered(m) for m in from_memory(dequantized(weight, scales, torch.bfloat16))]
+            mats = itertools.cycle(reordered) if decode else itertools.repeat(reordered[0])
+            return synchronized(lambda: bf16_prepacked_product(flat, next(mats)), flat.device)
+        weights = itertools.cycle(from_memory(weight)) if decode else itertools.repeat(weight)
+        product = INT8_PRODUCTS[name]
+        return synchronized(lambda: product(flat, next(weights), scales), flat.device)
+
+    return chooser.fastest(key, names, build, plain="dequantized")
 
 
 def int8_products(x: torch.Tensor, weight: torch.Tensor) -> dict[str, Callable[..., torch.Tensor]]:
@@ -135,4 +195,25 @@ def packed_int8_product_in_bf16(x: torch.Tensor, weight: torch.Tensor, scales: t
     return packed_int8_product(x.to(torch.bfloat16), weight, scales).to(x.dtype)
 
 
-chooser.CANDIDATES["int8"] = ("dequantized", "int8 kernel", "int8 kernel, bf16 rows", KEPT)
+def bf16_prepacked_product(x: torch.Tensor, reordered: torch.Tensor) -> torch.Tensor:
+    """(R, in) float rows, rounded to bf16, times a bf16 matrix in oneDNN's layout, back in x's dtype.
+
+    Where the CPU has bf16 instructions, oneDNN's bf16 product of a few rows reads memory about as fast as
+    a float32 one (13.9 GB/s for GPT-2's head on one core of an AVX-512-bf16 EPYC, 5.6 ms) while torch's
+    int8 kernel is bound by its arithmetic (4 GB/s, 9.4 ms): two bytes a weight can beat one. The rows
+    are rounded as "int8 kernel, bf16 rows" rounds them, the weight to bf16's 8 significant bits.
+    """
+    y = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), reordered, None, "none", [], "")  # (R, out)
+    return y.to(x.dtype)
+
+
+def _reordered(matrix: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.ops.mkldnn._reorder_linear_weight(matrix, DECODE_ROWS)
+
+
+INT8_PRODUCTS: dict[str, Callable[..., torch.Tensor]] = {
+    "dequantized": dequantized_product, "int8 kernel": packed_int8_product,
+    "int8 kernel, bf16 rows": packed_int8_product_in_bf16,
+}
+chooser.CANDIDATES["int8"] = (*INT8_PRODUCTS, KEPT, KEPT_BF16)
