@@ -50,11 +50,13 @@ def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - start, out
 
 
-def read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
-    """Bytes per second that summing a float32 tensor far larger than any cache reads, on all threads."""
+def read_bandwidth(megabytes: int = 512, repeats: int = 7) -> float:
+    """Bytes per second that reducing a float32 tensor far larger than any cache reads, on all threads: the
+    best of a sum and a maximum over several tries, since one busy moment reads low (a run at load 3 read
+    16.8 GB/s where llama.cpp then moved 24.6; quiet, both reductions read 28-31)."""
     x = torch.ones(megabytes * 2**20 // 4)
     x.sum()
-    return x.nbytes / min(timed(x.sum)[0] for _ in range(repeats))
+    return x.nbytes / min(timed(reduce)[0] for _ in range(repeats) for reduce in (x.sum, x.amax))
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

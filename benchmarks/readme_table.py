@@ -112,6 +112,14 @@ def _chat_adder(r: Result) -> str:
             f"before, **{r['exact_match_after']:.1%}** after {r['seconds']['tune']:.0f} s of `train --task chat`")
 
 
+def _cpu_anchors(r: Result) -> str:
+    rows = {row["engine"]: row["decode_tok_s"] for row in r["rows"]}
+    pairs = [("gptlab int8", "llama.cpp Q8_0"), ("gptlab float32", "llama.cpp F32"), ("gptlab bf16", "llama.cpp F16")]
+    return "batch-1 decode against llama.cpp: " + ", ".join(
+        f"{ours.split()[1]} **{rows[ours] / rows[theirs]:.2f}x** {theirs.split()[1]}"
+        for ours, theirs in pairs if ours in rows and theirs in rows)
+
+
 def _play_kinds(r: Result) -> str:
     rows = {row["method"]: row["accuracy"] for row in r["rows"]}
     return (f"which kind of play, 6 plays held out: the demo run fine-tuned **{rows['GPT, full fine-tuning']:.1%}** "
@@ -127,6 +135,7 @@ HEADLINES: list[tuple[str, str, Callable[[Result], str]]] = [
     ("shakespeare_avx2", "Tiny Shakespeare in 5 minutes, AVX2 CPU", _shakespeare),
     ("train", "training speed", _train),
     ("generate", "generation speed (GPT-2 124M shape)", _generate),
+    ("cpu_anchors", "CPU decoding against llama.cpp (GPT-2 124M shape)", _cpu_anchors),
     ("serve_load", "`gptlab serve` under load", _serve),
     ("scorer", "perplexity scorer", _scorer),
     ("lm_eval_model", "lm-eval model", _lm_eval),
