@@ -138,4 +138,6 @@ def test_bad_messages_are_400_in_openais_shape(chat_server: ChatServer, messages
 def test_a_conversation_longer_than_the_context_is_400(chat_server: ChatServer) -> None:
     response = httpx.post(chat_server.url + "/v1/chat/completions", timeout=60,
                           json={"messages": [{"role": "user", "content": "word " * 100}]})
-    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["code"] == "context_length_exceeded" and error["param"] == "messages"
+    assert "the conversation is" in error["message"]

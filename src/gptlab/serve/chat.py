@@ -51,6 +51,9 @@ class ChatService:
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         prompt = await run_in_threadpool(self.format.prompt_ids, messages)
+        if len(prompt) > self.service.context:  # named as the conversation, not as the prompt it becomes
+            raise ApiError(400, f"the conversation is {len(prompt)} tokens with its template; this model accepts at "
+                                f"most {self.service.context}", param="messages", code="context_length_exceeded")
         limit = self.service.limits.max_tokens
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if max_tokens is None:  # as vLLM: what is left of the context, within the server's limit
