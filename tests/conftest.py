@@ -61,6 +61,17 @@ def tiny_run(char_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
+def one_thread():
+    """One thread, as in the subprocesses: CPU results are bit-identical only at equal thread counts
+    (resume, gradient accumulation), and a busy 2-core machine runs tiny models far faster on one.
+    Modules that need it say `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def gptlab(capsys: pytest.CaptureFixture):
     """Run the command line in this process: (exit status, stdout, stderr)."""
 

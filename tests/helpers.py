@@ -26,6 +26,9 @@ TINY_TEXT = (
 
 TINY_RUN = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, max_iters=30,
                 eval_interval=10, eval_iters=2, log_interval=5, warmup_iters=5, sample_tokens=0)
+# a tiny Hugging Face GPT-2 config with GPT-2's vocabulary, no dropout: for parity with transformers and peft
+TINY_GPT2_SHAPE = dict(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 TINY_ARGS = [f"--{name.replace('_', '-')}={value}" for name, value in TINY_RUN.items()]  # TINY_RUN as options
 
 def child_env(**extra: str) -> dict[str, str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import needs_compile, one_line_error
+from helpers import TINY_GPT2_SHAPE, needs_compile, one_line_error
 from safetensors.torch import load_file
 
 from gptlab.checkpoint import load_model
@@ -25,20 +25,13 @@ transformers = pytest.importorskip("transformers")
 transformers.utils.logging.disable_progress_bar()  # its bars would join the stderr the tests read
 
 # a tiny GPT-2 of GPT-2's vocabulary, so that it trains on GPT-2-tokenized data
-BASE_SHAPE = dict(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+BASE_SHAPE = TINY_GPT2_SHAPE
 LORA_RUN = dict(block_size=32, batch_size=4, max_iters=8, eval_interval=4, eval_iters=2, log_interval=2,
                 warmup_iters=2, lr=1e-2, min_lr=1e-3, sample_tokens=0, lora_rank=4, lora_alpha=8.0)
 ADAPTER_KEY = "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"  # peft's name for GPT-2's Conv1D
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """CPU results are bit-identical only at equal thread counts (resume), and tiny models run faster on one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @contextlib.contextmanager

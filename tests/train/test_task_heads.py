@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_TEXT, one_line_error
+from helpers import TINY_GPT2_SHAPE, TINY_TEXT, one_line_error
 from safetensors.torch import load_file
 
 from gptlab.checkpoint import load_model, load_task_model
@@ -29,19 +29,13 @@ transformers = pytest.importorskip("transformers")
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
 
-BASE_SHAPE = dict(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+BASE_SHAPE = TINY_GPT2_SHAPE
 RUN = dict(block_size=32, batch_size=4, max_iters=6, eval_interval=3, eval_iters=2, log_interval=2,
            warmup_iters=2, lr=1e-2, min_lr=1e-3, sample_tokens=0)
 WORDS = "the cat dog sat ran on mat hat big small red blue".split()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -70,14 +70,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread, as in the subprocesses: CPU results are bit-identical only at equal thread counts
-    (and a busy 2-core machine runs tiny models far faster on one)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config_for(data: Path, out: Path, **overrides):
