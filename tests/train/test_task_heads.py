@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_GPT2_SHAPE, TINY_TEXT, one_line_error
+from helpers import TINY_GPT2_SHAPE, TINY_TEXT, needs_compile, one_line_error
 from safetensors.torch import load_file
 
 from gptlab.checkpoint import load_model, load_task_model
@@ -199,6 +199,25 @@ def test_gradient_accumulation_computes_what_one_larger_batch_does(classify_data
     assert one.keys() == two.keys() and len([k for k in one if k[0] == "loss"]) == 3
     assert all(one[k] == pytest.approx(two[k], abs=1e-6) for k in one)
     assert one[("loss", 3)] < one[("loss", 1)]  # and it learns
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options, tolerance", [
+    (dict(dtype="bfloat16"), 5e-2),  # bf16 products round to 3 significant digits; the weights stay float32
+    pytest.param(dict(compile=True), 1e-4, marks=needs_compile()),  # fused kernels: float32 rounding alone
+], ids=["bfloat16", "compile"])
+def test_a_classifier_trains_under_bf16_and_compile_as_in_float32(options: dict, tolerance: float,
+                                                                  classify_data: Path, base: Path,
+                                                                  tmp_path: Path) -> None:
+    common = dict(max_iters=3, log_interval=1, eval_interval=3, lm_loss_weight=0.5)
+    train(config("classify", classify_data, base, tmp_path / "float32", **common), show_progress=False)
+    train(config("classify", classify_data, base, tmp_path / "run", **common, **options), show_progress=False)
+    expected, got = metrics(tmp_path / "float32"), metrics(tmp_path / "run")
+    assert got.keys() == expected.keys() and ("val_accuracy", 3) in got
+    assert all(got[k] == pytest.approx(expected[k], abs=tolerance) for k in expected if k[0] != "val_accuracy")
+    assert all(t.dtype == torch.float32 for t in load_file(tmp_path / "run" / "model.safetensors").values())
+    if "dtype" in options:  # autocast did run in bf16: its losses are not float32's to the bit
+        assert got[("loss", 1)] != expected[("loss", 1)]
 
 
 @pytest.mark.slow
