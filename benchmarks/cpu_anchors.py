@@ -66,10 +66,10 @@ class Gptlab:
         return out[0, len(prompt):].tolist()
 
     def step_bytes(self, prompt: int, new: int) -> float:
-        """A layer whose last decoding step went through a kept copy (float, or bf16) read that copy, not its
+        """A layer whose last decoding step went through a kept copy (float, bf16, or fbgemm's packed int8) read that copy, not its
         int8 matrix (which path a layer takes depends on the thread count the engine's last step ran at)."""
         element = 2 if self.dtype == "bf16" else 4  # the cache keeps the activations' dtype
-        copies = sum(m.float_copy.values[m.float_copy.last_decoding].nbytes - m.weight.nbytes
+        copies = sum(m.float_copy.kept_bytes(m.float_copy.last_decoding) - m.weight.nbytes
                      for m in self.int8_layers() if m.float_copy.last_decoding in m.float_copy.values)
         return weight_bytes(self.model) + copies + cache_bytes_per_step(self.model, 1, prompt, new, element)
 

@@ -2,7 +2,8 @@
 tensor operations, and what no operation accounts for (Python and dispatch).
 
 GPT-2 124M shape, random weights, a 128-token prompt in the engine's cache, then `--steps` decoding steps
-of `Engine.step` under torch.profiler. Module hooks label every linear layer ("products": attention's,
+of `Engine.step` under torch.profiler: float32, bf16 (where the CPU has bf16 instructions) and
+`--quantize int8`. Module hooks label every linear layer ("products": attention's,
 the MLP's and the head's), LayerNorm,
 the attention module less its two linear layers ("attention": split heads, the cache, SDPA, merge), the
 MLP less its two linear layers ("GELU"), and the sampler call ("sampling"). "other operations" is the self
@@ -30,7 +31,7 @@ from gptlab.model import GPT, MLP, CausalSelfAttention
 from gptlab.kernels import chooser
 from gptlab.quantize import Int8Linear, quantize_int8_where_faster
 
-from machine import MACHINE, RESULTS, save_results  # benchmarks/machine.py: a script's own folder is on sys.path
+from machine import MACHINE, RESULTS, _cpu, save_results  # benchmarks/machine.py: a script's own folder is on sys.path
 
 PRODUCTS = ("products in attention", "products in the MLP", "products in the head")
 LABELS = (*PRODUCTS, "LayerNorm", "attention module", "MLP module")
@@ -158,6 +159,9 @@ def main() -> None:
     model = GPT(model_preset("gpt2")).eval()
     prompt = torch.randint(0, model.config.vocab_size, (args.prompt_tokens,)).tolist()
     rows = {"float32": profile_steps(copy.deepcopy(model), prompt, args.steps)}
+    flags = _cpu()[1]
+    if "avx512_bf16" in flags or "amx_bf16" in flags:  # elsewhere torch emulates bf16: not a path to profile
+        rows["bfloat16"] = profile_steps(copy.deepcopy(model).to(torch.bfloat16), prompt, args.steps)
     int8 = copy.deepcopy(model)
     kept = quantize_int8_where_faster(int8)  # what --quantize int8 runs: int8 only where a whole step is faster
     verdict = next((chooser.entry(k) for k in chooser._chosen if k[0] == "int8 decoding step"), None) or {}

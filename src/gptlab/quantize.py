@@ -15,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .kernels import chooser, int8_linear
-from .kernels.int8 import FloatCopy
+from .kernels.int8 import FBGEMM, FloatCopy
+from .kernels.products import fbgemm_engine
 
 INT8, FLOAT = "int8 weights", "float weights"
 STEP_ROUNDS = 9  # interleaved decoding steps of each at least; the median step counts
@@ -66,7 +67,8 @@ def quantize_int8_where_faster(model: nn.Module) -> bool:
     weight = next(iter(replaced.values()))[0].weight
     key = ("int8 decoding step", type(model).__name__, *(
         getattr(config, name, None) for name in ("n_layer", "n_head", "n_embd", "vocab_size")),
-        str(weight.dtype), str(weight.device), torch.get_num_threads(), "batch 1")
+        str(weight.dtype), str(weight.device), torch.get_num_threads(), "batch 1",
+        *([FBGEMM] if fbgemm_engine() else []))  # a verdict reached without fbgemm's product is reached again
     idx = torch.zeros((1, 1), dtype=torch.long, device=weight.device)  # (B, T): one token
     threads = torch.get_num_threads()
     # the thread counts a step may run at: inference adapts its count to the load (gptlab.threads), and on a

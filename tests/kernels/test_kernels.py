@@ -251,6 +251,9 @@ def cached_step(model: GPT, idx: torch.Tensor, cache: GrowingCache) -> torch.Ten
 def test_decoding_through_each_linear_candidate_matches_the_uncached_model(path: str) -> None:
     if path == "prepacked" and not can_prepack(torch.zeros(2, 2)):
         pytest.skip("this torch build has no oneDNN (mkldnn), so there is no prepacked product")
+    if path == linear_module.FP16:
+        pytest.skip("offered for bf16 weights only (this model is float32): "
+                    "test_the_fp16_weight_product_is_offered_for_bf16_weights_only_and_rounds_as_bf16 checks it")
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=1101, block_size=24, n_layer=2, n_head=4, n_embd=256)).eval()
     seq = torch.randint(0, 1101, (6, 24), generator=torch.Generator().manual_seed(3))
@@ -659,3 +662,126 @@ def test_the_bf16_copy_of_an_int8_weight_is_offered_only_where_onednn_runs_bf16(
         with force(int8="int8 kernel"):
             layer(x)
     assert layer.float_copy.value is None
+
+
+# --- fbgemm: int8 x int8 products with activations quantized on the fly, and float16 copies of bf16 weights ----
+
+
+def dynamic_int8_bound(x: torch.Tensor, dequantized: torch.Tensor) -> torch.Tensor:
+    """The most fbgemm's dynamic int8 product may differ from x @ dequantized^T, per output: it rounds every
+    activation to a grid of 127 steps spanning [min(x, 0), max(x, 0)] (one scale for the rows, 7 bits:
+    `reduce_range`), i.e. by at most half a step each, and multiplies the int8 weights exactly (int32 sums):
+    |error_j| <= step / 2 * sum_i |W_ji|, plus float32 rounding of the result."""
+    step = (x.max().clamp(min=0) - x.min().clamp(max=0)) / 127
+    return step / 2 * dequantized.abs().sum(1) * (1 + 1e-3) + 1e-5
+
+
+def test_the_fbgemm_int8_product_is_the_dequantized_one_up_to_its_activation_rounding() -> None:
+    """An int8 layer may multiply through fbgemm's packed int8 product (the activations quantized per call):
+    offered for float32 rows where torch's quantized engine is fbgemm's, for any number of rows; within the
+    activation-rounding bound of the dequantized float product (about 1.5% relative on random rows, where
+    weight-only int8 is float32-exact), the packed copy counted in the layer's bytes and freed when no choice
+    uses it."""
+    from gptlab.kernels.int8 import FBGEMM, FloatCopy, _available
+    from gptlab.kernels.products import fbgemm_engine
+    from gptlab.quantize import Int8Linear
+
+    weight = torch.randint(-127, 128, (96, 64), dtype=torch.int8)
+    engine = torch.backends.quantized.engine in ("x86", "fbgemm")
+    assert fbgemm_engine() == engine
+    assert (FBGEMM in _available(torch.zeros(1, 64), weight, FloatCopy())) == engine
+    assert FBGEMM not in _available(torch.zeros(1, 64, dtype=torch.bfloat16), weight, FloatCopy())
+    assert FBGEMM not in _available(torch.zeros(1, 64), weight, None)
+    if not engine:
+        pytest.skip(f"torch's quantized engine here is {torch.backends.quantized.engine!r}, not fbgemm's")
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(torch.nn.Linear(64, 96))
+    dequantized = layer.weight.double() * layer.scales.double()[:, None]
+    with torch.inference_mode():
+        for rows in (1, 3, 40):
+            x = torch.randn(rows, 64)
+            reference = F.linear(x.double(), dequantized, layer.bias.double())  # (R, out)
+            with force(int8=FBGEMM):
+                got = layer(x)
+            assert got.dtype == torch.float32 and got.shape == (rows, 96)
+            assert torch.all((got.double() - reference).abs() <= dynamic_int8_bound(x.double(), dequantized)), rows
+            assert not torch.equal(got.double(), reference.float().double())  # the activations really are rounded
+        # the worst case for CPUs without VNNI (AVX2 sums pairs of u8 x s8 products in 16 bits): every weight
+        # of a row 127 and every activation at the top of its range; 7-bit activations keep the pair sums in
+        # range (2 x 127 x 127 < 32768), where 8-bit ones would saturate (FBGEMM_ENABLE_INSTRUCTIONS=AVX2 forces it)
+        layer.weight[0] = 127
+        dequantized = layer.weight.double() * layer.scales.double()[:, None]
+        x = torch.full((1, 64), 3.0)
+        with force(int8=FBGEMM):
+            layer.float_copy.values.clear()  # the weight changed: pack it again
+            got = layer(x)
+        reference = F.linear(x.double(), dequantized, layer.bias.double())
+        assert torch.all((got.double() - reference).abs() <= dynamic_int8_bound(x.double(), dequantized))
+        assert layer.float_copy.values.keys() == {FBGEMM}
+        assert layer.float_copy.nbytes() == layer.float_copy.kept_bytes(FBGEMM) == 96 * 64 + 12 * 96
+        with force(int8="int8 kernel"):
+            layer(x)
+    assert layer.float_copy.value is None
+
+
+def test_a_raising_fbgemm_product_is_unavailable_and_plain_mode_never_takes_it(
+        fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where fbgemm raises (a CPU it cannot run on), the measurement records it unavailable and another
+    product wins; GPTLAB_KERNELS=plain dequantizes and never packs for fbgemm."""
+    from gptlab.kernels import int8 as int8_module
+    from gptlab.quantize import Int8Linear
+
+    if not int8_module.fbgemm_engine():
+        pytest.skip(f"torch's quantized engine here is {torch.backends.quantized.engine!r}, not fbgemm's")
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(torch.nn.Linear(64, 96))
+    x = torch.randn(1, 64)
+    reference = F.linear(x, layer.weight.float() * layer.scales[:, None], layer.bias)
+
+    def failing(weight: torch.Tensor, scales: torch.Tensor) -> object:
+        raise RuntimeError("fbgemm: no kernel for this CPU")
+
+    monkeypatch.setattr(int8_module, "packed_for_fbgemm", failing)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), reference, rtol=2e-2, atol=0)  # bf16 rows may win: 8 bits
+    (key,) = [k for k in chooser._chosen if k[0] == "int8 linear"]
+    record = chooser.entry(key)
+    assert "fbgemm: no kernel" in record["unavailable"][int8_module.FBGEMM]
+    assert record["choice"] != int8_module.FBGEMM and int8_module.FBGEMM not in layer.float_copy.values
+    monkeypatch.setattr(chooser, "_chosen", {})
+    monkeypatch.setenv("GPTLAB_KERNELS", "plain")
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), reference)  # the dequantized product: float32 rounding only
+    assert layer.float_copy.last_decoding == "dequantized" and not layer.float_copy.values
+
+
+def test_the_fp16_weight_product_is_offered_for_bf16_weights_only_and_rounds_as_bf16(fresh: Path) -> None:
+    """A bf16 weight's float16 copy is the same numbers (float16 has more significant bits), the sums are
+    float32, and the result is rounded to bf16 once, so the product is the exact one to within bf16's
+    rounding of the result, as F.linear's bf16 product is; a float32 weight is not offered it (float16 would
+    change its numbers) and a pin to it there takes F.linear."""
+    from gptlab.kernels.products import FP16, can_fp16, fbgemm_engine, fp16_weight_product, linear, linear_path
+
+    assert not can_fp16(torch.zeros(4, 4)) and not can_fp16(torch.zeros(4, 4, dtype=torch.float16))
+    assert can_fp16(torch.zeros(4, 4, dtype=torch.bfloat16)) == fbgemm_engine()
+    x32, w32 = torch.randn(2, 64), torch.randn(96, 64)
+    with force(linear=FP16):
+        assert linear_path(x32, w32) == "F.linear"
+    if not fbgemm_engine():
+        pytest.skip(f"torch's quantized engine here is {torch.backends.quantized.engine!r}, not fbgemm's")
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(96, 64, generator=g) * 0.05).bfloat16()
+    bias = torch.randn(96, generator=g).bfloat16()
+    with torch.inference_mode():
+        for rows in (1, 3):
+            x = torch.randn(rows, 64, generator=g).bfloat16()
+            exact = F.linear(x.double(), weight.double(), bias.double())  # (R, out)
+            got = fp16_weight_product(x, weight, bias)
+            assert got.dtype == torch.bfloat16 and got.shape == (rows, 96)
+            # one rounding to bf16 (half a unit of 8 significant bits) of float32 sums
+            assert torch.all((got.double() - exact).abs() <= 2**-8 * exact.abs() * (1 + 1e-3) + 1e-6), rows
+            with force(linear=FP16):
+                torch.testing.assert_close(linear(x, weight, bias), got, rtol=0, atol=0)
+        big = torch.full((4, 4), 1e5, dtype=torch.bfloat16)  # beyond float16's range: no copy, the candidate raises
+        with pytest.raises(ValueError, match="float16's range"):
+            fp16_weight_product(torch.ones(1, 4, dtype=torch.bfloat16), big)

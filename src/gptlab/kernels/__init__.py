@@ -12,16 +12,19 @@ reorder without AVX-512) is not offered, and one that raises while built, warmed
 out, recorded with its reason and logged once.
 
 - `chooser`: the measurement, its guard, the per-machine cache, `force`, and GPTLAB_KERNELS.
-- `products`: decoding's products of a few rows (F.linear, W @ x^T, row blocks, oneDNN prepacked).
+- `products`: decoding's products of a few rows (F.linear, W @ x^T, row blocks, oneDNN prepacked, and
+  for bf16 weights fbgemm's product on a float16 copy).
 - `attention_paths`: torch's fused kernel (on torch's threads or on one) or the textbook formula.
 - `gelu_forms`: torch's tanh GELU or the same function through sigmoid.
-- `int8`: float rows times int8 weights (dequantized, or torch's int8 weight-packed product);
+- `int8`: float rows times int8 weights (dequantized, torch's int8 weight-packed product, kept float or
+  bf16 copies, or fbgemm's int8 x int8 product with the rows quantized on the fly);
   `gptlab.quantize` turns a model's layers into int8 ones.
 
 Choices are kept for the process and, so that every process on the machine computes the same way (a
 resumed run repeats the bits of an uninterrupted one), in a JSON file per machine under ~/.cache/gptlab
 (`GPTLAB_KERNEL_CACHE` names another file; "off" keeps choices in memory only). The machine's
-fingerprint includes what limits the instruction sets (ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY), so a
+fingerprint includes what limits the instruction sets (ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY, and
+FBGEMM_ENABLE_INSTRUCTIONS: fbgemm picks its kernels by the CPU itself, not by ATen's limit), so a
 process held to fewer never reuses a fuller one's choices. Measuring never moves torch's random number
 generators. `force(attention=..., linear=..., gelu=..., int8=...)` pins a choice, for tests and for
 tools (such as FLOP counters) that must see the products.

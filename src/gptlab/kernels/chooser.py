@@ -245,7 +245,8 @@ def _machine_fingerprint() -> str:
         pass
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)]
     limits = {name: os.environ.get(name) for name in
-              ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "GPTLAB_KERNELS")}
+              ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "FBGEMM_ENABLE_INSTRUCTIONS",
+               "GPTLAB_KERNELS")}
     isa = [torch.backends.cpu.get_cpu_capability(), torch.backends.mkldnn.is_available() and
            torch.ops.mkldnn._is_mkldnn_bf16_supported()]
     text = json.dumps([cpu, gpus, torch.__version__, torch.__config__.show(), limits, isa])
