@@ -34,18 +34,22 @@ browser:
 # would run them: with every fast path off (GPTLAB_KERNELS=plain), and with torch and oneDNN held to AVX2
 # (no AVX-512, no AMX, no bf16 in oneDNN: most laptops and many cloud CPUs), so that a developer on an
 # AVX-512 or AMX machine sees what an AVX2 CPU does; test_kernels checks that the limits took effect.
+# fbgemm (the packed int8 and fp16 products) picks its kernels from the CPU itself, so it is held to
+# AVX2 by its own variable.
 # torch.compile's kernels are cached without the limit in their key: a kernel compiled under AVX2 and
 # reused by a full-ISA process (or the other way round) computed garbage or aborted here, so the limited
 # run keeps its own inductor cache, and the full run one of its own too (never a shared /tmp one that a
 # limited process may have written). (ATEN_CPU_CAPABILITY=default, below AVX2, is not used: there torch's
 # inductor emits vector code it does not compile, so every torch.compile test fails for torch's reason.)
-LESSER_MACHINE_TESTS := tests/kernels tests/test_quantize.py tests/inference/test_inference.py tests/test_model.py \
+LESSER_MACHINE_TESTS := tests/kernels tests/test_quantize.py tests/inference/test_inference.py \
+	tests/inference/test_quantize_step.py tests/test_model.py \
 	tests/train/test_train.py::test_bfloat16_autocast_trains_float32_weights \
 	tests/train/test_train.py::test_metrics_report_tokens_per_second_and_mfu
 test: $(STAMP) browser
 	TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/build/inductor $(BIN)/python -m pytest -q
 	GPTLAB_KERNELS=plain $(BIN)/python -m pytest -q $(LESSER_MACHINE_TESTS)
-	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/build/inductor-avx2 \
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 \
+		TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/build/inductor-avx2 \
 		$(BIN)/python -m pytest -q $(LESSER_MACHINE_TESTS)
 
 # The quick run while you work: every test but those marked slow (processes, servers, torch.compile).
