@@ -278,7 +278,7 @@ def markdown(report: dict) -> str:
     lines = [
         f"Machine: {report['machine']}; {report['threads']} threads for every engine; load average "
         f"{report['load_before']} before, {report['load_after']} after (the machine is shared). Read bandwidth "
-        f"on {report['threads']} threads (sum of a 512 MB float32 tensor): {report['read_gb_s']:.1f} GB/s.",
+        f"on {report['threads']} threads (the best of 7 sums and maxima of a 512 MB float32 tensor): {report['read_gb_s']:.1f} GB/s.",
         f"Model: GPT-2 124M shape, random weights; batch 1; a {report['prompt_tokens']}-token prompt, "
         f"{report['new_tokens']} greedy tokens; {report['rounds']} alternating rounds, median (best).",
         "",
