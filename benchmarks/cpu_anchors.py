@@ -305,7 +305,7 @@ def markdown(report: dict) -> str:
                       "above where a layer read it)."]
     lines += ["", f"--quantize int8 checks a whole decoding step against the float weights where it runs and keeps "
                   f"the faster: {report['int8_verdict']}. Quality of int8 on a trained model (validation loss, "
-                  "greedy agreement): benchmarks/results/shakespeare.md."]
+                  "greedy agreement): benchmarks/results/int8_quality.md."]
     before = report.get("previous")
     if before:
         lines += ["", f"The previous run (load average {before['load_before']}), decode tok/s median (best): " + ", ".join(
