@@ -22,7 +22,6 @@ INT8, FLOAT = "int8 weights", "float weights"
 STEP_ROUNDS = 9  # interleaved decoding steps of each at least; the median step counts
 STEP_BUDGET_SECONDS = 1.0  # ... and more while the figures spread, until the comparison has taken this long
 log = logging.getLogger("gptlab.quantize")
-_said: set[str] = set()  # fallbacks already said by this process
 chooser.CANDIDATES["int8_step"] = (INT8, FLOAT)
 
 
@@ -115,9 +114,7 @@ def quantize_int8_where_faster(model: nn.Module) -> bool:
         recorded = chooser.entry(key) or {}
         message = (f"--quantize int8: int8 weights decode no faster than {str(weight.dtype).removeprefix('torch.')} "
                    f"ones on this machine ({recorded.get('reason', 'pinned by kernels.force')}): keeping the float weights")
-        if message not in _said:
-            _said.add(message)
-            log.warning("%s", message)
+        chooser.warn_once(log, message)
     return choice == INT8
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,7 @@ def fresh(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     monkeypatch.setenv("GPTLAB_KERNEL_CACHE", str(path))
     monkeypatch.setenv("GPTLAB_KERNELS", "auto")
     monkeypatch.setattr(chooser, "_chosen", {})
-    monkeypatch.setattr(quantize, "_said", set())
+    monkeypatch.setattr(chooser, "_logged", set())
     yield path
     assert torch.get_num_threads() == 2  # the comparison gave torch its count back
     torch.set_num_threads(threads)

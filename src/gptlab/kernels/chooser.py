@@ -39,7 +39,7 @@ CANDIDATES: dict[str, tuple[str, ...]] = {}
 _chosen: dict[tuple, str] = {}  # key -> candidate, this process
 _entries: dict[tuple, dict] = {}  # key -> what the disk cache holds for it (seconds, reason), this process
 _forced: dict[str, str] = {}
-_logged: set[tuple[str, str]] = set()  # (candidate, reason) already logged by this process
+_logged: set[str] = set()  # warnings already logged by this process (warn_once)
 log = logging.getLogger("gptlab.kernels")
 
 
@@ -134,10 +134,16 @@ def _guarded(name: str, step: Callable[[], object], unavailable: dict[str, str])
     except Exception as exc:  # noqa: BLE001 - whatever a candidate raises makes it unavailable here
         reason = failure_cause(exc)
         unavailable[name] = reason
-        if (name, reason) not in _logged:
-            _logged.add((name, reason))
-            log.warning("gptlab.kernels: %r is unavailable on this machine, using another: %s", name, reason)
+        warn_once(log, f"gptlab.kernels: {name!r} is unavailable on this machine, using another: {reason}")
         return None
+
+
+def warn_once(logger: logging.Logger, message: str) -> None:
+    """Log `message` as a warning the first time this process says it: a fallback is news at the first
+    model that takes it, not at every one after."""
+    if message not in _logged:
+        _logged.add(message)
+        logger.warning("%s", message)
 
 
 def _time_candidates(
