@@ -271,26 +271,24 @@ def test_lora_options_on_a_run_without_an_adapter_are_refused(
     one_line_error(code, err, 2, "without a LoRA adapter; --lora-rank starts a new run")
 
 
-def test_an_adapter_for_another_base_is_refused(base: Path, tmp_path: Path, gptlab) -> None:
-    other = hf_gpt2(tmp_path / "wider", seed=1, n_embd=48)
+def peft_adapter_claiming(base: Path, trained_on: Path, directory: Path) -> Path:
+    """An adapter peft wrote for the model `trained_on`, whose config names `base` as its base instead."""
     with _quiet():
-        model = peft.get_peft_model(transformers.GPT2LMHeadModel.from_pretrained(other),
+        model = peft.get_peft_model(transformers.GPT2LMHeadModel.from_pretrained(trained_on),
                                     peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
-    model.save_pretrained(tmp_path / "adapter")
-    config_path = tmp_path / "adapter" / "adapter_config.json"
-    config = json.loads(config_path.read_text())
-    config_path.write_text(json.dumps({**config, "base_model_name_or_path": str(base)}))  # the wrong base
-    code, _, err = gptlab("sample", str(tmp_path / "adapter"), "--max-new-tokens", "2", "--device", "cpu")
+    model.save_pretrained(directory)
+    config_path = directory / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "base_model_name_or_path": str(base)}))
+    return directory
+
+
+def test_an_adapter_for_another_base_is_refused(base: Path, tmp_path: Path, gptlab) -> None:
+    wider = peft_adapter_claiming(base, hf_gpt2(tmp_path / "wider", seed=1, n_embd=48), tmp_path / "adapter")
+    code, _, err = gptlab("sample", str(wider), "--max-new-tokens", "2", "--device", "cpu")
     one_line_error(code, err, 2, "an adapter for another base model")
 
-    deeper = hf_gpt2(tmp_path / "deeper", seed=1, n_layer=3)
-    with _quiet():
-        model = peft.get_peft_model(transformers.GPT2LMHeadModel.from_pretrained(deeper),
-                                    peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
-    model.save_pretrained(tmp_path / "adapter3")
-    config_path = tmp_path / "adapter3" / "adapter_config.json"
-    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "base_model_name_or_path": str(base)}))
-    code, _, err = gptlab("eval", str(tmp_path / "adapter3"), "--text", str(config_path), "--device", "cpu")
+    deeper = peft_adapter_claiming(base, hf_gpt2(tmp_path / "deeper", seed=1, n_layer=3), tmp_path / "adapter3")
+    code, _, err = gptlab("eval", str(deeper), "--text", str(deeper / "adapter_config.json"), "--device", "cpu")
     one_line_error(code, err, 2, "the adapter does not fit this model")
 
 
